@@ -1,0 +1,48 @@
+"""Everything a site prepares once per process: config, data, model, encoded inputs.
+
+Flower calls the ClientApp handlers once per message; in a simulation the same process serves
+every round of a site, so the prepared session is kept (a few MB of features, one model).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from client.training import SiteInputs, fit_feature_norm, pick_device, prepare_inputs
+from common.config import RunConfig, SiteConfig
+from common.data.site import SiteData, load_site
+from common.model import InjuryNet, build_model, frozen_backbone_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteSession:
+    config: RunConfig
+    site: SiteConfig
+    data: SiteData
+    model: InjuryNet
+    inputs: SiteInputs
+    device: torch.device
+    backbone_hash: str
+
+    def refresh_feature_norm(self) -> None:
+        """Frozen backbone: the statistics were fitted once. Otherwise the backbone moved, refit."""
+        if self.config.model.freeze != "frozen":
+            fit_feature_norm(self.model, self.inputs, self.data.train_index, self.device)
+
+
+@lru_cache(maxsize=2)
+def open_session(config: RunConfig, site: SiteConfig) -> SiteSession:
+    data = load_site(site.data_path, config.data, config.model.num_labels)
+    if data.skipped:
+        log.warning("site %s: %d stud(ies) skipped", site.site_name, len(data.skipped))
+    model = build_model(config.model)
+    device = pick_device()
+    inputs = prepare_inputs(model, data, site.state_dir / "cache", device)
+    fit_feature_norm(model, inputs, data.train_index, device)
+    return SiteSession(config, site, data, model, inputs, device, frozen_backbone_hash(model))

@@ -1,0 +1,199 @@
+"""One typed configuration, parsed once from Flower's run config and a site's node config.
+
+The run config (``[tool.flwr.app.config]`` in pyproject.toml, overridable with
+``flwr run --run-config``) is the same at the server and every site. The node config is set
+per site on its SuperNode (``--node-config 'data-path="/data/site" ...'``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+FREEZE_POLICIES = ("frozen", "layer4", "full")
+FEATURE_NORMS = ("site", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int = 64
+    seq_len: int = 8
+    num_labels: int = 1
+    freeze: str = "frozen"
+    backbone_weights: str = "none"
+    proj_dim: int = 128
+    gru_hidden: int = 64
+    attn_dim: int = 64
+    dropout: float = 0.1
+    biomech_features: int = 0
+    # "site": standardise backbone features with statistics of the site's own training images
+    # (kept at the site, like FedBN's local statistics); "none": use them as they are.
+    feature_norm: str = "site"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.freeze not in FREEZE_POLICIES:
+            raise ConfigError(f"freeze must be one of {FREEZE_POLICIES}, got {self.freeze!r}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ConfigError(f"feature-norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
+        for name in ("image_size", "seq_len", "num_labels", "proj_dim", "gru_hidden", "attn_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
+        if self.image_size < 32:
+            raise ConfigError("image-size must be >= 32 (ResNet50 downsamples by 32)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    image_size: int = 64
+    seq_len: int = 8
+    series_description: str = ""
+    test_fraction: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError("test-fraction must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("local-epochs and batch-size must be >= 1 and lr > 0")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_rounds: int = 3
+    min_sites: int = 2
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    round_timeout: float = 600.0
+    run_dir: str = "runs"
+    data_root: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ConfigError("num-rounds must be >= 1")
+        if self.min_sites < 1:
+            raise ConfigError("min-sites must be >= 1")
+
+
+# Which run-config key feeds which field. Keys shared by several sections (image-size, seed)
+# are listed under each of them, so the sections can never disagree.
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "federation": FederationConfig,
+}
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    federation: FederationConfig
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """Parse a Flower run config (kebab-case keys). Unknown keys are an error, not ignored."""
+        known = {_key(f.name) for section in _SECTIONS.values() for f in fields(section)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}")
+        parts: dict[str, Any] = {}
+        for name, section in _SECTIONS.items():
+            kwargs = {}
+            for f in fields(section):
+                if _key(f.name) in values:
+                    kwargs[f.name] = _coerce(_key(f.name), values[_key(f.name)], f.default)
+            parts[name] = section(**kwargs)
+        return cls(**parts)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The flat kebab-case form, e.g. for a checkpoint or a run-config override."""
+        flat: dict[str, Any] = {}
+        for name in _SECTIONS:
+            section = getattr(self, name)
+            for f in fields(section):
+                flat[_key(f.name)] = getattr(section, f.name)
+        return flat
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Flower hands TOML values through; accept ints for floats, reject anything else odd."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Where a site's data and private state live. Never sent to the server."""
+
+    data_path: Path
+    state_dir: Path
+    site_name: str
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], federation: FederationConfig) -> "SiteConfig":
+        """Deployment: ``data-path`` (and optional ``state-dir``, ``site-name``) come from the
+        SuperNode's node config. Simulation: the site is sub-folder ``partition-id`` of data-root."""
+        if "data-path" in node_config:
+            data_path = Path(str(node_config["data-path"])).expanduser()
+            site_name = str(node_config.get("site-name", data_path.name))
+        elif "partition-id" in node_config:
+            data_path = simulated_site_path(federation.data_root, int(node_config["partition-id"]))
+            site_name = data_path.name
+        else:
+            raise ConfigError("node config has no data-path: start the SuperNode with "
+                              "--node-config 'data-path=\"/path/to/site\"'")
+        state = node_config.get("state-dir")
+        state_dir = Path(str(state)).expanduser() if state else data_path.parent / ".clinicfl-state" / data_path.name
+        return cls(data_path=data_path, state_dir=state_dir, site_name=site_name)
+
+
+def simulated_site_path(data_root: str, partition_id: int) -> Path:
+    """The site folder of a simulated partition: the sorted sub-folders of data-root."""
+    if not data_root:
+        raise ConfigError("simulation needs run-config data-root: generate sites with "
+                          "`clinicfl-sim generate DIR` and pass --run-config \"data-root='DIR'\"")
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data-root {root} does not exist")
+    sites = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if partition_id >= len(sites):
+        raise ConfigError(f"partition {partition_id} has no site: data-root holds {len(sites)} site folder(s)")
+    return sites[partition_id]

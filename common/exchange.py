@@ -1,0 +1,89 @@
+"""What travels between server and sites: the trainable parameters, by name, and nothing else.
+
+A ResNet50 has 23.5 M frozen parameters; sending them every round would cost ~94 MB per site
+per direction, and FedAvg over float32 copies of identical frozen tensors is not even a no-op
+(it drifts them by one float step). The frozen part is identified by a hash instead.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+
+from common.model import InjuryNet
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+SITE_KEY = "site"  # ConfigRecord: status, reason code, backbone hash, site name; never data
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+
+class UpdateError(ValueError):
+    """A set of parameters does not fit the model (wrong names, shapes, dtypes or values)."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def trainable_state(model: InjuryNet) -> "OrderedDict[str, torch.Tensor]":
+    return OrderedDict((name, p.detach()) for name, p in model.named_parameters() if p.requires_grad)
+
+
+def trainable_spec(model: InjuryNet) -> dict[str, ParamSpec]:
+    return {name: ParamSpec(tuple(t.shape), np.dtype(str(t.dtype).removeprefix("torch.")))
+            for name, t in trainable_state(model).items()}
+
+
+def to_array_record(model: InjuryNet) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.cpu().numpy()) for k, v in trainable_state(model).items()})
+
+
+def check_arrays(arrays: ArrayRecord, spec: dict[str, ParamSpec]) -> dict[str, np.ndarray]:
+    """The arrays as numpy, or UpdateError with the first reason they cannot be used."""
+    names = set(arrays.keys())
+    missing, extra = sorted(set(spec) - names), sorted(names - set(spec))
+    if missing or extra:
+        raise UpdateError(f"parameter names differ: {len(missing)} missing (e.g. {missing[:2]}), "
+                          f"{len(extra)} unexpected (e.g. {extra[:2]})")
+    out = {}
+    for name, expected in spec.items():
+        try:
+            value = arrays[name].numpy()
+        except Exception as exc:  # a corrupt payload can fail to deserialise in many ways
+            raise UpdateError(f"{name}: cannot be decoded ({type(exc).__name__})") from exc
+        if tuple(value.shape) != expected.shape:
+            raise UpdateError(f"{name}: shape {tuple(value.shape)}, expected {expected.shape}")
+        if value.dtype != expected.dtype:
+            raise UpdateError(f"{name}: dtype {value.dtype}, expected {expected.dtype}")
+        if not np.all(np.isfinite(value)):
+            raise UpdateError(f"{name}: non-finite values")
+        out[name] = value
+    return out
+
+
+def load_array_record(model: InjuryNet, arrays: ArrayRecord) -> None:
+    """Load global trainable parameters into the model after checking every one of them."""
+    values = check_arrays(arrays, trainable_spec(model))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in values.items():
+            params[name].copy_(torch.from_numpy(value))
+
+
+def site_record(message: Message) -> ConfigRecord:
+    """The reply's site record, or an empty one when the reply has none."""
+    record = message.content.config_records.get(SITE_KEY)
+    return record if record is not None else ConfigRecord()
+
+
+def message_bytes(message: Message) -> int:
+    """Payload size of a message's arrays (the dominant part of the traffic)."""
+    return sum(len(a.data) for record in message.content.array_records.values() for a in record.values())

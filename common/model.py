@@ -1,0 +1,306 @@
+"""The ResNet50-BiGRU-attention network for sports-injury prediction (Xiao et al. 2023).
+
+    images (B, T, C, H, W) --ResNet50 trunk--> 2048-d per image --standardise--> Linear --(+ biomech)-->
+    BiGRU --scaled dot-product attention pool (Eq. 6)--> injury logits (B, L)
+
+Only the trainable part travels between server and sites (see ``common.exchange``); the frozen
+backbone is identified by a hash that both sides compare. The batch dimension is one study in
+every trainable module, so per-sample gradients (DP-SGD) are per study.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torchvision.models import ResNet50_Weights, resnet50
+
+from common.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+FEATURE_DIM = 2048
+# ImageNet statistics: torchvision's ResNet50 weights expect inputs normalised this way.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BackboneWeightsError(RuntimeError):
+    """The configured backbone weights cannot be loaded."""
+
+
+class BackboneMismatchError(RuntimeError):
+    """The frozen backbone differs between server and site."""
+
+
+@dataclass
+class InjuryOutput:
+    logits: Tensor  # (B, L) injury logits
+    attention: Tensor  # (B, T) weight of each image in the pooled study vector; 0 on padding
+
+
+class ResNetTrunk(nn.Module):
+    """torchvision's ResNet50 without its classifier: (N, C, H, W) in [0, 1] -> (N, 2048).
+
+    BatchNorm layers always run in eval mode: running statistics are buffers, not parameters,
+    so they would silently diverge between sites if they were updated locally.
+    """
+
+    def __init__(self, freeze: str = "frozen") -> None:
+        super().__init__()
+        net = resnet50(weights=None)
+        net.fc = nn.Identity()
+        self.net = net
+        self.freeze = freeze
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        trainable_prefixes = {"frozen": (), "layer4": ("layer4.",), "full": ("",)}[freeze]
+        for name, param in self.net.named_parameters():
+            param.requires_grad = any(name.startswith(p) for p in trainable_prefixes)
+
+    def train(self, mode: bool = True) -> "ResNetTrunk":
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        if self.freeze == "frozen":
+            self.net.eval()
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.shape[1] == 1:  # grayscale studies: the same channel thrice, as a view
+            images = images.expand(-1, 3, -1, -1)
+        x = (images - self.mean) / self.std
+        n = self.net
+        # The frozen stages need no autograd graph: saves memory and time.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.freeze == "full"):
+            x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+            x = n.layer3(n.layer2(n.layer1(x)))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.freeze != "frozen"):
+            x = n.layer4(x)
+        return torch.flatten(n.avgpool(x), 1)
+
+
+class FeatureStandardizer(nn.Module):
+    """Per-feature standardisation of backbone features with fixed, site-local statistics.
+
+    A frozen backbone (random or ImageNet) gives features dominated by one common vector; the
+    differences between images are tiny next to it and a small head cannot learn from them.
+    Standardising with the statistics of the site's own training images (computed once, never
+    sent) makes them usable, and also absorbs part of a scanner's intensity shift, like FedBN's
+    local statistics.
+    """
+
+    def __init__(self, dim: int = FEATURE_DIM) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, features: Tensor) -> None:
+        """Set the statistics from (N, dim) features of training images."""
+        self.mean.copy_(features.mean(0))
+        self.std.copy_(features.std(0, unbiased=False).clamp_min(1e-6))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return (features - self.mean) / self.std
+
+
+class AttentionPool(nn.Module):
+    """Scaled dot-product attention, softmax(Q K^T / sqrt(d)) V (Eq. 6), pooling a sequence.
+
+    One query per study, projected from the masked mean of the sequence; keys and values from
+    every step. All projections are nn.Linear, which Opacus handles per sample.
+    """
+
+    def __init__(self, in_dim: int, attn_dim: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(in_dim, attn_dim)
+        self.key = nn.Linear(in_dim, attn_dim)
+        self.value = nn.Linear(in_dim, in_dim)
+        self.scale = 1.0 / math.sqrt(attn_dim)
+
+    def forward(self, seq: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        maskf = mask.unsqueeze(-1).to(seq.dtype)
+        mean = (seq * maskf).sum(1) / maskf.sum(1).clamp_min(1.0)
+        q = self.query(mean).unsqueeze(1)  # (B, 1, d)
+        k = self.key(seq)  # (B, T, d)
+        scores = (q * k).sum(-1) * self.scale  # (B, T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=1)
+        pooled = (weights.unsqueeze(-1) * self.value(seq)).sum(1)
+        return pooled, weights
+
+
+class SequenceHead(nn.Module):
+    """Projection -> (+ biomechanical features) -> BiGRU -> attention pool -> classifier."""
+
+    def __init__(self, config: ModelConfig, in_dim: int = FEATURE_DIM) -> None:
+        super().__init__()
+        self.project = nn.Linear(in_dim, config.proj_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.gru = nn.GRU(config.proj_dim + config.biomech_features, config.gru_hidden,
+                          batch_first=True, bidirectional=True)
+        self.attention = AttentionPool(2 * config.gru_hidden, config.attn_dim)
+        self.classifier = nn.Linear(2 * config.gru_hidden, config.num_labels)
+        self.biomech_features = config.biomech_features
+
+    def forward(self, features: Tensor, mask: Tensor, biomech: Tensor | None = None) -> InjuryOutput:
+        lengths = _prefix_lengths(mask)
+        x = self.dropout(torch.relu(self.project(features)))
+        if self.biomech_features:
+            if biomech is None or biomech.shape[-1] != self.biomech_features:
+                raise ValueError(f"model expects {self.biomech_features} biomechanical features per step")
+            x = torch.cat([x, biomech.to(x.dtype)], dim=-1)
+        elif biomech is not None:
+            raise ValueError("biomechanical features given but the model was built with biomech-features = 0")
+        # Packing makes the backward direction start at each study's last real image, so
+        # padding never reaches the prediction.
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        seq, _ = pad_packed_sequence(out, batch_first=True, total_length=mask.shape[1])
+        pooled, weights = self.attention(seq, mask)
+        return InjuryOutput(logits=self.classifier(self.dropout(pooled)), attention=weights)
+
+
+def _prefix_lengths(mask: Tensor) -> Tensor:
+    """Number of real images per study; the data pipeline puts them first, padding after."""
+    if mask.dtype != torch.bool:
+        raise TypeError("mask must be a bool tensor (B, T)")
+    lengths = mask.sum(1)
+    if (lengths == 0).any():
+        raise ValueError("every study needs at least one image")
+    expected = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
+    if not torch.equal(mask, expected):
+        raise ValueError("mask must mark a prefix of each sequence (real images first, then padding)")
+    return lengths
+
+
+class InjuryNet(nn.Module):
+    """ResNet50 trunk + site feature standardisation + sequence head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = ResNetTrunk(config.freeze)
+        self.feature_norm = FeatureStandardizer(FEATURE_DIM)
+        self.head = SequenceHead(config)
+
+    def encode(self, images: Tensor, mask: Tensor) -> Tensor:
+        """(B, T, C, H, W) -> (B, T, 2048) raw backbone features; only real images are encoded."""
+        b, t = mask.shape
+        flat = self.backbone(images[mask])
+        features = flat.new_zeros(b, t, flat.shape[-1])
+        features[mask] = flat
+        return features
+
+    def forward_features(self, features: Tensor, mask: Tensor, biomech: Tensor | None = None) -> InjuryOutput:
+        """The trainable path from raw backbone features (used with cached features)."""
+        if self.config.feature_norm == "site":
+            features = self.feature_norm(features) * mask.unsqueeze(-1)
+        return self.head(features, mask, biomech)
+
+    def forward(self, images: Tensor, mask: Tensor, biomech: Tensor | None = None) -> InjuryOutput:
+        return self.forward_features(self.encode(images, mask), mask, biomech)
+
+
+def build_model(config: ModelConfig) -> InjuryNet:
+    """The model with its backbone weights loaded; the head is initialised from ``config.seed``
+    so that the server's initial global model is reproducible."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = InjuryNet(config)
+    state, _ = load_backbone(config.backbone_weights, config.seed)
+    model.backbone.net.load_state_dict(state)
+    return model
+
+
+@lru_cache(maxsize=2)
+def load_backbone(weights: str, seed: int) -> tuple[dict[str, Tensor], str]:
+    """The ResNet50 trunk state for ``backbone-weights`` and its content hash (cached per process:
+    reading and hashing 94 MB once per site process, not once per round)."""
+    if weights == "none":
+        log.warning("backbone-weights = none: the ResNet50 is randomly initialised (seed %d). "
+                    "Use 'imagenet' or a .pth file for real data.", seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = resnet50(weights=None)
+        state = net.state_dict()
+    elif weights == "imagenet":
+        state = _imagenet_state()
+    else:
+        state = _file_state(Path(weights).expanduser())
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    trunk = resnet50(weights=None)
+    trunk.fc = nn.Identity()
+    missing, unexpected = trunk.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BackboneWeightsError(
+            f"backbone-weights {weights!r} is not a ResNet50 state dict: {len(missing)} missing keys "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
+    state = trunk.state_dict()
+    return state, tensor_hash(state)
+
+
+def _imagenet_state() -> dict[str, Tensor]:
+    spec = ResNet50_Weights.IMAGENET1K_V2
+    try:
+        return spec.get_state_dict(progress=False, check_hash=True)
+    except (URLError, OSError, RuntimeError) as exc:
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        filename = Path(spec.url).name
+        raise BackboneWeightsError(
+            f"ImageNet ResNet50 weights are not cached and cannot be downloaded here ({type(exc).__name__}). "
+            f"Copy {filename} (from {spec.url}, fetched on a machine with internet) into {hub}/, "
+            f"or set backbone-weights to the path of a local ResNet50 .pth state dict.") from exc
+
+
+def _file_state(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise BackboneWeightsError(
+            f"backbone-weights file {path} not found: give 'none', 'imagenet' or the path of a ResNet50 .pth state dict")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and tensor errors all mean "not a usable file"
+        raise BackboneWeightsError(f"backbone-weights file {path} cannot be read as a state dict: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneWeightsError(f"backbone-weights file {path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def tensor_hash(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def frozen_backbone_hash(model: InjuryNet) -> str:
+    """Hash of every backbone tensor that does not travel: frozen parameters and all buffers.
+
+    The policy is part of the hash, so a site fine-tuning layer4 never pairs with a frozen server.
+    """
+    params = dict(model.backbone.net.named_parameters())
+    frozen = {name: t for name, t in model.backbone.net.state_dict().items()
+              if name not in params or not params[name].requires_grad}
+    return f"{model.config.freeze}:{tensor_hash(frozen)[:32]}"
+
+
+def check_backbone_hash(expected: str, actual: str) -> None:
+    if expected != actual:
+        raise BackboneMismatchError(
+            f"frozen backbone differs from the server's (server {expected}, site {actual}): "
+            "check backbone-weights, freeze and seed in the run config and the weights file at this site")

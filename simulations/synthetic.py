@@ -1,0 +1,243 @@
+"""Synthetic sports-medicine clinics written as real DICOM files (pydicom).
+
+Each study is a short MR slice series of a knee-like phantom: soft tissue, two bones, smooth
+texture, bright round "vessel" distractors in every class, and noise. An injured study carries
+an elongated, oriented bright lesion (a tear) in a contiguous block of slices. Sites differ in
+label prevalence (Dirichlet/Beta draw for non-IID), scanner gain/offset, noise and rescale tags.
+Patient names, IDs, birth dates and the institution are fake but recognisable (``ZZFAKE``...),
+so tests can prove they never leave a site. Generation is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from tqdm import tqdm
+
+FAKE_PHI_MARKER = "ZZFAKE"  # in every planted identifier, so a test can grep for it
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    sites: int = 3
+    studies_per_site: int = 48
+    image_size: int = 64
+    slices_per_study: int = 8
+    prevalence: float = 0.4  # mean fraction of injured studies
+    dirichlet_alpha: float = 0.0  # 0 = IID prevalence; small alpha = very different sites
+    scanner_shift: float = 0.3  # spread of per-site gain/offset (0 = identical scanners)
+    lesion_contrast: float = 4.0  # lesion brightness (phantom units; tissue is 3, noise sigma 0.35)
+    lesion_size: float = 0.35  # lesion length as a fraction of the image half-width
+    lesion_fraction: float = 0.4  # fraction of a study's slices that show the lesion
+    noise: float = 0.35  # Gaussian noise sigma relative to the lesion unit
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sites < 1 or self.studies_per_site < 4:
+            raise ValueError("need >= 1 site and >= 4 studies per site")
+        if self.slices_per_study < 2 or self.image_size < 32:
+            raise ValueError("need >= 2 slices per study and image size >= 32")
+        if not 0.0 < self.prevalence < 1.0 or not 0.0 < self.lesion_fraction <= 1.0:
+            raise ValueError("prevalence must be in (0, 1) and lesion-fraction in (0, 1]")
+
+
+UNIT = 100.0  # intensity unit of the phantom, in rescaled (modality) values
+
+
+def site_prevalences(spec: SyntheticSpec) -> np.ndarray:
+    """Per-site injured fraction: equal (IID) or a two-class Dirichlet (Beta) draw (non-IID)."""
+    if spec.dirichlet_alpha <= 0:
+        return np.full(spec.sites, spec.prevalence)
+    rng = np.random.default_rng([spec.seed, 1])
+    a = spec.dirichlet_alpha
+    return np.clip(rng.beta(a * spec.prevalence, a * (1 - spec.prevalence), size=spec.sites), 0.05, 0.95)
+
+
+def generate_clinics(out_dir: Path, spec: SyntheticSpec, progress: bool = True) -> list[Path]:
+    """Write ``out_dir/site-XX`` for every site; returns the site folders. Existing sites are replaced."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prevalences = site_prevalences(spec)
+    sites = []
+    for k in range(spec.sites):
+        site_dir = out_dir / f"site-{k + 1:02d}"
+        if site_dir.exists():
+            shutil.rmtree(site_dir)
+        _write_site(site_dir, k, float(prevalences[k]), spec, progress)
+        sites.append(site_dir)
+    return sites
+
+
+def _write_site(site_dir: Path, k: int, prevalence: float, spec: SyntheticSpec, progress: bool) -> None:
+    rng = np.random.default_rng([spec.seed, 2, k])
+    scanner = {
+        "gain": 1.0 + spec.scanner_shift * (rng.random() - 0.5),
+        "offset": spec.scanner_shift * UNIT * (rng.random() - 0.5),
+        "noise": spec.noise * (1.0 + 0.5 * spec.scanner_shift * (rng.random() - 0.5)),
+        "slope": [1.0, 0.5, 2.0][k % 3],
+        "intercept": [0.0, -100.0, 50.0][k % 3],
+    }
+    n = spec.studies_per_site
+    n_injured = int(round(prevalence * n))
+    injured = np.zeros(n, dtype=bool)
+    injured[rng.choice(n, size=n_injured, replace=False)] = True
+    # About one patient in five has two studies (a follow-up), so splits must group by patient.
+    patients, p = [], 0
+    while len(patients) < n:
+        repeat = 2 if rng.random() < 0.2 else 1
+        patients.extend([p] * repeat)
+        p += 1
+    patients = patients[:n]
+
+    rows = []
+    for i in tqdm(range(n), desc=f"writing {site_dir.name}", unit="study", disable=not progress, leave=False):
+        study = f"study-{i + 1:04d}"
+        patient_id = f"{FAKE_PHI_MARKER}-PID-S{k + 1:02d}-P{patients[i]:04d}"
+        severity = float(rng.uniform(2.0, 10.0)) if injured[i] else 0.0
+        _write_study(site_dir / "studies" / study, rng, spec, scanner, k, i, patient_id, severity)
+        rows.append({"study": study, "label": int(injured[i]), "patient": patient_id,
+                     "target": f"{severity:.3f}"})
+    with (site_dir / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["study", "label", "patient", "target"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _ellipse(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, a: float, b: float, theta: float = 0.0) -> np.ndarray:
+    c, s = math.cos(theta), math.sin(theta)
+    u = (xx - cx) * c + (yy - cy) * s
+    v = -(xx - cx) * s + (yy - cy) * c
+    return ((u / a) ** 2 + (v / b) ** 2) <= 1.0
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, grid: int = 8) -> np.ndarray:
+    coarse = rng.normal(size=(grid, grid))
+    idx = np.linspace(0, grid - 1, size)
+    i0 = np.floor(idx).astype(int)
+    i1 = np.minimum(i0 + 1, grid - 1)
+    f = idx - i0
+    rows = coarse[i0] * (1 - f)[:, None] + coarse[i1] * f[:, None]
+    return rows[:, i0] * (1 - f)[None, :] + rows[:, i1] * f[None, :]
+
+
+def phantom_series(rng: np.random.Generator, spec: SyntheticSpec, scanner: dict, n_slices: int,
+                   severity: float) -> np.ndarray:
+    """(n_slices, S, S) modality values of one study; severity > 0 adds the lesion."""
+    size = spec.image_size
+    ax = np.linspace(-1.0, 1.0, size)
+    xx, yy = np.meshgrid(ax, ax)
+    cx, cy = rng.normal(0, 0.05, 2)
+    tissue_r = (0.8 + rng.normal(0, 0.04), 0.65 + rng.normal(0, 0.04))
+    texture = _smooth_noise(rng, size) * 0.4 * UNIT
+    lesion_slices: set[int] = set()
+    if severity > 0:
+        block = max(1, math.ceil(spec.lesion_fraction * n_slices))
+        start = int(rng.integers(0, n_slices - block + 1))
+        lesion_slices = set(range(start, start + block))
+        length = spec.lesion_size * (0.6 + 0.08 * severity)
+        theta = rng.uniform(math.radians(20), math.radians(70)) * rng.choice([-1, 1])
+        lx, ly = cx + rng.uniform(-0.3, 0.3), cy + rng.uniform(-0.05, 0.05)
+    n_distractors = int(rng.integers(0, 3))
+    distractors = [(rng.uniform(-0.5, 0.5), rng.uniform(-0.4, 0.4), int(rng.integers(0, n_slices)))
+                   for _ in range(n_distractors)]
+
+    series = np.empty((n_slices, size, size))
+    for z in range(n_slices):
+        depth = (z + 0.5) / n_slices - 0.5
+        img = np.zeros((size, size))
+        img[_ellipse(xx, yy, cx, cy, *tissue_r)] = 3.0 * UNIT
+        bone_scale = 1.0 - 0.6 * depth ** 2
+        for sign in (-1, 1):
+            img[_ellipse(xx, yy, cx, cy + sign * 0.33, 0.5 * bone_scale, 0.2 * bone_scale)] = 6.0 * UNIT
+        img += texture
+        for dx, dy, dz in distractors:
+            if abs(z - dz) <= 1:
+                img[_ellipse(xx, yy, dx, dy, 0.07, 0.07)] += spec.lesion_contrast * UNIT
+        if z in lesion_slices:
+            img[_ellipse(xx, yy, lx, ly, length / 2, 0.045, theta)] += spec.lesion_contrast * UNIT
+        img += rng.normal(0.0, scanner["noise"] * UNIT, img.shape)
+        series[z] = img * scanner["gain"] + scanner["offset"]
+    return series
+
+
+def _write_study(study_dir: Path, rng: np.random.Generator, spec: SyntheticSpec, scanner: dict, k: int, i: int,
+                 patient_id: str, severity: float) -> None:
+    lo = max(2, spec.slices_per_study - 2)
+    n_slices = int(rng.integers(lo, spec.slices_per_study + 3))
+    values = phantom_series(rng, spec, scanner, n_slices, severity)
+    study_uid = generate_uid(entropy_srcs=[str(spec.seed), str(k), str(i), "study"])
+    common = {
+        "PatientName": f"{FAKE_PHI_MARKER}^Patient^S{k + 1:02d}",
+        "PatientID": patient_id,
+        "PatientBirthDate": f"19{70 + int(rng.integers(0, 30))}0{1 + int(rng.integers(0, 9))}15",
+        "InstitutionName": f"{FAKE_PHI_MARKER} Sports Clinic {k + 1:02d}",
+        "StudyDate": f"2025{1 + int(rng.integers(0, 12)):02d}{1 + int(rng.integers(0, 28)):02d}",
+        "StudyInstanceUID": study_uid,
+        "FrameOfReferenceUID": generate_uid(entropy_srcs=[study_uid, "for"]),
+        "AccessionNumber": f"{FAKE_PHI_MARKER}ACC{k + 1:02d}{i:05d}",
+    }
+    # Scanners store slices in either direction; file names never follow anatomy.
+    descending = bool(rng.random() < 0.5)
+    main_dir = study_dir / f"series-{int(rng.integers(100, 999))}"
+    order = rng.permutation(n_slices)
+    for z in range(n_slices):
+        instance = n_slices - z if descending else z + 1
+        _write_slice(main_dir / f"IM{order[z]:04d}.dcm", values[z], scanner, common, series_tag="main",
+                     description="T2 FS COR", series_number=3, instance=instance,
+                     position=(-100.0, -100.0, -20.0 + 3.0 * z), orientation=(1, 0, 0, 0, 1, 0),
+                     entropy=[study_uid, "main", str(z)])
+    if rng.random() < 0.3:  # a 3-image localiser in another plane: must never be picked
+        loc = phantom_series(rng, spec, scanner, 3, 0.0)
+        for z in range(3):
+            _write_slice(study_dir / "localizer" / f"LOC{z}.dcm", loc[z], scanner, common, series_tag="loc",
+                         description="LOCALIZER", series_number=1, instance=z + 1,
+                         position=(-20.0 + 20.0 * z, -100.0, 100.0), orientation=(0, 1, 0, 0, 0, -1),
+                         entropy=[study_uid, "loc", str(z)])
+
+
+def _write_slice(path: Path, values: np.ndarray, scanner: dict, common: dict, *, series_tag: str,
+                 description: str, series_number: int, instance: int, position: tuple, orientation: tuple,
+                 entropy: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sop_uid = generate_uid(entropy_srcs=entropy)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    for key, value in common.items():
+        setattr(ds, key, value)
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[common["StudyInstanceUID"], series_tag])
+    ds.Modality = "MR"
+    ds.SeriesDescription = description
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = list(position)
+    ds.ImageOrientationPatient = list(orientation)
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.SliceThickness = 3.0
+    ds.RescaleSlope = scanner["slope"]
+    ds.RescaleIntercept = scanner["intercept"]
+    ds.RescaleType = "US"
+    center = 4.0 * UNIT * scanner["gain"] + scanner["offset"]
+    ds.WindowCenter = round(center, 1)
+    ds.WindowWidth = round(11.0 * UNIT * scanner["gain"], 1)
+    stored = np.clip(np.round((values - scanner["intercept"]) / scanner["slope"]), 0, 4095).astype(np.uint16)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = stored.tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
