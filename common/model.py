@@ -241,7 +241,11 @@ def load_backbone(weights: str, seed: int) -> tuple[dict[str, Tensor], str]:
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     trunk = resnet50(weights=None)
     trunk.fc = nn.Identity()
-    missing, unexpected = trunk.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = trunk.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise BackboneWeightsError(f"backbone-weights {weights!r} does not fit a ResNet50: "
+                                   f"{str(exc).splitlines()[-1].strip()}") from exc
     if missing or unexpected:
         raise BackboneWeightsError(
             f"backbone-weights {weights!r} is not a ResNet50 state dict: {len(missing)} missing keys "

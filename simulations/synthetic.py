@@ -193,9 +193,10 @@ def _write_study(study_dir: Path, rng: np.random.Generator, spec: SyntheticSpec,
                      description="T2 FS COR", series_number=3, instance=instance,
                      position=(-100.0, -100.0, -20.0 + 3.0 * z), orientation=(1, 0, 0, 0, 1, 0),
                      entropy=[study_uid, "main", str(z)])
-    if rng.random() < 0.3:  # a 3-image localiser in another plane: must never be picked
-        loc = phantom_series(rng, spec, scanner, 3, 0.0)
-        for z in range(3):
+    n_loc = min(3, n_slices - 1)  # a localiser in another plane, always smaller: must never be picked
+    if rng.random() < 0.3 and n_loc >= 1:
+        loc = phantom_series(rng, spec, scanner, n_loc, 0.0)
+        for z in range(n_loc):
             _write_slice(study_dir / "localizer" / f"LOC{z}.dcm", loc[z], scanner, common, series_tag="loc",
                          description="LOCALIZER", series_number=1, instance=z + 1,
                          position=(-20.0 + 20.0 * z, -100.0, 100.0), orientation=(0, 1, 0, 0, 0, -1),

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny synthetic clinics (real DICOM files) and a small model config."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from flwr.app import Error, Metadata, RecordDict
+from flwr.app.message.message import make_message
+
+from common.config import DataConfig, ModelConfig
+from simulations.synthetic import SyntheticSpec, generate_clinics
+
+TINY_SPEC = SyntheticSpec(sites=2, studies_per_site=16, image_size=32, slices_per_study=4, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_clinics(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return generate_clinics(tmp_path_factory.mktemp("clinics"), TINY_SPEC, progress=False)
+
+
+@pytest.fixture
+def tiny_model_config() -> ModelConfig:
+    return ModelConfig(image_size=32, seq_len=4, proj_dim=16, gru_hidden=8, attn_dim=8, dropout=0.0)
+
+
+@pytest.fixture
+def tiny_data_config() -> DataConfig:
+    return DataConfig(image_size=32, seq_len=4)
+
+
+def reply(content: RecordDict | Error, node_id: int = 1, message_type: str = "train"):
+    """A reply Message as the server receives it from node ``node_id``."""
+    metadata = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0,
+                        reply_to_message_id="q", group_id="1", created_at=time.time(), ttl=60.0,
+                        message_type=message_type)
+    if isinstance(content, Error):
+        return make_message(metadata, error=content)
+    return make_message(metadata, content=content)
+
+
+@pytest.fixture(autouse=True)
+def _project_local_flower_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Never touch ~/.flwr from tests.
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.getbasetemp() / "flwr-home"))
+    os.environ.setdefault("TQDM_DISABLE", "1")

@@ -1,0 +1,117 @@
+"""A site folder: labels.csv parsing, splits, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import DataConfig
+from common.data.errors import DataError
+from common.data.site import assign_split, load_site, read_labels
+
+
+@pytest.fixture
+def site(tiny_clinics, tmp_path) -> Path:
+    target = tmp_path / "site"
+    shutil.copytree(tiny_clinics[0], target)
+    return target
+
+
+def test_site_loads_into_aligned_arrays(tiny_clinics, tiny_data_config):
+    data = load_site(tiny_clinics[0], tiny_data_config, num_labels=1, progress=False)
+    n = len(data.studies)
+    assert n == 16 and data.images.shape == (n, 4, 32, 32) and data.mask.shape == (n, 4)
+    assert data.labels.shape == (n, 1) and set(np.unique(data.labels)) == {0.0, 1.0}
+    lengths = data.mask.sum(1)
+    assert np.all(lengths >= 2)
+    for row, length in enumerate(lengths):  # padding after the real images is exactly zero
+        assert np.all(data.mask[row, :length]) and np.all(data.images[row, length:] == 0)
+    assert 0 < data.is_test.sum() < n
+
+
+def test_split_keeps_each_patient_on_one_side(tiny_clinics, tiny_data_config):
+    records, _ = read_labels(tiny_clinics[0])
+    is_test = assign_split(records, 0.3, seed=0)
+    sides: dict[str, set[bool]] = {}
+    for record, test in zip(records, is_test):
+        sides.setdefault(record.patient, set()).add(bool(test))
+    assert all(len(s) == 1 for s in sides.values())
+    assert np.array_equal(is_test, assign_split(records, 0.3, seed=0)), "deterministic"
+
+
+def test_explicit_split_and_multi_label_columns(site, tiny_data_config):
+    studies = sorted(p.name for p in (site / "studies").iterdir())
+    lines = ["study,label_acl,label_meniscus,split"]
+    lines += [f"{s},{i % 2},{(i // 2) % 2},{'test' if i < 4 else 'train'}" for i, s in enumerate(studies)]
+    (site / "labels.csv").write_text("\n".join(lines) + "\n")
+    data = load_site(site, tiny_data_config, num_labels=2, progress=False)
+    assert data.label_names == ["acl", "meniscus"] and data.labels.shape == (16, 2)
+    assert data.is_test.sum() == 4 and list(np.flatnonzero(data.is_test)) == [0, 1, 2, 3]
+    with pytest.raises(DataError, match="num-labels"):
+        load_site(site, tiny_data_config, num_labels=1, progress=False)
+
+
+def test_unreadable_study_is_skipped_with_a_reason(site, tiny_data_config):
+    victim = sorted((site / "studies").iterdir())[0]
+    for path in victim.rglob("*.dcm"):
+        path.write_bytes(b"this is not DICOM")
+    data = load_site(site, tiny_data_config, num_labels=1, progress=False)
+    assert len(data.studies) == 15 and data.skipped == [(victim.name, "unreadable-dicom")]
+
+
+@pytest.mark.parametrize("breakage, code", [
+    ("missing-dir", "missing-site-dir"),
+    ("no-labels", "missing-labels"),
+    ("empty-labels", "empty-site"),
+    ("ghost-study", "labels-without-study"),
+    ("bad-label", "bad-labels"),
+    ("nothing-readable", "no-usable-studies"),
+])
+def test_bad_site_is_a_clear_data_error(site, tiny_data_config, breakage, code):
+    labels = site / "labels.csv"
+    if breakage == "missing-dir":
+        shutil.rmtree(site)
+    elif breakage == "no-labels":
+        labels.unlink()
+    elif breakage == "empty-labels":
+        labels.write_text("study,label\n")
+    elif breakage == "ghost-study":
+        labels.write_text(labels.read_text() + "study-9999,1,P,0\n")
+    elif breakage == "bad-label":
+        labels.write_text(labels.read_text().replace(",1,", ",yes,", 1))
+    elif breakage == "nothing-readable":
+        for path in site.rglob("*.dcm"):
+            path.write_bytes(b"")
+    with pytest.raises(DataError) as info:
+        load_site(site, tiny_data_config, num_labels=1, progress=False)
+    assert info.value.code == code and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("breakage", ["missing-dir", "empty-site", "ghost-study"])
+def test_check_data_cli_prints_one_line_and_exits_non_zero(site, breakage):
+    if breakage == "missing-dir":
+        shutil.rmtree(site)
+    elif breakage == "empty-site":
+        shutil.rmtree(site / "studies")
+        (site / "labels.csv").write_text("study,label\n")
+    else:
+        (site / "labels.csv").write_text((site / "labels.csv").read_text() + "ghost-1,0,P,0\nghost-2,1,P,0\n")
+    result = subprocess.run([sys.executable, "-m", "client.cli", "check-data", str(site), "--image-size", "32"],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_check_data_cli_summarises_a_good_site(tiny_clinics):
+    result = subprocess.run([sys.executable, "-m", "client.cli", "check-data", str(tiny_clinics[0]),
+                             "--image-size", "32", "--seq-len", "4"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "usable studies" in result.stdout and "16" in result.stdout
+    assert "ZZFAKE" not in result.stdout + result.stderr, "no header values on screen"

@@ -1,0 +1,110 @@
+"""Server aggregation: FedAvg math on hand-made updates, and every malformed reply rejected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
+from sklearn.metrics import roc_auc_score
+
+from common.exchange import ParamSpec, UpdateError, check_arrays
+from common.metrics.classification import ClassificationStats
+from server.strategy import ClinicFedAvg
+from tests.conftest import reply
+
+HASH = "frozen:abc"
+SPEC = {"head.w": ParamSpec((2, 3), np.dtype("float32")), "head.b": ParamSpec((2,), np.dtype("float32"))}
+
+
+def _strategy(min_sites: int = 1) -> ClinicFedAvg:
+    return ClinicFedAvg(spec=SPEC, backbone_hash=HASH, num_labels=1, min_sites=min_sites)
+
+
+def _train_content(value: float, n: int, *, site: str, backbone_hash: str = HASH, arrays: dict | None = None,
+                   metrics: dict | None = None, status: str = "ok") -> RecordDict:
+    arrays = arrays if arrays is not None else {
+        "head.w": np.full((2, 3), value, np.float32), "head.b": np.full((2,), value, np.float32)}
+    return RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "metrics": MetricRecord(metrics if metrics is not None else
+                                {"num-examples": n, "train-loss": 0.5, "train-seconds": 1.0}),
+        "site": ConfigRecord({"status": status, "site-name": site, "backbone-hash": backbone_hash}),
+    })
+
+
+def test_fedavg_is_the_num_examples_weighted_mean():
+    strategy = _strategy()
+    replies = [reply(_train_content(v, n, site=f"s{i}"), node_id=i)
+               for i, (v, n) in enumerate([(1.0, 10), (2.0, 30), (4.0, 60)])]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = (1.0 * 10 + 2.0 * 30 + 4.0 * 60) / 100
+    assert np.allclose(arrays["head.w"].numpy(), expected) and np.allclose(arrays["head.b"].numpy(), expected)
+    assert metrics["train-loss"] == pytest.approx(0.5)
+    report = strategy.reports[1]
+    assert report.aggregated and not report.rejected and set(report.train) == {"s0", "s1", "s2"}
+
+
+BAD_REPLIES = {
+    "nan": (lambda: _train_content(0, 5, site="bad", arrays={"head.w": np.full((2, 3), np.nan, np.float32),
+                                                              "head.b": np.zeros(2, np.float32)}), "non-finite"),
+    "shape": (lambda: _train_content(0, 5, site="bad", arrays={"head.w": np.zeros((3, 3), np.float32),
+                                                                "head.b": np.zeros(2, np.float32)}), "shape"),
+    "names": (lambda: _train_content(0, 5, site="bad", arrays={"head.w": np.zeros((2, 3), np.float32),
+                                                                "other": np.zeros(2, np.float32)}), "names differ"),
+    "dtype": (lambda: _train_content(0, 5, site="bad", arrays={"head.w": np.zeros((2, 3), np.float64),
+                                                                "head.b": np.zeros(2, np.float32)}), "dtype"),
+    "metrics": (lambda: _train_content(0, 5, site="bad", metrics={"num-examples": 5}), "lacks"),
+    "zero-examples": (lambda: _train_content(0, 0, site="bad"), "positive integer"),
+    "hash": (lambda: _train_content(0, 5, site="bad", backbone_hash="frozen:zzz"), "backbone hash"),
+    "site-error": (lambda: RecordDict({"site": ConfigRecord({"status": "error", "reason": "no-usable-studies",
+                                                             "site-name": "bad"})}), "no-usable-studies"),
+    "flower-error": (lambda: Error(code=0, reason="ClientApp raised an exception"), "site error"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_REPLIES))
+def test_malformed_reply_is_rejected_and_the_round_goes_on(kind):
+    make_bad, reason = BAD_REPLIES[kind]
+    strategy = _strategy()
+    good = [reply(_train_content(1.0, 10, site="a"), 1), reply(_train_content(3.0, 10, site="b"), 2)]
+    arrays, _ = strategy.aggregate_train(1, [good[0], reply(make_bad(), 3), good[1]])
+    assert np.allclose(arrays["head.w"].numpy(), 2.0), "the bad reply must not enter the average"
+    (rejected,) = strategy.reports[1].rejected
+    assert reason in rejected["reason"] and rejected["phase"] == "train"
+
+
+def test_too_few_valid_replies_keep_the_global_model():
+    strategy = _strategy(min_sites=2)
+    arrays, metrics = strategy.aggregate_train(1, [reply(_train_content(1.0, 10, site="a"), 1),
+                                                   reply(_train_content(0, 0, site="b"), 2)])
+    assert arrays is None and metrics is None
+    assert not strategy.reports[1].aggregated and "global model unchanged" in strategy.reports[1].notes[0]
+
+
+def test_federated_evaluation_equals_pooled_predictions():
+    rng = np.random.default_rng(0)
+    probs = rng.random(300)
+    labels = (rng.random(300) < 0.3 + 0.4 * probs).astype(float)
+    strategy = _strategy()
+    replies = []
+    for i, idx in enumerate(np.array_split(rng.permutation(300), 3)):
+        stats = ClassificationStats.from_predictions(probs[idx, None], labels[idx, None], loss_sum=float(len(idx)))
+        content = RecordDict({"metrics": MetricRecord({"num-examples": stats.n, **stats.to_record()}),
+                              "site": ConfigRecord({"status": "ok", "site-name": f"s{i}", "backbone-hash": HASH})})
+        replies.append(reply(content, i, "evaluate"))
+    replies.append(reply(RecordDict({"metrics": MetricRecord({"num-examples": 3, "n": 3}),
+                                     "site": ConfigRecord({"status": "ok", "site-name": "broken",
+                                                           "backbone-hash": HASH})}), 9, "evaluate"))
+    result = strategy.aggregate_evaluate(1, replies)
+    assert result["auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-3)
+    assert result["accuracy"] == pytest.approx(np.mean((probs >= 0.5) == labels.astype(bool)))
+    assert result["n"] == 300 and result["loss"] == pytest.approx(1.0)
+    assert [r["site"] for r in strategy.reports[1].rejected] == ["broken"]
+
+
+def test_check_arrays_accepts_exactly_the_spec():
+    good = ArrayRecord({"head.w": Array(np.zeros((2, 3), np.float32)), "head.b": Array(np.zeros(2, np.float32))})
+    assert set(check_arrays(good, SPEC)) == set(SPEC)
+    with pytest.raises(UpdateError, match="inf|non-finite"):
+        check_arrays(ArrayRecord({"head.w": Array(np.full((2, 3), np.inf, np.float32)),
+                                  "head.b": Array(np.zeros(2, np.float32))}), SPEC)
