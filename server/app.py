@@ -54,6 +54,10 @@ def main(grid: Grid, context: Context) -> None:
                                     timeout=fed.round_timeout)
     strategy.aggregate_evaluate(0, replies)
     finish_round(0, arrays)
+    if not strategy.report(0).evaluation:
+        reasons = "; ".join(f"{r['site']}: {r['reason']}" for r in strategy.report(0).rejected) or "no site replied"
+        print(f"clinicfl: stopping, no site could take part in round 0 ({reasons})", flush=True)
+        return
 
     # evaluate_fn runs after each round's federated evaluation: our hook to checkpoint and log.
     strategy.start(grid=grid, initial_arrays=arrays, num_rounds=fed.num_rounds, timeout=fed.round_timeout,
