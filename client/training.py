@@ -73,10 +73,14 @@ def encode_cached(model: InjuryNet, site: SiteData, cache_dir: Path | None, devi
     features = encode(model, torch.from_numpy(site.images).unsqueeze(2), torch.from_numpy(site.mask), device,
                       batch_size)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(features, tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written cache entry
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(features, tmp)
+            tmp.replace(path)  # atomic: a crash never leaves a half-written cache entry
+        except OSError as exc:  # a read-only state dir costs speed, not the round
+            log.warning("cannot write the feature cache in %s (%s); set node config state-dir to a writable "
+                        "folder", cache_dir, exc.strerror or type(exc).__name__)
     return features
 
 

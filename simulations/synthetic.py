@@ -34,7 +34,7 @@ class SyntheticSpec:
     prevalence: float = 0.4  # mean fraction of injured studies
     dirichlet_alpha: float = 0.0  # 0 = IID prevalence; small alpha = very different sites
     scanner_shift: float = 0.3  # spread of per-site gain/offset (0 = identical scanners)
-    lesion_contrast: float = 4.0  # lesion brightness (phantom units; tissue is 3, noise sigma 0.35)
+    lesion_contrast: float = 4.5  # lesion brightness (phantom units; tissue is 3, noise sigma 0.35)
     lesion_size: float = 0.35  # lesion length as a fraction of the image half-width
     lesion_fraction: float = 0.4  # fraction of a study's slices that show the lesion
     noise: float = 0.35  # Gaussian noise sigma relative to the lesion unit
