@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.training import SiteInputs, encode, evaluate_local, fit_feature_norm, train_local
-from common.config import DataConfig, ModelConfig, TrainConfig
+from client.training import train_local
+from common.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from common.inference import SiteInputs, encode, evaluate_local, fit_feature_norm
 from common.data.site import SiteData, load_site
 from common.exchange import trainable_state
 from common.metrics.classification import summarize
@@ -48,11 +49,11 @@ def epoch_times(data: SiteData, model_config: ModelConfig, train: TrainConfig, d
     start = time.perf_counter()
     features = encode(model, images, mask, device)
     encode_seconds = time.perf_counter() - start
-    cached = SiteInputs(features, mask, labels, is_features=True)
+    cached = SiteInputs(features, mask, labels, True, images)
     fit_feature_norm(model, cached, data.train_index, device)
     cached_seconds = train_local(model, cached, data.train_index, one_epoch, device).seconds
 
-    naive = SiteInputs(images, mask, labels, is_features=False)
+    naive = SiteInputs(images, mask, labels, False, images)
     naive_seconds = train_local(model, naive, data.train_index, one_epoch, device).seconds
     return {"encode_once_s": round(encode_seconds, 3), "epoch_cached_features_s": round(cached_seconds, 4),
             "epoch_encode_every_batch_s": round(naive_seconds, 3),
@@ -69,13 +70,14 @@ def traffic(model_config: ModelConfig) -> dict:
 def centralised_auc(data: SiteData, model_config: ModelConfig, train: TrainConfig, device: torch.device,
                     epochs: int) -> dict:
     model = build_model(model_config)
-    inputs = SiteInputs(encode(model, torch.from_numpy(data.images).unsqueeze(2), torch.from_numpy(data.mask), device),
-                        torch.from_numpy(data.mask), torch.from_numpy(data.labels), is_features=True)
+    images = torch.from_numpy(data.images).unsqueeze(2)
+    inputs = SiteInputs(encode(model, images, torch.from_numpy(data.mask), device), torch.from_numpy(data.mask),
+                        torch.from_numpy(data.labels), True, images, torch.from_numpy(data.targets))
     fit_feature_norm(model, inputs, data.train_index, device)
     curve = []
     for epoch in range(epochs):
         train_local(model, inputs, data.train_index, replace(train, local_epochs=1), device, server_round=epoch)
-        curve.append(round(summarize(evaluate_local(model, inputs, data.test_index, device))["auc"], 4))
+        curve.append(round(summarize(evaluate_local(model, inputs, data.test_index, device, EvalConfig()).classification)["auc"], 4))
     return {"test_auc_final": curve[-1], "test_auc_best": max(curve), "test_auc_curve": curve,
             "n_train": int(len(data.train_index)), "n_test": int(len(data.test_index))}
 

@@ -13,7 +13,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.session import SiteSession, open_session
-from client.training import evaluate_local, train_local
+from client.training import train_local
+from common.inference import evaluate_local
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.data.errors import DataError
 from common.exchange import ARRAYS_KEY, METRICS_KEY, SITE_KEY, STATUS_ERROR, STATUS_OK, UpdateError, \
@@ -48,7 +49,8 @@ def _train(session: SiteSession, msg: Message) -> RecordDict:
 
 
 def _evaluate(session: SiteSession, msg: Message) -> RecordDict:
-    stats = evaluate_local(session.model, session.inputs, session.data.test_index, session.device)
+    stats = evaluate_local(session.model, session.inputs, session.data.test_index, session.device,
+                           session.config.eval, session.fid)
     return RecordDict({
         METRICS_KEY: MetricRecord({"num-examples": stats.n, **stats.to_record()}),
         SITE_KEY: _site_status(session, STATUS_OK),

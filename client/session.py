@@ -12,9 +12,10 @@ from functools import lru_cache
 
 import torch
 
-from client.training import SiteInputs, fit_feature_norm, pick_device, prepare_inputs
+from common.inference import SiteInputs, fit_feature_norm, pick_device, prepare_inputs
 from common.config import RunConfig, SiteConfig
 from common.data.site import SiteData, load_site
+from common.metrics.features import FidFeatureExtractor
 from common.model import InjuryNet, build_model, frozen_backbone_hash
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class SiteSession:
     inputs: SiteInputs
     device: torch.device
     backbone_hash: str
+    fid: FidFeatureExtractor
 
     def refresh_feature_norm(self) -> None:
         """Frozen backbone: the statistics were fitted once. Otherwise the backbone moved, refit."""
@@ -45,4 +47,5 @@ def open_session(config: RunConfig, site: SiteConfig) -> SiteSession:
     device = pick_device()
     inputs = prepare_inputs(model, data, site.state_dir / "cache", device)
     fit_feature_norm(model, inputs, data.train_index, device)
-    return SiteSession(config, site, data, model, inputs, device, frozen_backbone_hash(model))
+    fid = FidFeatureExtractor(model, config.eval.fid_dim, config.eval.fid_inception_weights)
+    return SiteSession(config, site, data, model, inputs, device, frozen_backbone_hash(model), fid)

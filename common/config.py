@@ -24,6 +24,7 @@ class ModelConfig:
     image_size: int = 64
     seq_len: int = 8
     num_labels: int = 1
+    label_names: str = ""  # comma-separated display names, e.g. "abnormal,acl,meniscus"
     freeze: str = "frozen"
     backbone_weights: str = "none"
     proj_dim: int = 128
@@ -34,6 +35,11 @@ class ModelConfig:
     # "site": standardise backbone features with statistics of the site's own training images
     # (kept at the site, like FedBN's local statistics); "none": use them as they are.
     feature_norm: str = "site"
+    # Optional heads: severity regression (trained where labels.csv has a target) and a light
+    # decoder that rebuilds each image at recon-size x recon-size from its feature.
+    severity_head: bool = True
+    recon_head: bool = True
+    recon_size: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -46,8 +52,18 @@ class ModelConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
         if self.image_size < 32:
             raise ConfigError("image-size must be >= 32 (ResNet50 downsamples by 32)")
+        if self.label_names and len(self.label_names.split(",")) != self.num_labels:
+            raise ConfigError(f"label-names has {len(self.label_names.split(','))} names but num-labels = {self.num_labels}")
+        if not 4 <= self.recon_size <= self.image_size:
+            raise ConfigError("recon-size must be between 4 and image-size")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout must be in [0, 1)")
+
+
+    def names(self) -> list[str]:
+        if self.label_names:
+            return [n.strip() for n in self.label_names.split(",")]
+        return ["injury"] if self.num_labels == 1 else [f"label{i + 1}" for i in range(self.num_labels)]
 
 
 @dataclass(frozen=True)
@@ -69,11 +85,30 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 8
+    severity_weight: float = 0.02  # targets are on a 0-10 scale: keep the MSE term below the BCE
+    recon_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("local-epochs and batch-size must be >= 1 and lr > 0")
+        if self.severity_weight < 0 or self.recon_weight < 0:
+            raise ConfigError("severity-weight and recon-weight must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    threshold: float = 0.5  # decision threshold for the confusion-count metrics
+    min_site_cases: int = 10  # per-site figures of a site with fewer test studies are not shown
+    fid_dim: int = 64  # FID feature width: the statistics grow with its square
+    fid_inception_weights: str = ""  # a local torchvision InceptionV3 .pth; empty = the model's ResNet50
+    server_val_path: str = ""  # a site-layout folder the server evaluates on centrally (optional)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError("threshold must be in (0, 1)")
+        if self.fid_dim < 2 or self.fid_dim > 2048:
+            raise ConfigError("fid-dim must be in [2, 2048]")
 
 
 @dataclass(frozen=True)
@@ -99,6 +134,7 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
     "federation": FederationConfig,
 }
 
@@ -112,6 +148,7 @@ class RunConfig:
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    eval: EvalConfig
     federation: FederationConfig
 
     @classmethod

@@ -84,6 +84,15 @@ def site_record(message: Message) -> ConfigRecord:
     return record if record is not None else ConfigRecord()
 
 
-def message_bytes(message: Message) -> int:
-    """Payload size of a message's arrays (the dominant part of the traffic)."""
-    return sum(len(a.data) for record in message.content.array_records.values() for a in record.values())
+def payload_bytes(message: Message) -> int:
+    """Payload size of a message: array bytes, 8 bytes per metric value, config values as text.
+    (Protocol framing is not counted.)"""
+    if message.has_error():
+        return 0
+    content = message.content
+    total = sum(len(a.data) for record in content.array_records.values() for a in record.values())
+    for record in content.metric_records.values():
+        total += sum(8 * (len(v) if isinstance(v, list) else 1) for v in record.values())
+    for record in content.config_records.values():
+        total += sum(len(k) + len(v if isinstance(v, bytes) else str(v)) for k, v in record.items())
+    return total

@@ -20,6 +20,7 @@ from urllib.error import URLError
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torchvision.models import ResNet50_Weights, resnet50
 
@@ -45,6 +46,8 @@ class BackboneMismatchError(RuntimeError):
 class InjuryOutput:
     logits: Tensor  # (B, L) injury logits
     attention: Tensor  # (B, T) weight of each image in the pooled study vector; 0 on padding
+    severity: Tensor | None = None  # (B,) predicted severity, when the head is on
+    reconstruction: Tensor | None = None  # (B, T, r, r) images rebuilt from their features, in [0, 1]
 
 
 class ResNetTrunk(nn.Module):
@@ -102,16 +105,20 @@ class FeatureStandardizer(nn.Module):
     def __init__(self, dim: int = FEATURE_DIM) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
+        self.register_buffer("inv_std", torch.ones(dim))
 
     @torch.no_grad()
     def fit(self, features: Tensor) -> None:
-        """Set the statistics from (N, dim) features of training images."""
+        """Set the statistics from (N, dim) features of training images. A feature that (almost)
+        never varies there (e.g. a dead ReLU channel) carries no information and is zeroed, so a
+        tiny deviation at test time cannot be blown up by a near-zero standard deviation."""
+        std = features.std(0, unbiased=False)
+        floor = 0.01 * std.median().clamp_min(1e-12)
         self.mean.copy_(features.mean(0))
-        self.std.copy_(features.std(0, unbiased=False).clamp_min(1e-6))
+        self.inv_std.copy_(torch.where(std > floor, 1.0 / std.clamp_min(1e-12), torch.zeros_like(std)))
 
     def forward(self, features: Tensor) -> Tensor:
-        return (features - self.mean) / self.std
+        return (features - self.mean) * self.inv_std
 
 
 class AttentionPool(nn.Module):
@@ -140,8 +147,27 @@ class AttentionPool(nn.Module):
         return pooled, weights
 
 
+class ReconstructionDecoder(nn.Module):
+    """Rebuilds each image at size x size from its projected feature (two Linear layers).
+
+    Linear layers on (B, T, d) keep the batch dimension = one study, so DP-SGD per-sample
+    gradients stay per study; the reconstruction is upsampled (no parameters) for PSNR/SSIM.
+    """
+
+    def __init__(self, in_dim: int, size: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.size = size
+        self.hidden = nn.Linear(in_dim, hidden)
+        self.out = nn.Linear(hidden, size * size)
+
+    def forward(self, features: Tensor) -> Tensor:
+        b, t, _ = features.shape
+        return torch.sigmoid(self.out(torch.relu(self.hidden(features)))).view(b, t, self.size, self.size)
+
+
 class SequenceHead(nn.Module):
-    """Projection -> (+ biomechanical features) -> BiGRU -> attention pool -> classifier."""
+    """Projection -> (+ biomechanical features) -> BiGRU -> attention pool -> classifier,
+    plus the optional severity and reconstruction heads."""
 
     def __init__(self, config: ModelConfig, in_dim: int = FEATURE_DIM) -> None:
         super().__init__()
@@ -151,11 +177,15 @@ class SequenceHead(nn.Module):
                           batch_first=True, bidirectional=True)
         self.attention = AttentionPool(2 * config.gru_hidden, config.attn_dim)
         self.classifier = nn.Linear(2 * config.gru_hidden, config.num_labels)
+        self.severity = nn.Linear(2 * config.gru_hidden, 1) if config.severity_head else None
+        self.decoder = ReconstructionDecoder(config.proj_dim, config.recon_size) if config.recon_head else None
         self.biomech_features = config.biomech_features
 
     def forward(self, features: Tensor, mask: Tensor, biomech: Tensor | None = None) -> InjuryOutput:
         lengths = _prefix_lengths(mask)
-        x = self.dropout(torch.relu(self.project(features)))
+        projected = torch.relu(self.project(features))
+        reconstruction = self.decoder(projected) if self.decoder is not None else None
+        x = self.dropout(projected)
         if self.biomech_features:
             if biomech is None or biomech.shape[-1] != self.biomech_features:
                 raise ValueError(f"model expects {self.biomech_features} biomechanical features per step")
@@ -168,7 +198,17 @@ class SequenceHead(nn.Module):
         out, _ = self.gru(packed)
         seq, _ = pad_packed_sequence(out, batch_first=True, total_length=mask.shape[1])
         pooled, weights = self.attention(seq, mask)
-        return InjuryOutput(logits=self.classifier(self.dropout(pooled)), attention=weights)
+        pooled = self.dropout(pooled)
+        severity = self.severity(pooled).squeeze(-1) if self.severity is not None else None
+        return InjuryOutput(self.classifier(pooled), weights, severity, reconstruction)
+
+
+def upsample_reconstruction(reconstruction: Tensor, size: int) -> Tensor:
+    """(..., r, r) -> (..., size, size), bilinear, for comparison with the input images."""
+    lead = reconstruction.shape[:-2]
+    flat = reconstruction.reshape(-1, 1, *reconstruction.shape[-2:])
+    up = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False)
+    return up.view(*lead, size, size)
 
 
 def _prefix_lengths(mask: Tensor) -> Tensor:

@@ -13,6 +13,8 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.exchange import to_array_record, trainable_spec
 from common.model import build_model, frozen_backbone_hash
+from common.metrics.features import FidFeatureExtractor
+from server.evaluation import CentralValidation, measure_efficiency
 from server.runs import RunDirectory, print_rounds, round_record
 from server.strategy import ClinicFedAvg
 
@@ -30,9 +32,16 @@ def main(grid: Grid, context: Context) -> None:
     print(f"clinicfl: run directory {run.path}", flush=True)
 
     strategy = ClinicFedAvg(spec=trainable_spec(model), backbone_hash=backbone_hash,
-                            num_labels=config.model.num_labels, min_sites=fed.min_sites,
+                            label_names=config.model.names(), min_sites=fed.min_sites,
+                            fid_dim=config.eval.fid_dim if config.model.recon_head else None,
+                            fid_extractor=FidFeatureExtractor(model, config.eval.fid_dim,
+                                                              config.eval.fid_inception_weights).name,
+                            min_site_cases=config.eval.min_site_cases,
                             fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate)
     arrays = to_array_record(model)
+    efficiency = measure_efficiency(model, config)
+    central = (CentralValidation(config, Path(config.eval.server_val_path).expanduser(), build_model(config.model))
+               if config.eval.server_val_path else None)
     # The hash travels with every message so a site can refuse a backbone it does not have.
     train_config = ConfigRecord({"backbone-hash": backbone_hash})
     evaluate_config = ConfigRecord({"backbone-hash": backbone_hash})
@@ -42,7 +51,8 @@ def main(grid: Grid, context: Context) -> None:
     def finish_round(server_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
         checkpoint = run.save_checkpoint(server_round, round_arrays)
         report = strategy.report(server_round)
-        record = round_record(report, time.perf_counter() - clock["start"], checkpoint)
+        record = round_record(report, time.perf_counter() - clock["start"], checkpoint, efficiency,
+                              central.evaluate(round_arrays) if central else None)
         run.append_metrics(record)
         records.append(record)
         print_rounds(records)

@@ -10,9 +10,12 @@ Every file is written to a temporary name and renamed, so a crash never leaves h
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,9 +27,11 @@ from flwr.app import ArrayRecord
 from rich.console import Console
 from rich.table import Table
 
+from common.metrics.catalogue import MetricValue
 from server.strategy import RoundReport
 
 METRICS_FILE = "metrics.jsonl"
+CSV_FILE = "metrics.csv"
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -75,14 +80,56 @@ class RunDirectory:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
+        write_csv(self.path, read_metrics(self.path))
 
 
-def round_record(report: RoundReport, seconds: float, checkpoint: Path | None) -> dict[str, Any]:
+def round_record(report: RoundReport, seconds: float, checkpoint: Path | None,
+                 efficiency: dict[str, MetricValue], central: dict[str, MetricValue] | None) -> dict[str, Any]:
+    """One line of metrics.jsonl: the whole catalogue (global, per site), who took part, traffic."""
     record = asdict(report)
     record["round"] = record.pop("server_round")
     record["seconds"] = round(seconds, 3)
     record["checkpoint"] = checkpoint.name if checkpoint else None
+    catalogue = dict(report.catalogue)
+    catalogue.update({name: value.to_json(name) for name, value in efficiency.items()})
+    train_seconds = {site: t["seconds"] for site, t in report.train.items()}
+    catalogue["train_seconds"] = MetricValue(
+        max(train_seconds.values()) if train_seconds else None,
+        reason=None if train_seconds else "not available: no training in this round",
+        note="slowest site (the round waits for it)", per_site=train_seconds).to_json("train_seconds")
+    for name, key in (("bytes_sent", "sent"), ("bytes_received", "received")):
+        per_site = {site: t[key] for site, t in report.traffic.items()}
+        catalogue[name] = MetricValue(sum(per_site.values()), per_site=per_site,
+                                      note="payload bytes, all sites, server's point of view").to_json(name)
+    catalogue["epsilon"] = MetricValue(
+        None, reason="not available: differential privacy is not enabled in this run").to_json("epsilon")
+    record["catalogue"] = catalogue
+    record["server_validation"] = ({name: value.to_json(name) for name, value in central.items()}
+                                   if central is not None else None)
     return record
+
+
+def write_csv(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """metrics.csv in long form: round, scope (global, a site, server-validation), metric, value."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["round", "scope", "metric", "value", "aggregation", "reason"])
+    for record in records:
+        sources = [("global", record.get("catalogue") or {})]
+        if record.get("server_validation"):
+            sources.append(("server-validation", record["server_validation"]))
+        for scope, catalogue in sources:
+            for name, entry in catalogue.items():
+                writer.writerow([record["round"], scope, name, _csv_value(entry.get("value")),
+                                 entry.get("aggregation", ""), entry.get("reason", "")])
+                if scope == "global":
+                    for site, value in (entry.get("per_site") or {}).items():
+                        writer.writerow([record["round"], site, name, _csv_value(value), "site", ""])
+    atomic_write_bytes(run_dir / CSV_FILE, buffer.getvalue().encode())
+
+
+def _csv_value(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else repr(value)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -105,21 +152,35 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def rounds_table(records: list[dict[str, Any]], title: str = "clinicfl rounds") -> Table:
-    table = Table(title=title)
-    for column in ("round", "sites", "rejected", "train loss", "test loss", "acc", "AUC", "n test", "s"):
-        table.add_column(column, justify="right")
+CLASSIFICATION_COLUMNS = [("AUC", "auc"), ("acc", "accuracy"), ("sens", "sensitivity"), ("spec", "specificity"),
+                          ("prec", "precision"), ("F1", "f1"), ("kappa", "kappa")]
+OTHER_COLUMNS = [("MAE", "mae"), ("RMSE", "rmse"), ("MAPE", "mape"), ("PSNR", "psnr"), ("SSIM", "ssim"),
+                 ("FID", "fid"), ("IS", "is")]
+
+
+def _value(record: dict[str, Any], name: str) -> Any:
+    return ((record.get("catalogue") or {}).get(name) or {}).get("value")
+
+
+def rounds_tables(records: list[dict[str, Any]]) -> list[Table]:
+    """Two tables that each fit an 80-column terminal: classification, then errors/images/cost."""
+    first = Table(title="global model, pooled over sites: classification")
+    for column in ["round", "sites", "rej", "train loss", "test loss", *[h for h, _ in CLASSIFICATION_COLUMNS]]:
+        first.add_column(column, justify="right")
+    second = Table(title="errors, image quality, cost")
+    for column in ["round", *[h for h, _ in OTHER_COLUMNS], "MB", "s"]:
+        second.add_column(column, justify="right")
     for r in records:
-        g = r.get("global_eval") or {}
         train = r.get("train") or {}
         weights = sum(t["num-examples"] for t in train.values())
         train_loss = sum(t["loss"] * t["num-examples"] for t in train.values()) / weights if weights else None
-        table.add_row(
-            str(r["round"]), str(len(train)), str(len(r.get("rejected") or [])),
-            _fmt(train_loss), _fmt(g.get("loss")), _fmt(g.get("accuracy")), _fmt(g.get("auc")),
-            str(g.get("n", "")), _fmt(r.get("seconds"), 1),
-        )
-    return table
+        first.add_row(str(r["round"]), str(len(train)), str(len(r.get("rejected") or [])), _fmt(train_loss),
+                      _fmt(_value(r, "loss")), *[_fmt(_value(r, name)) for _, name in CLASSIFICATION_COLUMNS])
+        traffic = (_value(r, "bytes_sent") or 0) + (_value(r, "bytes_received") or 0)
+        second.add_row(str(r["round"]), *[_fmt(_value(r, name), 1 if name in ("psnr", "fid") else 3)
+                                          for _, name in OTHER_COLUMNS],
+                       _fmt(traffic / 1e6, 2), _fmt(r.get("seconds"), 1))
+    return [first, second]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -129,4 +190,15 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def print_rounds(records: list[dict[str, Any]], console: Console | None = None) -> None:
-    (console or Console(width=110)).print(rounds_table(records))
+    # In a terminal rich fits its width; in a log file or pipe, do not squeeze the columns to 80.
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
+    for table in rounds_tables(records):
+        console.print(table)
+    last = records[-1] if records else {}
+    if last.get("server_validation"):
+        sv = last["server_validation"]
+        console.print("server validation set, round {}: AUC {}  acc {}  F1 {}  PSNR {}  SSIM {}".format(
+            last["round"], *(_fmt((sv.get(k) or {}).get("value")) for k in ("auc", "accuracy", "f1", "psnr", "ssim"))))
+    for rejected in last.get("rejected") or []:
+        console.print(f"round {last['round']}: {rejected['phase']} reply from {rejected['site']} rejected: "
+                      f"{rejected['reason']}")

@@ -18,8 +18,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.exchange import ARRAYS_KEY, METRICS_KEY, STATUS_OK, ParamSpec, UpdateError, check_arrays, \
-    message_bytes, site_record
-from common.metrics.classification import ClassificationStats, summarize
+    payload_bytes, site_record
+from common.metrics.catalogue import EvaluationStats, MetricValue, compute_catalogue
+from common.metrics.classification import ClassificationStats, roc_curve_from_histograms
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,18 @@ class RoundReport:
     started: float = field(default_factory=time.time)
     train: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> num-examples, loss, seconds
     evaluation: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> loss, accuracy, auc, n
-    global_eval: dict[str, float] = field(default_factory=dict)
+    global_eval: dict[str, float] = field(default_factory=dict)  # headline figures (loss, accuracy, auc, n)
+    catalogue: dict[str, dict] = field(default_factory=dict)  # every metric: value, aggregation, per site
     rejected: list[dict[str, str]] = field(default_factory=list)  # {site, phase, reason}
     aggregated: bool = False
-    bytes_sent: int = 0  # arrays sent by the sites in this round
+    traffic: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> payload bytes sent/received
+    roc: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # label -> fpr, tpr (pooled)
     notes: list[str] = field(default_factory=list)
+
+    def count_traffic(self, site: str, sent: int, received: int) -> None:
+        entry = self.traffic.setdefault(site, {"sent": 0, "received": 0})
+        entry["sent"] += sent  # server -> site
+        entry["received"] += received  # site -> server
 
     def reject(self, site: str, phase: str, reason: str) -> None:
         log.warning("round %d: %s reply from %s rejected: %s", self.server_round, phase, site, reason)
@@ -46,7 +54,8 @@ class RoundReport:
 class ClinicFedAvg(FedAvg):
     """FedAvg weighted by num-examples over validated replies only."""
 
-    def __init__(self, *, spec: dict[str, ParamSpec], backbone_hash: str, num_labels: int, min_sites: int,
+    def __init__(self, *, spec: dict[str, ParamSpec], backbone_hash: str, label_names: list[str], min_sites: int,
+                 fid_dim: int | None = None, fid_extractor: str = "", min_site_cases: int = 10,
                  fraction_train: float = 1.0, fraction_evaluate: float = 1.0) -> None:
         # Minimums come from our config: Flower's default of 2 would hang a one-site federation
         # and let a round of one site pass when three were required.
@@ -55,9 +64,27 @@ class ClinicFedAvg(FedAvg):
                          arrayrecord_key=ARRAYS_KEY)
         self.spec = spec
         self.backbone_hash = backbone_hash
-        self.num_labels = num_labels
+        self.label_names = label_names
+        self.num_labels = len(label_names)
         self.min_sites = min_sites
+        self.fid_dim = fid_dim  # None: the reconstruction head is off
+        self.fid_extractor = fid_extractor
+        self.min_site_cases = min_site_cases
         self.reports: dict[int, RoundReport] = {}
+        self._sent_bytes: dict[tuple[int, str], int] = {}
+
+    def _remember_sent(self, server_round: int, phase: str, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        if messages:  # every sampled site gets the same payload
+            self._sent_bytes[(server_round, phase)] = payload_bytes(messages[0])
+        return messages
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[override]
+        return self._remember_sent(server_round, "train", super().configure_train(server_round, arrays, config, grid))
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[override]
+        return self._remember_sent(server_round, "evaluate",
+                                   super().configure_evaluate(server_round, arrays, config, grid))
 
     def report(self, server_round: int) -> RoundReport:
         return self.reports.setdefault(server_round, RoundReport(server_round))
@@ -69,6 +96,7 @@ class ClinicFedAvg(FedAvg):
         accepted: list[Message] = []
         for msg in replies:
             site = _site_name(msg)
+            report.count_traffic(site, self._sent_bytes.get((server_round, "train"), 0), payload_bytes(msg))
             reason = self._train_problem(msg)
             if reason:
                 report.reject(site, "train", reason)
@@ -77,7 +105,6 @@ class ClinicFedAvg(FedAvg):
             report.train[site] = {"num-examples": int(metrics["num-examples"]),
                                   "loss": float(metrics["train-loss"]),
                                   "seconds": float(metrics["train-seconds"])}
-            report.bytes_sent += message_bytes(msg)
             accepted.append(msg)
         if len(accepted) < self.min_sites:
             report.notes.append(f"only {len(accepted)} valid train replies (min-sites {self.min_sites}): "
@@ -113,25 +140,54 @@ class ClinicFedAvg(FedAvg):
 
     # ---------------------------------------------------------------- evaluation
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Sum every valid site's statistics and compute the whole catalogue from the sums."""
         report = self.report(server_round)
-        total = ClassificationStats.empty(self.num_labels)
+        total = EvaluationStats.empty(self.num_labels, self.fid_dim)
+        per_site: dict[str, dict[str, MetricValue]] = {}
         for msg in replies:
             site = _site_name(msg)
+            report.count_traffic(site, self._sent_bytes.get((server_round, "evaluate"), 0), payload_bytes(msg))
             problem = _common_problem(msg, self.backbone_hash)
             if problem is None:
                 try:
-                    stats = ClassificationStats.from_record(dict(msg.content[METRICS_KEY]), self.num_labels)
+                    stats = EvaluationStats.from_record(dict(msg.content[METRICS_KEY]), self.num_labels, self.fid_dim)
                 except (KeyError, ValueError, TypeError) as exc:
                     problem = f"malformed evaluation statistics: {exc}"
             if problem:
                 report.reject(site, "evaluate", problem)
                 continue
             total = total + stats
-            report.evaluation[site] = summarize(stats)
+            # Small sites still count in the global figures; their own figures are not shown.
+            if stats.n >= self.min_site_cases:
+                per_site[site] = compute_catalogue(stats, self.label_names, self.fid_extractor)
+                report.evaluation[site] = {**headline_of(per_site[site]), "n": stats.n}
+            else:
+                report.evaluation[site] = {"suppressed": f"fewer than {self.min_site_cases} test studies"}
         if total.n == 0:
             return None
-        report.global_eval = summarize(total)
-        return MetricRecord({k: float(v) for k, v in report.global_eval.items()})
+        catalogue = compute_catalogue(total, self.label_names, self.fid_extractor)
+        for name, value in catalogue.items():
+            value.per_site = {site: values[name].value for site, values in per_site.items()}
+        report.catalogue = {name: value.to_json(name) for name, value in catalogue.items()}
+        report.roc = roc_curves(total.classification, self.label_names)
+        report.global_eval = {**headline_of(catalogue), "n": total.n}
+        return MetricRecord({k: float(v) for k, v in report.global_eval.items() if v is not None})
+
+
+def roc_curves(stats: ClassificationStats, label_names: list[str]) -> dict[str, dict[str, list[float]]]:
+    """ROC points per label from the pooled histograms, without repeated points."""
+    curves = {}
+    for label, pos, neg in zip(label_names, stats.hist_pos, stats.hist_neg):
+        if pos.sum() == 0 or neg.sum() == 0:
+            continue
+        fpr, tpr = roc_curve_from_histograms(pos, neg)
+        keep = np.concatenate([[True], (np.diff(fpr) != 0) | (np.diff(tpr) != 0)])
+        curves[label] = {"fpr": np.round(fpr[keep], 6).tolist(), "tpr": np.round(tpr[keep], 6).tolist()}
+    return curves
+
+
+def headline_of(catalogue: dict[str, MetricValue]) -> dict[str, float | None]:
+    return {name: catalogue[name].value for name in ("loss", "accuracy", "auc")}
 
 
 def _site_name(msg: Message) -> str:

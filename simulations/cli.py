@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from rich.console import Console
 
-from server.runs import print_rounds, read_metrics
 from simulations.runner import PROJECT_ROOT, SimulationError, run_simulation
 from simulations.synthetic import SyntheticSpec, generate_clinics
 
@@ -74,23 +74,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_and_report(data_root, Path(args.run_root), len(sites), overrides)
 
 
-def _run_and_report(data_root: Path, run_root: Path, num_sites: int, overrides: dict[str, object]) -> int:
+def _run_and_report(data_root: Path, run_root: Path, num_sites: int, overrides: dict[str, object],
+                    plots: bool = False) -> int:
     started = time.perf_counter()
     try:
         run_dir = run_simulation(data_root, run_root, num_sites, overrides)
     except SimulationError as exc:
         console.print(f"[red]error:[/] {exc}")
         return 1
-    records = read_metrics(run_dir)
-    print_rounds(records, console)
-    first, last = records[0]["global_eval"], records[-1]["global_eval"]
-    summary = {"run_dir": str(run_dir), "rounds": len(records) - 1, "wall_seconds": round(time.perf_counter() - started, 1),
-               "auc_round0": first.get("auc"), "auc_final": last.get("auc"),
-               "accuracy_final": last.get("accuracy"), "loss_final": last.get("loss")}
+    console.rule("results")
+    # The coordinating centre's own commands show the run, as they would in a deployment.
+    server_cli = [sys.executable, "-m", "server.cli"]
+    subprocess.run([*server_cli, "status", str(run_dir)], check=False)
+    if plots:
+        subprocess.run([*server_cli, "report", str(run_dir)], check=False)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    first, last = records[0]["catalogue"], records[-1]["catalogue"]
+    summary = {"run_dir": str(run_dir), "rounds": len(records) - 1,
+               "wall_seconds": round(time.perf_counter() - started, 1),
+               "auc_round0": first["auc"]["value"], "auc_final": last["auc"]["value"],
+               "final": {name: entry.get("value") for name, entry in last.items()}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"AUC {summary['auc_round0']} (round 0) -> {summary['auc_final']} (round {summary['rounds']}); "
-                  f"{summary['wall_seconds']} s")
-    console.print(f"run directory: {run_dir}  (metrics.jsonl, checkpoints/, summary.json)")
+    console.print(f"AUC {summary['auc_round0']:.3f} (round 0) -> {summary['auc_final']:.3f} "
+                  f"(round {summary['rounds']}); {summary['wall_seconds']} s")
+    console.print(f"run directory: {run_dir}")
+    console.print("  metrics.jsonl, metrics.csv, checkpoints/, summary.json" + (", report/*.png" if plots else ""))
     return 0
 
 
@@ -99,12 +107,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec = _spec(args)
     console.rule("clinicfl demo: synthetic clinics")
     generate_clinics(root / "data", spec)
+    # The coordinating centre's own validation set: one more clinic from another seed.
+    (server_val,) = generate_clinics(root / "server", replace(spec, sites=1, seed=spec.seed + 1000))
     console.print(f"{spec.sites} clinics x {spec.studies_per_site} studies ({spec.image_size}x{spec.image_size}, "
-                  f"~{spec.slices_per_study} slices) in {root / 'data'}")
+                  f"~{spec.slices_per_study} slices) in {root / 'data'}; server validation set {server_val}")
     console.rule("federated simulation (FedAvg)")
     overrides = {"num-rounds": args.rounds, "min-sites": spec.sites, "image-size": spec.image_size,
-                 "seq-len": spec.slices_per_study, **_overrides(args.set)}
-    return _run_and_report(root / "data", root / "runs", spec.sites, overrides)
+                 "seq-len": spec.slices_per_study, "server-val-path": str(server_val), **_overrides(args.set)}
+    return _run_and_report(root / "data", root / "runs", spec.sites, overrides, plots=True)
 
 
 def main(argv: list[str] | None = None) -> int:

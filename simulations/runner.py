@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from server.runs import read_metrics
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +122,8 @@ def run_simulation(data_root: Path, run_root: Path, num_sites: int, overrides: d
                               f"see the log above and {flwr_home / 'superlink.log'}")
     run_dir = created[-1]
     # `flwr run --stream` exits 0 even when the ServerApp crashed: trust only what was written.
-    records = read_metrics(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
     expected = json.loads((run_dir / "config.json").read_text())["config"]["num-rounds"]
     if not records or records[-1]["round"] != expected:
         raise SimulationError(f"the run stopped early: {len(records)} round record(s) in {run_dir}")

@@ -97,7 +97,7 @@ def _write_site(site_dir: Path, k: int, prevalence: float, spec: SyntheticSpec, 
     patients = patients[:n]
 
     rows = []
-    for i in tqdm(range(n), desc=f"writing {site_dir.name}", unit="study", disable=not progress, leave=False):
+    for i in tqdm(range(n), desc=f"writing {site_dir.name}", unit="study", disable=None if progress else True, leave=False):
         study = f"study-{i + 1:04d}"
         patient_id = f"{FAKE_PHI_MARKER}-PID-S{k + 1:02d}-P{patients[i]:04d}"
         severity = float(rng.uniform(2.0, 10.0)) if injured[i] else 0.0

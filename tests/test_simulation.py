@@ -31,8 +31,10 @@ def finished_run(tmp_path_factory):
     broken = root / "data" / "site-03"
     shutil.copytree(sites[0], broken)
     (broken / "labels.csv").write_text((broken / "labels.csv").read_text() + "study-ghost,1,P,0\n")
+    (server_val,) = generate_clinics(root / "server", SyntheticSpec(sites=1, studies_per_site=12, image_size=48,
+                                                                    slices_per_study=6, seed=99), progress=False)
     overrides = {"num-rounds": ROUNDS, "min-sites": 2, "image-size": 48, "seq-len": 6, "local-epochs": 4,
-                 "test-fraction": 0.4, "lr": 0.002}
+                 "test-fraction": 0.4, "lr": 0.002, "server-val-path": str(server_val), "fid-dim": 16}
     run_dir = run_simulation(root / "data", root / "runs", num_sites=3, overrides=overrides,
                              flwr_home=root / "flwr-home", stream=False, timeout=900)
     return run_dir, overrides
@@ -48,7 +50,7 @@ def test_every_round_is_recorded_with_finite_metrics(finished_run):
         assert g["n"] > 0 and set(record["evaluation"]) == {"site-01", "site-02"}
     for record in records[1:]:
         assert record["aggregated"] and set(record["train"]) == {"site-01", "site-02"}
-        assert record["bytes_sent"] > 0
+        assert record["traffic"]["site-01"]["sent"] > 0 and record["traffic"]["site-01"]["received"] > 0
 
 
 def test_broken_site_is_rejected_with_its_reason_every_round(finished_run):
@@ -80,3 +82,39 @@ def test_the_federation_learns(finished_run):
     records = read_metrics(run_dir)
     assert records[-1]["global_eval"]["auc"] > records[0]["global_eval"]["auc"] + 0.05
     assert np.isfinite(records[-1]["global_eval"]["loss"])
+
+
+def test_each_round_records_the_whole_catalogue(finished_run):
+    run_dir, _ = finished_run
+    for record in read_metrics(run_dir):
+        catalogue = record["catalogue"]
+        for name in ("auc", "accuracy", "sensitivity", "specificity", "f1", "kappa", "mae", "rmse", "psnr", "ssim",
+                     "fid", "is"):
+            assert catalogue[name]["value"] is not None and math.isfinite(catalogue[name]["value"]), name
+            assert catalogue[name]["aggregation"]
+        assert set(catalogue["auc"]["per_site"]) == {"site-01", "site-02"}
+        assert "ResNet50" in catalogue["fid"]["note"] and "16-d" in catalogue["fid"]["note"]
+        assert catalogue["params_total_m"]["value"] > 23.5 and catalogue["gflops_per_study"]["value"] > 0
+        assert catalogue["inference_ms_per_study"]["value"] > 0 and "cpu" in catalogue["inference_ms_per_study"]["note"]
+        assert catalogue["epsilon"]["value"] is None and "differential privacy" in catalogue["epsilon"]["reason"]
+        assert catalogue["bytes_sent"]["per_site"]["site-01"] > 0
+        central = record["server_validation"]
+        assert central["auc"]["value"] is not None and central["psnr"]["value"] > 0
+    assert read_metrics(run_dir)[-1]["catalogue"]["train_seconds"]["per_site"]["site-02"] > 0
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "round,scope,metric,value,aggregation,reason"
+    assert any(row.startswith("2,site-01,auc,") for row in rows)
+    assert any(row.startswith("2,server-validation,ssim,") for row in rows)
+
+
+def test_report_writes_the_plots(finished_run, tmp_path):
+    from PIL import Image
+
+    from server.report import write_report
+
+    run_dir, _ = finished_run
+    results = dict(write_report(run_dir, tmp_path))
+    for name in ("curves.png", "roc.png", "attention.png", "reconstructions.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.size[0] > 300 and image.size[1] > 200, name
+        assert results[name] == str(tmp_path / name)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
-from sklearn.metrics import roc_auc_score
 
 from common.exchange import ParamSpec, UpdateError, check_arrays
-from common.metrics.classification import ClassificationStats
 from server.strategy import ClinicFedAvg
 from tests.conftest import reply
 
@@ -17,7 +15,7 @@ SPEC = {"head.w": ParamSpec((2, 3), np.dtype("float32")), "head.b": ParamSpec((2
 
 
 def _strategy(min_sites: int = 1) -> ClinicFedAvg:
-    return ClinicFedAvg(spec=SPEC, backbone_hash=HASH, num_labels=1, min_sites=min_sites)
+    return ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=min_sites)
 
 
 def _train_content(value: float, n: int, *, site: str, backbone_hash: str = HASH, arrays: dict | None = None,
@@ -79,27 +77,6 @@ def test_too_few_valid_replies_keep_the_global_model():
                                                    reply(_train_content(0, 0, site="b"), 2)])
     assert arrays is None and metrics is None
     assert not strategy.reports[1].aggregated and "global model unchanged" in strategy.reports[1].notes[0]
-
-
-def test_federated_evaluation_equals_pooled_predictions():
-    rng = np.random.default_rng(0)
-    probs = rng.random(300)
-    labels = (rng.random(300) < 0.3 + 0.4 * probs).astype(float)
-    strategy = _strategy()
-    replies = []
-    for i, idx in enumerate(np.array_split(rng.permutation(300), 3)):
-        stats = ClassificationStats.from_predictions(probs[idx, None], labels[idx, None], loss_sum=float(len(idx)))
-        content = RecordDict({"metrics": MetricRecord({"num-examples": stats.n, **stats.to_record()}),
-                              "site": ConfigRecord({"status": "ok", "site-name": f"s{i}", "backbone-hash": HASH})})
-        replies.append(reply(content, i, "evaluate"))
-    replies.append(reply(RecordDict({"metrics": MetricRecord({"num-examples": 3, "n": 3}),
-                                     "site": ConfigRecord({"status": "ok", "site-name": "broken",
-                                                           "backbone-hash": HASH})}), 9, "evaluate"))
-    result = strategy.aggregate_evaluate(1, replies)
-    assert result["auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-3)
-    assert result["accuracy"] == pytest.approx(np.mean((probs >= 0.5) == labels.astype(bool)))
-    assert result["n"] == 300 and result["loss"] == pytest.approx(1.0)
-    assert [r["site"] for r in strategy.reports[1].rejected] == ["broken"]
 
 
 def test_check_arrays_accepts_exactly_the_spec():

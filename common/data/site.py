@@ -134,7 +134,7 @@ def load_site(site_dir: Path, config: DataConfig, num_labels: int, progress: boo
     is_test = assign_split(records, config.test_fraction, config.seed)
 
     kept, arrays, skipped = [], [], []
-    for i, record in enumerate(tqdm(records, desc=f"reading {site_dir.name}", unit="study", disable=not progress,
+    for i, record in enumerate(tqdm(records, desc=f"reading {site_dir.name}", unit="study", disable=None if progress else True,
                                     leave=False)):
         try:
             arrays.append(load_dicom_study(studies_dir / record.study, config.image_size, config.seq_len,

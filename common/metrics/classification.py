@@ -98,16 +98,47 @@ def auc_from_histograms(hist_pos: np.ndarray, hist_neg: np.ndarray) -> float:
     return float((hist_pos * (neg_below + 0.5 * hist_neg)).sum() / (n_pos * n_neg))
 
 
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den > 0 else float("nan")
+
+
+def per_label_figures(stats: ClassificationStats) -> dict[str, np.ndarray]:
+    """Every classification figure per label, from counts and histograms only.
+
+    Cohen's kappa comes from the confusion counts (observed vs chance agreement): sklearn's
+    cohen_kappa_score needs per-study labels, which never leave a site.
+    """
+    tp, fp, tn, fn = (x.astype(np.float64) for x in (stats.tp, stats.fp, stats.tn, stats.fn))
+    n = tp + fp + tn + fn
+    sensitivity = np.array([_ratio(a, a + b) for a, b in zip(tp, fn)])
+    specificity = np.array([_ratio(a, a + b) for a, b in zip(tn, fp)])
+    precision = np.array([_ratio(a, a + b) for a, b in zip(tp, fp)])
+    f1 = np.array([_ratio(2 * a, 2 * a + b + c) for a, b, c in zip(tp, fp, fn)])
+    accuracy = np.array([_ratio(a + b, m) for a, b, m in zip(tp, tn, n)])
+    chance = np.array([_ratio((a + b) * (a + c) + (d + c) * (d + b), m * m) for a, b, c, d, m in zip(tp, fp, fn, tn, n)])
+    kappa = np.array([_ratio(o - e, 1 - e) if np.isfinite(e) and e < 1 else float("nan")
+                      for o, e in zip(accuracy, chance)])
+    auc = np.array([auc_from_histograms(p, q) for p, q in zip(stats.hist_pos, stats.hist_neg)])
+    return {"accuracy": accuracy, "auc": auc, "sensitivity": sensitivity, "specificity": specificity,
+            "precision": precision, "f1": f1, "kappa": kappa}
+
+
+def roc_curve_from_histograms(hist_pos: np.ndarray, hist_neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every bin edge, from high to low threshold."""
+    tpr = np.concatenate([[0.0], np.cumsum(hist_pos[::-1]) / max(hist_pos.sum(), 1)])
+    fpr = np.concatenate([[0.0], np.cumsum(hist_neg[::-1]) / max(hist_neg.sum(), 1)])
+    return fpr, tpr
+
+
 def summarize(stats: ClassificationStats) -> dict[str, float]:
     """Headline figures: mean loss, accuracy and AUC (macro mean over labels)."""
     if stats.n == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "auc": float("nan"), "n": 0}
-    correct = (stats.tp + stats.tn).sum()
-    aucs = [auc_from_histograms(p, q) for p, q in zip(stats.hist_pos, stats.hist_neg)]
-    finite = [a for a in aucs if np.isfinite(a)]
+    figures = per_label_figures(stats)
+    finite = figures["auc"][np.isfinite(figures["auc"])]
     return {
         "loss": stats.loss_sum / (stats.n * len(stats.tp)),
-        "accuracy": float(correct / (stats.n * len(stats.tp))),
-        "auc": float(np.mean(finite)) if finite else float("nan"),
+        "accuracy": float(np.mean(figures["accuracy"])),
+        "auc": float(np.mean(finite)) if finite.size else float("nan"),
         "n": int(stats.n),
     }

@@ -1,0 +1,181 @@
+"""Running the model over a site's studies: encode, predict, and evaluate into sufficient
+statistics. Shared by the sites (client) and the server's own validation set.
+
+With the default freeze policy the ResNet50 never changes, so each image is encoded once per
+site and cached on disk (keyed by the backbone hash and the image content); training and
+evaluation then run the sequence head only. Other policies encode every batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from common.config import EvalConfig
+from common.data.site import SiteData
+from common.metrics.catalogue import EvaluationStats
+from common.metrics.classification import ClassificationStats
+from common.metrics.errors import ErrorStats
+from common.metrics.features import FidFeatureExtractor
+from common.metrics.images import GaussianMoments, ImageStats, InceptionStats, psnr, ssim
+from common.model import InjuryNet, InjuryOutput, frozen_backbone_hash, upsample_reconstruction
+
+log = logging.getLogger(__name__)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class SiteInputs:
+    """What the trainable path consumes for every study of a site."""
+
+    inputs: Tensor  # (N, T, 2048) cached backbone features, or (N, T, 1, H, W) images
+    mask: Tensor  # (N, T) bool
+    labels: Tensor  # (N, L) float
+    is_features: bool
+    images: Tensor | None = None  # (N, T, 1, H, W): reconstruction targets and image metrics
+    targets: Tensor | None = None  # (N,) severity, NaN where unknown
+
+    def recon_targets(self, index: Tensor, size: int) -> Tensor:
+        """The images of these studies downsampled to the decoder's resolution: (n, T, r, r)."""
+        images = self.images[index]
+        n, t = images.shape[:2]
+        return F.adaptive_avg_pool2d(images.view(n * t, 1, *images.shape[-2:]), size).view(n, t, size, size)
+
+
+def prepare_inputs(model: InjuryNet, site: SiteData, cache_dir: Path | None, device: torch.device,
+                   batch_size: int = 32) -> SiteInputs:
+    images = torch.from_numpy(site.images).unsqueeze(2)
+    mask = torch.from_numpy(site.mask)
+    labels = torch.from_numpy(site.labels)
+    targets = torch.from_numpy(site.targets)
+    if model.config.freeze != "frozen":
+        return SiteInputs(images, mask, labels, False, images, targets)
+    features = encode_cached(model, site, cache_dir, device, batch_size)
+    return SiteInputs(features, mask, labels, True, images, targets)
+
+
+def encode_cached(model: InjuryNet, site: SiteData, cache_dir: Path | None, device: torch.device,
+                  batch_size: int = 32) -> Tensor:
+    """Raw backbone features (N, T, 2048) of a site, from the disk cache when present."""
+    key = hashlib.sha256()
+    key.update(frozen_backbone_hash(model).encode())
+    key.update(site.images.tobytes())
+    key.update(site.mask.tobytes())
+    path = cache_dir / f"features-{key.hexdigest()[:24]}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a torn or foreign file: recompute, never trust it
+            log.warning("feature cache %s unreadable (%s); recomputing", path.name, type(exc).__name__)
+    features = encode(model, torch.from_numpy(site.images).unsqueeze(2), torch.from_numpy(site.mask), device,
+                      batch_size)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(features, tmp)
+            tmp.replace(path)  # atomic: a crash never leaves a half-written cache entry
+        except OSError as exc:  # a read-only state dir costs speed, not the round
+            log.warning("cannot write the feature cache in %s (%s); set node config state-dir to a writable "
+                        "folder", cache_dir, exc.strerror or type(exc).__name__)
+    return features
+
+
+@torch.no_grad()
+def encode(model: InjuryNet, images: Tensor, mask: Tensor, device: torch.device, batch_size: int = 32) -> Tensor:
+    model.backbone.to(device).eval()
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc="encoding images", unit="batch", leave=False,
+                      disable=None):
+        x = images[start:start + batch_size].to(device)
+        m = mask[start:start + batch_size].to(device)
+        with autocast(device):
+            chunks.append(model.encode(x, m).float().cpu())
+    return torch.cat(chunks)
+
+
+def fit_feature_norm(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, device: torch.device) -> None:
+    """Site-local standardisation statistics from the training studies' real images."""
+    if model.config.feature_norm != "site":
+        return
+    idx = torch.as_tensor(train_index)
+    features = data.inputs[idx] if data.is_features else encode(model, data.inputs[idx], data.mask[idx], device)
+    model.feature_norm.fit(features[data.mask[idx]].to(model.feature_norm.mean.device))
+
+
+def forward(model: InjuryNet, data: SiteInputs, x: Tensor, m: Tensor):
+    return model.forward_features(x, m) if data.is_features else model(x, m)
+
+
+def autocast(device: torch.device):
+    # Mixed precision on GPU only: CPU autocast would slow the GRU down and change numerics.
+    return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
+
+
+@dataclass
+class Predictions:
+    probs: Tensor  # (n, L)
+    attention: Tensor  # (n, T)
+    severity: Tensor | None  # (n,)
+    reconstruction: Tensor | None  # (n, T, r, r)
+
+
+@torch.no_grad()
+def predict(model: InjuryNet, data: SiteInputs, index: np.ndarray, device: torch.device,
+            batch_size: int = 64) -> Predictions:
+    """Every output of the model for the given studies."""
+    model.to(device).eval()
+    parts: list[InjuryOutput] = []
+    for start in range(0, len(index), batch_size):
+        batch = torch.as_tensor(index[start:start + batch_size])
+        with autocast(device):
+            parts.append(forward(model, data, data.inputs[batch].to(device), data.mask[batch].to(device)))
+
+    def cat(name: str) -> Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if not values or values[0] is None else torch.cat([v.float().cpu() for v in values])
+
+    return Predictions(torch.sigmoid(cat("logits")), cat("attention"), cat("severity"), cat("reconstruction"))
+
+
+def evaluate_local(model: InjuryNet, data: SiteInputs, test_index: np.ndarray, device: torch.device,
+                   config: EvalConfig, fid: FidFeatureExtractor | None = None) -> EvaluationStats:
+    """Sufficient statistics of the site's test split: no per-study value leaves this function."""
+    fid_dim = config.fid_dim if model.config.recon_head else None
+    if len(test_index) == 0:
+        return EvaluationStats.empty(data.labels.shape[1], fid_dim)
+    index = torch.as_tensor(test_index)
+    pred = predict(model, data, test_index, device)
+    labels = data.labels[index]
+    loss_sum = F.binary_cross_entropy(pred.probs.clamp(1e-7, 1 - 1e-7).double(), labels.double(),
+                                      reduction="sum").item()
+    targets = data.targets[index].numpy() if data.targets is not None else np.full(len(index), np.nan)
+    severity = pred.severity.numpy() if pred.severity is not None else None
+    images = None
+    if pred.reconstruction is not None:
+        mask = data.mask[index]
+        real = data.images[index][mask][:, 0]  # (n_images, H, W)
+        fake = upsample_reconstruction(pred.reconstruction[mask], real.shape[-1])
+        fid = fid or FidFeatureExtractor(model, config.fid_dim, config.fid_inception_weights)
+        # Real images' backbone features are already cached with the frozen policy: reuse them.
+        real_features = (fid.from_backbone_features(data.inputs[index][mask]) if data.is_features and fid.uses_backbone
+                         else fid(real.unsqueeze(1)))
+        images = ImageStats(len(real), float(psnr(fake, real).sum()), float(ssim(fake, real).sum()),
+                            GaussianMoments.of(real_features), GaussianMoments.of(fid(fake.unsqueeze(1))))
+    return EvaluationStats(
+        ClassificationStats.from_predictions(pred.probs.numpy(), labels.numpy(), loss_sum, config.threshold),
+        ErrorStats.from_predictions(pred.probs.numpy(), labels.numpy(), severity, targets),
+        images,
+        InceptionStats.from_probabilities(pred.probs.numpy()),
+    )

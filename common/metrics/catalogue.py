@@ -1,0 +1,198 @@
+"""The metric catalogue: one registry, one name per metric, and the sufficient statistics a site
+sends for it.
+
+    site:   EvaluationStats.from_predictions(...)  ->  .to_record()   (MetricRecord-ready)
+    server: sum of EvaluationStats.from_record(...) ->  compute_catalogue(...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from common.metrics.classification import ClassificationStats, per_label_figures
+from common.metrics.errors import ErrorStats, error_figures
+from common.metrics.images import ImageStats, InceptionStats, frechet_distance, safe_mean
+
+# How a global figure is formed from the sites' statistics.
+POOLED_COUNTS = "exact: summed confusion counts"
+POOLED_HISTOGRAM = "exact up to bin width: summed score histograms"
+POOLED_SUMS = "exact: summed per-study/per-image values and counts"
+POOLED_MOMENTS = "exact: summed n, sum and outer products of features"
+POOLED_DISTRIBUTION = "exact: summed p(y|x) and p log p"
+MAX_OVER_SITES = "maximum over sites"
+PER_SITE = "per site (not pooled)"
+SERVER_MEASURED = "measured at the server"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    group: str
+    aggregation: str
+    unit: str = ""
+    higher_is_better: bool | None = None
+
+
+_SPECS = [
+    MetricSpec("loss", "classification", POOLED_SUMS, "BCE", False),
+    MetricSpec("accuracy", "classification", POOLED_COUNTS, "", True),
+    MetricSpec("auc", "classification", POOLED_HISTOGRAM, "", True),
+    MetricSpec("sensitivity", "classification", POOLED_COUNTS, "", True),
+    MetricSpec("specificity", "classification", POOLED_COUNTS, "", True),
+    MetricSpec("precision", "classification", POOLED_COUNTS, "", True),
+    MetricSpec("f1", "classification", POOLED_COUNTS, "", True),
+    MetricSpec("kappa", "classification", POOLED_COUNTS, "", True),
+    MetricSpec("mae", "error", POOLED_SUMS, "", False),
+    MetricSpec("mse", "error", POOLED_SUMS, "", False),
+    MetricSpec("rmse", "error", POOLED_SUMS, "", False),
+    MetricSpec("mape", "error", POOLED_SUMS, "fraction", False),
+    MetricSpec("psnr", "image", POOLED_SUMS, "dB", True),
+    MetricSpec("ssim", "image", POOLED_SUMS, "", True),
+    MetricSpec("fid", "image", POOLED_MOMENTS, "", False),
+    MetricSpec("is", "image", POOLED_DISTRIBUTION, "", True),
+    MetricSpec("params_total_m", "efficiency", SERVER_MEASURED, "M"),
+    MetricSpec("params_trainable_m", "efficiency", SERVER_MEASURED, "M"),
+    MetricSpec("gflops_per_study", "efficiency", SERVER_MEASURED, "GFLOP"),
+    MetricSpec("inference_ms_per_study", "efficiency", SERVER_MEASURED, "ms", False),
+    MetricSpec("train_seconds", "efficiency", PER_SITE, "s", False),
+    MetricSpec("bytes_sent", "efficiency", PER_SITE, "B", False),
+    MetricSpec("bytes_received", "efficiency", PER_SITE, "B", False),
+    MetricSpec("epsilon", "privacy", MAX_OVER_SITES, "", False),
+]
+REGISTRY: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
+assert len(REGISTRY) == len(_SPECS), "one name per metric"
+
+
+@dataclass
+class MetricValue:
+    value: float | None
+    reason: str | None = None  # why the value is not available
+    per_label: dict[str, float | None] | None = None
+    note: str | None = None  # basis, extractor, device ...
+    per_site: dict[str, float | None] = field(default_factory=dict)
+
+    def to_json(self, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"value": self.value, "aggregation": REGISTRY[name].aggregation}
+        for key in ("reason", "per_label", "note"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.per_site:
+            out["per_site"] = self.per_site
+        return out
+
+
+def not_available(reason: str) -> MetricValue:
+    return MetricValue(None, reason=f"not available: {reason}" if not reason.startswith("not available") else reason)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+@dataclass
+class EvaluationStats:
+    """Everything one site (or the sum of several) contributes to the catalogue."""
+
+    classification: ClassificationStats
+    errors: ErrorStats
+    images: ImageStats | None  # None: the reconstruction head is disabled
+    inception: InceptionStats
+
+    def __add__(self, other: "EvaluationStats") -> "EvaluationStats":
+        if (self.images is None) != (other.images is None):
+            raise ValueError("sites disagree on the reconstruction head")
+        return EvaluationStats(self.classification + other.classification, self.errors + other.errors,
+                               None if self.images is None else self.images + other.images,
+                               self.inception + other.inception)
+
+    @property
+    def n(self) -> int:
+        return self.classification.n
+
+    def to_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {**self.classification.to_record(), **self.errors.to_record(),
+                                  **self.inception.to_record()}
+        if self.images is not None:
+            record.update(self.images.to_record())
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict, num_labels: int, fid_dim: int | None) -> "EvaluationStats":
+        """fid_dim None: the reconstruction head is off and no image statistics are expected."""
+        images = None
+        if fid_dim is not None:
+            images = ImageStats.from_record(record, fid_dim)
+        elif any(key in record for key in ("img", "fid-real", "fid-fake")):
+            raise ValueError("image statistics sent but the reconstruction head is disabled")
+        return cls(ClassificationStats.from_record(record, num_labels), ErrorStats.from_record(record), images,
+                   InceptionStats.from_record(record, num_labels))
+
+    @classmethod
+    def empty(cls, num_labels: int, fid_dim: int | None) -> "EvaluationStats":
+        return cls(ClassificationStats.empty(num_labels), ErrorStats(),
+                   None if fid_dim is None else ImageStats.empty(fid_dim), InceptionStats.empty(num_labels))
+
+
+def compute_catalogue(stats: EvaluationStats, label_names: list[str], fid_extractor: str = "") -> dict[str, MetricValue]:
+    """Every evaluation figure of the catalogue from (summed) statistics."""
+    out: dict[str, MetricValue] = {}
+    cls_stats = stats.classification
+    if cls_stats.n == 0:
+        for name in ("loss", "accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "kappa"):
+            out[name] = not_available("no test studies")
+    else:
+        out["loss"] = MetricValue(_finite(cls_stats.loss_sum / (cls_stats.n * len(label_names))))
+        for name, values in per_label_figures(cls_stats).items():
+            per_label = {label: _finite(v) for label, v in zip(label_names, values)}
+            finite = [v for v in per_label.values() if v is not None]
+            if finite:
+                out[name] = MetricValue(float(np.mean(finite)), per_label=per_label if len(label_names) > 1 else None,
+                                        note="macro mean over labels" if len(label_names) > 1 else None)
+            else:
+                out[name] = not_available(_why_undefined(name))
+    values, basis, reasons = error_figures(stats.errors)
+    for name, value in values.items():
+        out[name] = MetricValue(_finite(value), note=basis) if name not in reasons else not_available(reasons[name])
+    if stats.images is None:
+        for name in ("psnr", "ssim", "fid"):
+            out[name] = not_available("reconstruction head disabled")
+    elif stats.images.n_images == 0:
+        for name in ("psnr", "ssim", "fid"):
+            out[name] = not_available("no test images")
+    else:
+        img = stats.images
+        out["psnr"] = MetricValue(safe_mean(img.psnr_sum, img.n_images), note="input vs reconstruction, data range 1")
+        out["ssim"] = MetricValue(safe_mean(img.ssim_sum, img.n_images),
+                                  note="Wang et al. 2004: Gaussian 11x11, sigma 1.5, data range 1")
+        if min(img.real.n, img.fake.n) < 2:
+            out["fid"] = not_available("fewer than 2 images")
+        else:
+            out["fid"] = MetricValue(_finite(frechet_distance(img.real, img.fake)),
+                                     note=f"real vs reconstructed; extractor: {fid_extractor} "
+                                          "(values comparable only within one extractor)")
+    scores = stats.inception.scores()
+    if stats.inception.n == 0:
+        out["is"] = not_available("no test studies")
+    else:
+        per_label = {label: _finite(v) for label, v in zip(label_names, scores)}
+        out["is"] = MetricValue(float(np.nanmean(scores)), per_label=per_label if len(label_names) > 1 else None,
+                                note="predicted injury distribution [1-p, p]; range 1..2 per label")
+    return out
+
+
+def _why_undefined(name: str) -> str:
+    return {
+        "auc": "test studies of one class only",
+        "sensitivity": "no positive test studies",
+        "specificity": "no negative test studies",
+        "precision": "no positive predictions",
+        "kappa": "chance agreement is 1",
+    }.get(name, "undefined for these counts")
+
+
+def headline(catalogue: dict[str, Any]) -> dict[str, float | None]:
+    """name -> value from either MetricValue objects or their JSON form."""
+    return {k: (v.value if isinstance(v, MetricValue) else (v or {}).get("value")) for k, v in catalogue.items()}

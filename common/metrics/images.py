@@ -1,0 +1,175 @@
+"""Image-quality figures of the ResNet50-BiGRU-attention paper: PSNR, SSIM, FID and IS.
+
+PSNR and SSIM compare each input image with its reconstruction; sites send their sums. FID is
+the Frechet distance between Gaussian fits of real and reconstructed image features; sites
+send n, the sum and the sum of outer products of the features, so the server fits the pooled
+Gaussians exactly. IS is exp(E_x KL(p(y|x) || p(y))) of the predicted class distribution;
+sites send the sum of p(y|x) and of sum_y p log p.
+
+Own implementations, not torchmetrics: torchmetrics' SSIM pads the borders (Wang et al. and
+scikit-image crop them), and its FID/IS keep per-image state that must not leave a site.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+
+SSIM_K1, SSIM_K2, SSIM_SIGMA, SSIM_WINDOW = 0.01, 0.03, 1.5, 11
+PSNR_CAP_DB = 100.0  # a perfect reconstruction has infinite PSNR; cap it so sums stay finite
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-image PSNR in dB of (N, H, W) tensors."""
+    mse = ((images.double() - reference.double()) ** 2).flatten(1).mean(1)
+    value = 10.0 * torch.log10(data_range ** 2 / mse.clamp_min(1e-30))
+    return value.clamp_max(PSNR_CAP_DB)
+
+
+def _gaussian_window(device: torch.device) -> torch.Tensor:
+    radius = SSIM_WINDOW // 2
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    g = torch.exp(-(x ** 2) / (2 * SSIM_SIGMA ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).view(1, 1, SSIM_WINDOW, SSIM_WINDOW)
+
+
+def ssim(images: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004): Gaussian 11x11 window, sigma 1.5, K1 0.01, K2 0.03,
+    population covariances, mean over the positions where the window fits (borders cropped)."""
+    x = images.double().unsqueeze(1)
+    y = reference.double().unsqueeze(1)
+    if min(x.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}")
+    w = _gaussian_window(x.device)
+    mu_x, mu_y = F.conv2d(x, w), F.conv2d(y, w)
+    var_x = F.conv2d(x * x, w) - mu_x ** 2
+    var_y = F.conv2d(y * y, w) - mu_y ** 2
+    cov = F.conv2d(x * y, w) - mu_x * mu_y
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1)
+
+
+@dataclass
+class GaussianMoments:
+    """n, sum and sum of outer products of d-dimensional features (float64)."""
+
+    n: int
+    total: np.ndarray  # (d,)
+    outer: np.ndarray  # (d, d)
+
+    @classmethod
+    def empty(cls, dim: int) -> "GaussianMoments":
+        return cls(0, np.zeros(dim), np.zeros((dim, dim)))
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> "GaussianMoments":
+        f = np.asarray(features, np.float64)
+        return cls(len(f), f.sum(0), f.T @ f)
+
+    def __add__(self, other: "GaussianMoments") -> "GaussianMoments":
+        return GaussianMoments(self.n + other.n, self.total + other.total, self.outer + other.outer)
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and (unbiased) covariance, as np.cov gives them on the pooled features."""
+        mean = self.total / self.n
+        cov = (self.outer - self.n * np.outer(mean, mean)) / max(self.n - 1, 1)
+        return mean, cov
+
+
+def frechet_distance(a: GaussianMoments, b: GaussianMoments) -> float:
+    mu1, s1 = a.mean_cov()
+    mu2, s2 = b.mean_cov()
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    if not np.all(np.isfinite(covmean)):  # singular product: the usual epsilon offset
+        offset = np.eye(len(s1)) * 1e-6
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@dataclass
+class ImageStats:
+    """Reconstruction quality sums and FID moments of one or more sites."""
+
+    n_images: int
+    psnr_sum: float
+    ssim_sum: float
+    real: GaussianMoments
+    fake: GaussianMoments
+
+    @classmethod
+    def empty(cls, dim: int) -> "ImageStats":
+        return cls(0, 0.0, 0.0, GaussianMoments.empty(dim), GaussianMoments.empty(dim))
+
+    def __add__(self, other: "ImageStats") -> "ImageStats":
+        return ImageStats(self.n_images + other.n_images, self.psnr_sum + other.psnr_sum,
+                          self.ssim_sum + other.ssim_sum, self.real + other.real, self.fake + other.fake)
+
+    def to_record(self) -> dict[str, list[float]]:
+        return {"img": [float(self.n_images), self.psnr_sum, self.ssim_sum],
+                "fid-real": [float(self.real.n), *self.real.total.tolist(), *self.real.outer.ravel().tolist()],
+                "fid-fake": [float(self.fake.n), *self.fake.total.tolist(), *self.fake.outer.ravel().tolist()]}
+
+    @classmethod
+    def from_record(cls, record: dict, dim: int) -> "ImageStats":
+        img = np.asarray(record["img"], np.float64)
+        if img.shape != (3,) or not np.all(np.isfinite(img)) or img[0] < 0 or img[0] % 1:
+            raise ValueError("img: expected [n, psnr sum, ssim sum]")
+
+        def moments(key: str) -> GaussianMoments:
+            v = np.asarray(record[key], np.float64)
+            if v.shape != (1 + dim + dim * dim,) or not np.all(np.isfinite(v)) or v[0] < 0 or v[0] % 1:
+                raise ValueError(f"{key}: expected n, {dim} sums and a {dim}x{dim} matrix")
+            return GaussianMoments(int(v[0]), v[1:1 + dim], v[1 + dim:].reshape(dim, dim))
+        return cls(int(img[0]), float(img[1]), float(img[2]), moments("fid-real"), moments("fid-fake"))
+
+
+@dataclass
+class InceptionStats:
+    """For IS per label: n, sum of p(y|x) over x (L, 2) and sum over x of sum_y p log p (L,)."""
+
+    n: int
+    p_sum: np.ndarray
+    plogp_sum: np.ndarray
+
+    @classmethod
+    def empty(cls, num_labels: int) -> "InceptionStats":
+        return cls(0, np.zeros((num_labels, 2)), np.zeros(num_labels))
+
+    @classmethod
+    def from_probabilities(cls, probs: np.ndarray) -> "InceptionStats":
+        """probs (N, L): each label's injury probability; p(y|x) = [1 - p, p]."""
+        p = np.clip(np.asarray(probs, np.float64), 1e-12, 1 - 1e-12)
+        dist = np.stack([1 - p, p], axis=-1)  # (N, L, 2)
+        return cls(len(p), dist.sum(0), (dist * np.log(dist)).sum(-1).sum(0))
+
+    def __add__(self, other: "InceptionStats") -> "InceptionStats":
+        return InceptionStats(self.n + other.n, self.p_sum + other.p_sum, self.plogp_sum + other.plogp_sum)
+
+    def to_record(self) -> dict[str, list[float]]:
+        return {"is": [float(self.n), *self.p_sum.ravel().tolist(), *self.plogp_sum.tolist()]}
+
+    @classmethod
+    def from_record(cls, record: dict, num_labels: int) -> "InceptionStats":
+        v = np.asarray(record["is"], np.float64)
+        if v.shape != (1 + 3 * num_labels,) or not np.all(np.isfinite(v)) or v[0] < 0 or v[0] % 1:
+            raise ValueError("is: expected n, the p(y) sums and the p log p sums")
+        return cls(int(v[0]), v[1:1 + 2 * num_labels].reshape(num_labels, 2), v[1 + 2 * num_labels:])
+
+    def scores(self) -> np.ndarray:
+        """IS per label: exp(mean_x sum_y p log p - sum_y p_bar log p_bar)."""
+        if self.n == 0:
+            return np.full(len(self.plogp_sum), np.nan)
+        p_bar = np.clip(self.p_sum / self.n, 1e-12, 1.0)
+        return np.exp(self.plogp_sum / self.n - (p_bar * np.log(p_bar)).sum(-1))
+
+
+def safe_mean(total: float, n: int) -> float | None:
+    return total / n if n > 0 and math.isfinite(total) else None

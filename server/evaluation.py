@@ -1,0 +1,86 @@
+"""What the server measures itself: the model's efficiency figures (once per run) and, when it
+holds a validation set of its own, the same catalogue computed centrally on it every round."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from torch.utils.flop_counter import FlopCounterMode
+
+from common.config import RunConfig
+from common.data.site import SiteData, load_site
+from common.exchange import load_array_record
+from common.inference import SiteInputs, evaluate_local, fit_feature_norm, pick_device, prepare_inputs
+from common.metrics.catalogue import MetricValue, compute_catalogue
+from common.metrics.features import FidFeatureExtractor
+from common.model import InjuryNet
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu, {torch.get_num_threads()} threads"
+
+
+@torch.no_grad()
+def measure_efficiency(model: InjuryNet, config: RunConfig, repeats: int = 5) -> dict[str, MetricValue]:
+    """Parameters, GFLOPs and inference time for one study of seq-len images (Tables 3-4)."""
+    device = pick_device()
+    model = model.to(device).eval()
+    size, steps = config.model.image_size, config.model.seq_len
+    images = torch.rand(1, steps, 1, size, size, device=device)
+    mask = torch.ones(1, steps, dtype=torch.bool, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(images, mask)
+    model(images, mask)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(images, mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    study = f"one study of {steps} images at {size}x{size}"
+    return {
+        "params_total_m": MetricValue(total / 1e6),
+        "params_trainable_m": MetricValue(trainable / 1e6, note="the only parameters exchanged"),
+        "gflops_per_study": MetricValue(counter.get_total_flops() / 1e9,
+                                        note=f"torch.utils.flop_counter, {study}"),
+        "inference_ms_per_study": MetricValue(statistics.median(times),
+                                              note=f"median of {repeats}, {study}, on {_device_name(device)}"),
+    }
+
+
+class CentralValidation:
+    """The server's own labelled studies (a site-layout folder), all used as a test set."""
+
+    label = "server-validation"
+
+    def __init__(self, config: RunConfig, path: Path, model: InjuryNet) -> None:
+        self.config = config
+        self.model = model
+        self.device = pick_device()
+        site: SiteData = load_site(path, config.data, config.model.num_labels)
+        self.site = site
+        self.index = np.arange(len(site.studies))
+        self.inputs: SiteInputs = prepare_inputs(model, site, None, self.device)
+        # Standardisation statistics from the validation images themselves (no labels used).
+        fit_feature_norm(model, self.inputs, self.index, self.device)
+        self.fid = FidFeatureExtractor(model, config.eval.fid_dim, config.eval.fid_inception_weights)
+
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, MetricValue]:
+        load_array_record(self.model, arrays)
+        if self.config.model.freeze != "frozen":
+            fit_feature_norm(self.model, self.inputs, self.index, self.device)
+        stats = evaluate_local(self.model, self.inputs, self.index, self.device, self.config.eval, self.fid)
+        return compute_catalogue(stats, self.config.model.names(), self.fid.name)

@@ -1,0 +1,217 @@
+"""The metric catalogue: every figure against a reference implementation, and federated
+aggregation over 3 sites equal to the figure on the pooled predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from scipy import linalg
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from sklearn import metrics as skm
+
+from common.exchange import ParamSpec
+from common.metrics.catalogue import REGISTRY, EvaluationStats, compute_catalogue
+from common.metrics.classification import ClassificationStats
+from common.metrics.errors import ErrorStats
+from common.metrics.images import GaussianMoments, ImageStats, InceptionStats, frechet_distance, psnr, ssim
+from server.strategy import ClinicFedAvg
+from tests.conftest import reply
+
+HASH = "frozen:abc"
+LABELS = ["acl", "meniscus"]
+FID_DIM = 6
+
+
+def _site_stats(probs, labels, severity, targets, real, fake, real_f, fake_f) -> EvaluationStats:
+    loss = float(-(labels * np.log(probs) + (1 - labels) * np.log(1 - probs)).sum())
+    images = None if real is None else ImageStats(
+        len(real), float(psnr(torch.from_numpy(fake), torch.from_numpy(real)).sum()),
+        float(ssim(torch.from_numpy(fake), torch.from_numpy(real)).sum()),
+        GaussianMoments.of(real_f), GaussianMoments.of(fake_f))
+    return EvaluationStats(ClassificationStats.from_predictions(probs, labels, loss),
+                           ErrorStats.from_predictions(probs, labels, severity, targets), images,
+                           InceptionStats.from_probabilities(probs))
+
+
+@pytest.fixture(scope="module")
+def pooled():
+    rng = np.random.default_rng(42)
+    n, m = 240, 60
+    labels = (rng.random((n, 2)) < [0.35, 0.5]).astype(float)
+    probs = np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0.01, 0.99)
+    targets = np.where(labels[:, 0] == 1, rng.uniform(2, 10, n), 0.0)
+    targets[rng.random(n) < 0.2] = np.nan  # some studies have no severity target
+    severity = targets + rng.normal(0, 1.0, n)
+    severity[np.isnan(severity)] = 3.0
+    real = rng.random((m, 24, 24))
+    fake = np.clip(real + rng.normal(0, 0.1, real.shape), 0, 1)
+    real_f = rng.normal(0, 1, (m, FID_DIM))
+    fake_f = rng.normal(0.3, 1.2, (m, FID_DIM))
+    return dict(probs=probs, labels=labels, severity=severity, targets=targets, real=real, fake=fake,
+                real_f=real_f, fake_f=fake_f)
+
+
+def _federated(pooled, fid_dim=FID_DIM, small_site: bool = False, with_images: bool = True):
+    """Split the pooled predictions over 3 sites and aggregate their records at the server."""
+    strategy = ClinicFedAvg(spec={"w": ParamSpec((1,), np.dtype("float32"))}, backbone_hash=HASH,
+                            label_names=LABELS, min_sites=1, fid_dim=fid_dim if with_images else None,
+                            fid_extractor="test features", min_site_cases=10)
+    n, m = len(pooled["probs"]), len(pooled["real"])
+    study_cuts = [0, 5, 120, n] if small_site else [0, 80, 170, n]
+    image_cuts = [0, 10, 35, m]
+    replies = []
+    for i in range(3):
+        s, t = slice(study_cuts[i], study_cuts[i + 1]), slice(image_cuts[i], image_cuts[i + 1])
+        stats = _site_stats(pooled["probs"][s], pooled["labels"][s], pooled["severity"][s], pooled["targets"][s],
+                            pooled["real"][t] if with_images else None, pooled["fake"][t], pooled["real_f"][t],
+                            pooled["fake_f"][t])
+        content = RecordDict({"metrics": MetricRecord({"num-examples": stats.n, **stats.to_record()}),
+                              "site": ConfigRecord({"status": "ok", "site-name": f"site-{i}", "backbone-hash": HASH})})
+        replies.append(reply(content, i + 1, "evaluate"))
+    strategy.aggregate_evaluate(1, replies)
+    return strategy.reports[1]
+
+
+def _value(report, name):
+    return report.catalogue[name]["value"]
+
+
+def test_federated_classification_equals_sklearn_on_pooled_predictions(pooled):
+    report = _federated(pooled)
+    y, p = pooled["labels"].astype(int), pooled["probs"]
+    hat = (p >= 0.5).astype(int)
+    reference = {
+        "accuracy": [skm.accuracy_score(y[:, j], hat[:, j]) for j in range(2)],
+        "auc": [skm.roc_auc_score(y[:, j], p[:, j]) for j in range(2)],
+        "sensitivity": [skm.recall_score(y[:, j], hat[:, j]) for j in range(2)],
+        "specificity": [skm.recall_score(1 - y[:, j], 1 - hat[:, j]) for j in range(2)],
+        "precision": [skm.precision_score(y[:, j], hat[:, j]) for j in range(2)],
+        "f1": [skm.f1_score(y[:, j], hat[:, j]) for j in range(2)],
+        "kappa": [skm.cohen_kappa_score(y[:, j], hat[:, j]) for j in range(2)],
+    }
+    for name, per_label in reference.items():
+        tolerance = 1e-3 if name == "auc" else 1e-12
+        entry = report.catalogue[name]
+        assert entry["per_label"]["acl"] == pytest.approx(per_label[0], abs=tolerance), name
+        assert entry["per_label"]["meniscus"] == pytest.approx(per_label[1], abs=tolerance), name
+        assert entry["value"] == pytest.approx(np.mean(per_label), abs=tolerance), name
+    assert _value(report, "loss") == pytest.approx(
+        np.mean([skm.log_loss(y[:, j], p[:, j]) for j in range(2)]), rel=1e-9)
+
+
+def test_federated_error_metrics_equal_sklearn_on_severity(pooled):
+    report = _federated(pooled)
+    known = np.isfinite(pooled["targets"])
+    t, s = pooled["targets"][known], pooled["severity"][known]
+    assert _value(report, "mae") == pytest.approx(skm.mean_absolute_error(t, s), rel=1e-12)
+    assert _value(report, "mse") == pytest.approx(skm.mean_squared_error(t, s), rel=1e-12)
+    assert _value(report, "rmse") == pytest.approx(np.sqrt(skm.mean_squared_error(t, s)), rel=1e-12)
+    nonzero = t != 0
+    assert _value(report, "mape") == pytest.approx(
+        skm.mean_absolute_percentage_error(t[nonzero], s[nonzero]), rel=1e-12)
+    assert "severity head" in report.catalogue["mae"]["note"]
+
+
+def test_without_targets_errors_use_the_probability_and_mape_says_why():
+    rng = np.random.default_rng(1)
+    probs, labels = rng.random((50, 1)), (rng.random((50, 1)) < 0.5).astype(float)
+    stats = ErrorStats.from_predictions(probs, labels, severity=None, targets=np.full(50, np.nan))
+    catalogue = compute_catalogue(EvaluationStats(ClassificationStats.from_predictions(probs, labels, 1.0), stats,
+                                                  None, InceptionStats.from_probabilities(probs)), ["injury"])
+    assert catalogue["mse"].value == pytest.approx(skm.brier_score_loss(labels[:, 0], probs[:, 0]))
+    assert catalogue["mae"].value == pytest.approx(np.abs(probs - labels).mean())
+    assert catalogue["mape"].value is None and catalogue["mape"].reason.startswith("not available: zero targets")
+    for name in ("psnr", "ssim", "fid"):
+        assert catalogue[name].value is None
+        assert catalogue[name].reason == "not available: reconstruction head disabled"
+
+
+def test_federated_image_metrics_equal_skimage_and_direct_fid(pooled):
+    report = _federated(pooled)
+    real, fake = pooled["real"], pooled["fake"]
+    assert _value(report, "psnr") == pytest.approx(
+        np.mean([peak_signal_noise_ratio(r, f, data_range=1.0) for r, f in zip(real, fake)]), rel=1e-9)
+    assert _value(report, "ssim") == pytest.approx(np.mean([
+        structural_similarity(r, f, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        for r, f in zip(real, fake)]), rel=1e-9)
+    a, b = pooled["real_f"], pooled["fake_f"]
+    covmean = linalg.sqrtm(np.cov(a, rowvar=False) @ np.cov(b, rowvar=False)).real
+    direct = (((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(np.cov(a, rowvar=False))
+              + np.trace(np.cov(b, rowvar=False)) - 2 * np.trace(covmean))
+    assert _value(report, "fid") == pytest.approx(direct, rel=1e-7)
+    assert "test features" in report.catalogue["fid"]["note"]
+
+
+def test_federated_inception_score_equals_direct_computation(pooled):
+    report = _federated(pooled)
+    scores = []
+    for j in range(2):
+        p = np.stack([1 - pooled["probs"][:, j], pooled["probs"][:, j]], axis=1)
+        marginal = p.mean(0)
+        scores.append(np.exp(np.mean((p * (np.log(p) - np.log(marginal))).sum(1))))
+    assert _value(report, "is") == pytest.approx(np.mean(scores), rel=1e-9)
+
+
+def test_small_site_is_hidden_but_counted(pooled):
+    report = _federated(pooled, small_site=True)
+    assert report.evaluation["site-0"] == {"suppressed": "fewer than 10 test studies"}
+    assert "site-0" not in report.catalogue["auc"]["per_site"]
+    assert set(report.catalogue["auc"]["per_site"]) == {"site-1", "site-2"}
+    assert report.global_eval["n"] == 240, "the small site's studies still count"
+
+
+def test_image_statistics_without_a_decoder_are_rejected(pooled):
+    report = _federated(pooled, with_images=True, fid_dim=None)
+    assert len(report.rejected) == 3 and "reconstruction head is disabled" in report.rejected[0]["reason"]
+
+
+def test_every_catalogue_entry_is_registered(pooled):
+    report = _federated(pooled)
+    assert set(report.catalogue) <= set(REGISTRY)
+    assert {"accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "kappa", "mae", "mse", "rmse",
+            "mape", "psnr", "ssim", "fid", "is"} <= set(report.catalogue)
+    assert all("aggregation" in entry for entry in report.catalogue.values())
+
+
+# ------------------------------------------------------------- unit references on fixed inputs
+def test_psnr_of_a_known_error():
+    reference = torch.zeros(2, 16, 16)
+    assert psnr(reference + 0.1, reference).tolist() == pytest.approx([20.0, 20.0])
+    assert psnr(reference, reference).tolist() == [100.0, 100.0], "capped, not infinite"
+
+
+def test_ssim_matches_skimage_wang_settings_on_fixed_images():
+    rng = np.random.default_rng(5)
+    a = rng.random((32, 40))
+    b = np.clip(a * 0.8 + 0.1 + rng.normal(0, 0.05, a.shape), 0, 1)
+    ours = ssim(torch.from_numpy(b)[None], torch.from_numpy(a)[None]).item()
+    reference = structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                      use_sample_covariance=False)
+    assert ours == pytest.approx(reference, rel=1e-10)
+    assert ssim(torch.from_numpy(a)[None], torch.from_numpy(a)[None]).item() == pytest.approx(1.0)
+
+
+def test_fid_of_known_gaussians():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(4000, 3))
+    same = frechet_distance(GaussianMoments.of(x), GaussianMoments.of(x))
+    shifted = frechet_distance(GaussianMoments.of(x), GaussianMoments.of(x + np.array([1.0, 2.0, 0.0])))
+    assert same == pytest.approx(0.0, abs=1e-6) and shifted == pytest.approx(5.0, rel=1e-6)
+
+
+def test_inception_score_bounds():
+    undecided = InceptionStats.from_probabilities(np.full((10, 1), 0.5)).scores()
+    confident_split = InceptionStats.from_probabilities(np.array([[1e-9]] * 5 + [[1 - 1e-9]] * 5)).scores()
+    assert undecided[0] == pytest.approx(1.0) and confident_split[0] == pytest.approx(2.0, rel=1e-6)
+
+
+def test_kappa_from_counts_matches_sklearn_on_fixed_labels():
+    y = np.array([1, 1, 0, 0, 1, 0, 1, 0, 0, 0])
+    p = np.array([0.9, 0.4, 0.6, 0.1, 0.8, 0.2, 0.7, 0.3, 0.55, 0.1])
+    stats = ClassificationStats.from_predictions(p[:, None], y[:, None], 0.0)
+    catalogue = compute_catalogue(EvaluationStats(stats, ErrorStats(), None,
+                                                  InceptionStats.from_probabilities(p[:, None])), ["injury"])
+    assert catalogue["kappa"].value == pytest.approx(skm.cohen_kappa_score(y, (p >= 0.5).astype(int)))
+    assert catalogue["specificity"].value == pytest.approx(4 / 6)
