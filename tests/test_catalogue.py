@@ -215,3 +215,24 @@ def test_kappa_from_counts_matches_sklearn_on_fixed_labels():
                                                   InceptionStats.from_probabilities(p[:, None])), ["injury"])
     assert catalogue["kappa"].value == pytest.approx(skm.cohen_kappa_score(y, (p >= 0.5).astype(int)))
     assert catalogue["specificity"].value == pytest.approx(4 / 6)
+
+
+def test_fid_extractor_uses_a_local_inception_file_and_names_it(tmp_path, tiny_model_config):
+    from torchvision.models import inception_v3
+
+    from common.metrics.features import FidFeatureExtractor
+    from common.model import BackboneWeightsError, build_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "inception.pth"
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), path)
+    model = build_model(tiny_model_config)
+    extractor = FidFeatureExtractor(model, dim=8, inception_weights=str(path))
+    images = torch.rand(2, 1, 32, 32)
+    features = extractor(images)
+    assert features.shape == (2, 8) and np.all(np.isfinite(features))
+    assert "InceptionV3" in extractor.name and not extractor.uses_backbone
+    default = FidFeatureExtractor(model, dim=8)
+    assert "ResNet50" in default.name and default(images).shape == (2, 8)
+    with pytest.raises(BackboneWeightsError, match="fid-inception-weights"):
+        FidFeatureExtractor(model, dim=8, inception_weights=str(tmp_path / "missing.pth"))
