@@ -39,7 +39,7 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
             x, m = data.inputs[batch].to(device), data.mask[batch].to(device)
             optimizer.zero_grad(set_to_none=True)
             with autocast(device):
-                loss = study_loss(model, data, batch, forward(model, data, x, m), config, device)
+                loss = per_study_loss(model, data, batch, forward(model, data, x, m), config, device).mean()
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -48,18 +48,26 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
     return TrainResult(num_examples=len(train_index), loss=total / max(seen, 1), seconds=time.perf_counter() - start)
 
 
-def study_loss(model: InjuryNet, data: SiteInputs, batch: Tensor, out: InjuryOutput, config: TrainConfig,
-               device: torch.device) -> Tensor:
-    """BCE on the injury logits + weighted MSE of the severity (studies with a target) and of the
-    reconstruction (real images only)."""
-    loss = F.binary_cross_entropy_with_logits(out.logits.float(), data.labels[batch].to(device))
-    if out.severity is not None and data.targets is not None and config.severity_weight > 0:
-        targets = data.targets[batch].to(device)
+def per_study_loss(model: InjuryNet, data: SiteInputs, batch: Tensor, out: InjuryOutput, config: TrainConfig,
+                   device: torch.device) -> Tensor:
+    """(B,) loss of each study on its own: BCE over its labels + weighted squared severity error
+    (when it has a target) + weighted MSE of its own real images' reconstructions.
+
+    Every term depends on one study only, so with DP-SGD a study's gradient is its own and the
+    clipping bound holds per study."""
+    losses = F.binary_cross_entropy_with_logits(out.logits.float(), data.labels[batch].to(device),
+                                                reduction="none").mean(1)
+    # Every head present gets a term, even at weight 0 or without targets: DP-SGD needs a
+    # (possibly zero) per-sample gradient for every trainable parameter.
+    if out.severity is not None:
+        targets = data.targets[batch].to(device) if data.targets is not None else out.severity.new_full(
+            out.severity.shape, float("nan"))
         known = torch.isfinite(targets)
-        if known.any():
-            loss = loss + config.severity_weight * F.mse_loss(out.severity.float()[known], targets[known])
-    if out.reconstruction is not None and config.recon_weight > 0:
+        error = torch.where(known, out.severity.float() - torch.nan_to_num(targets), torch.zeros_like(targets))
+        losses = losses + config.severity_weight * error ** 2
+    if out.reconstruction is not None:
         target = data.recon_targets(batch, model.config.recon_size).to(device)
-        mask = data.mask[batch].to(device)
-        loss = loss + config.recon_weight * F.mse_loss(out.reconstruction.float()[mask], target[mask])
-    return loss
+        mask = data.mask[batch].to(device).to(target.dtype)
+        per_image = ((out.reconstruction.float() - target) ** 2).flatten(2).mean(2)  # (B, T)
+        losses = losses + config.recon_weight * (per_image * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return losses

@@ -112,6 +112,29 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level differential privacy at each site (Opacus DP-SGD)."""
+
+    dp_enabled: bool = False
+    dp_target_epsilon: float = 8.0  # for the whole run, not per round
+    dp_target_delta: float = 0.0  # 0: 1 / (10 * training units), capped at 1e-5
+    dp_max_grad_norm: float = 1.0
+    dp_noise_multiplier: float = 0.0  # 0: calibrated once so the planned run ends at the target
+    dp_accountant: str = "rdp"
+    dp_unit: str = "study"  # "patient": one study per patient per sampled unit (patient-level privacy)
+
+    def __post_init__(self) -> None:
+        if self.dp_target_epsilon <= 0 or self.dp_max_grad_norm <= 0 or self.dp_noise_multiplier < 0:
+            raise ConfigError("dp-target-epsilon and dp-max-grad-norm must be > 0, dp-noise-multiplier >= 0")
+        if not 0.0 <= self.dp_target_delta < 1.0:
+            raise ConfigError("dp-target-delta must be in [0, 1)")
+        if self.dp_accountant not in ("rdp", "prv"):
+            raise ConfigError("dp-accountant must be rdp or prv")
+        if self.dp_unit not in ("study", "patient"):
+            raise ConfigError("dp-unit must be study or patient")
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     num_rounds: int = 3
     min_sites: int = 2
@@ -135,6 +158,7 @@ _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "privacy": PrivacyConfig,
     "federation": FederationConfig,
 }
 
@@ -149,7 +173,13 @@ class RunConfig:
     data: DataConfig
     train: TrainConfig
     eval: EvalConfig
+    privacy: PrivacyConfig
     federation: FederationConfig
+
+    def __post_init__(self) -> None:
+        if self.privacy.dp_enabled and self.model.freeze != "frozen":
+            raise ConfigError("dp-enabled needs freeze = frozen: the backbone's BatchNorm layers cannot be trained "
+                              "with per-sample gradients")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
@@ -203,6 +233,10 @@ class SiteConfig:
     data_path: Path
     state_dir: Path
     site_name: str
+    # A site may be stricter than the server: the smaller budget wins.
+    dp_target_epsilon: float | None = None
+    dp_target_delta: float | None = None
+    dp_budget_scope: str = "run"  # "site": one ledger for every run on this data
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], federation: FederationConfig) -> "SiteConfig":
@@ -219,7 +253,21 @@ class SiteConfig:
                               "--node-config 'data-path=\"/path/to/site\"'")
         state = node_config.get("state-dir")
         state_dir = Path(str(state)).expanduser() if state else data_path.parent / ".clinicfl-state" / data_path.name
-        return cls(data_path=data_path, state_dir=state_dir, site_name=site_name)
+        scope = str(node_config.get("dp-budget-scope", "run"))
+        if scope not in ("run", "site"):
+            raise ConfigError("node config dp-budget-scope must be run or site")
+        return cls(data_path=data_path, state_dir=state_dir, site_name=site_name,
+                   dp_target_epsilon=_optional_float(node_config, "dp-target-epsilon"),
+                   dp_target_delta=_optional_float(node_config, "dp-target-delta"), dp_budget_scope=scope)
+
+
+def _optional_float(values: Mapping[str, Any], key: str) -> float | None:
+    if key not in values:
+        return None
+    value = values[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"node config {key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def simulated_site_path(data_root: str, partition_id: int) -> Path:

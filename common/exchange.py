@@ -21,6 +21,7 @@ METRICS_KEY = "metrics"
 SITE_KEY = "site"  # ConfigRecord: status, reason code, backbone hash, site name; never data
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+STATUS_BUDGET_EXHAUSTED = "budget-exhausted"  # the site's privacy budget does not allow another round
 
 
 class UpdateError(ValueError):

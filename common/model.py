@@ -21,7 +21,6 @@ from urllib.error import URLError
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torchvision.models import ResNet50_Weights, resnet50
 
 from common.config import ModelConfig
@@ -121,6 +120,56 @@ class FeatureStandardizer(nn.Module):
         return (features - self.mean) * self.inv_std
 
 
+class LinearGRU(nn.Module):
+    """One GRU direction built from nn.Linear (PyTorch's gate equations).
+
+    The input projection of all time steps is one Linear call on (B, T, F); only the
+    hidden-to-hidden Linear runs per step. Opacus computes per-sample gradients of nn.Linear
+    natively (also when it is called once per step), so this needs no DPGRU swap and has the
+    same parameter names with and without DP. Masked steps keep the previous state and output
+    zero, so padding never reaches a real step (the same result as a packed sequence).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, reverse: bool = False) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.reverse = reverse
+        self.input_proj = nn.Linear(input_size, 3 * hidden_size)
+        self.hidden_proj = nn.Linear(hidden_size, 3 * hidden_size)
+        bound = 1.0 / math.sqrt(hidden_size)  # nn.GRU's initialisation
+        for param in self.parameters():
+            nn.init.uniform_(param, -bound, bound)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        gates_x = self.input_proj(x)  # (B, T, 3H)
+        h = x.new_zeros(b, self.hidden_size)
+        outputs: list[Tensor] = [x.new_zeros(0)] * t
+        steps = range(t - 1, -1, -1) if self.reverse else range(t)
+        for step in steps:
+            r_x, z_x, n_x = gates_x[:, step].chunk(3, dim=-1)
+            r_h, z_h, n_h = self.hidden_proj(h).chunk(3, dim=-1)
+            r = torch.sigmoid(r_x + r_h)
+            z = torch.sigmoid(z_x + z_h)
+            n = torch.tanh(n_x + r * n_h)
+            keep = mask[:, step].unsqueeze(-1).to(x.dtype)
+            h = keep * ((1 - z) * n + z * h) + (1 - keep) * h
+            outputs[step] = h * keep
+        return torch.stack(outputs, dim=1)
+
+
+class BiGRU(nn.Module):
+    """h_t = [GRU_forward(x_t, h_{t-1}); GRU_backward(x_t, h_{t+1})] over the real steps."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.forward_gru = LinearGRU(input_size, hidden_size)
+        self.backward_gru = LinearGRU(input_size, hidden_size, reverse=True)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return torch.cat([self.forward_gru(x, mask), self.backward_gru(x, mask)], dim=-1)
+
+
 class AttentionPool(nn.Module):
     """Scaled dot-product attention, softmax(Q K^T / sqrt(d)) V (Eq. 6), pooling a sequence.
 
@@ -173,8 +222,7 @@ class SequenceHead(nn.Module):
         super().__init__()
         self.project = nn.Linear(in_dim, config.proj_dim)
         self.dropout = nn.Dropout(config.dropout)
-        self.gru = nn.GRU(config.proj_dim + config.biomech_features, config.gru_hidden,
-                          batch_first=True, bidirectional=True)
+        self.gru = BiGRU(config.proj_dim + config.biomech_features, config.gru_hidden)
         self.attention = AttentionPool(2 * config.gru_hidden, config.attn_dim)
         self.classifier = nn.Linear(2 * config.gru_hidden, config.num_labels)
         self.severity = nn.Linear(2 * config.gru_hidden, 1) if config.severity_head else None
@@ -182,7 +230,7 @@ class SequenceHead(nn.Module):
         self.biomech_features = config.biomech_features
 
     def forward(self, features: Tensor, mask: Tensor, biomech: Tensor | None = None) -> InjuryOutput:
-        lengths = _prefix_lengths(mask)
+        _prefix_lengths(mask)  # validates the mask
         projected = torch.relu(self.project(features))
         reconstruction = self.decoder(projected) if self.decoder is not None else None
         x = self.dropout(projected)
@@ -192,11 +240,7 @@ class SequenceHead(nn.Module):
             x = torch.cat([x, biomech.to(x.dtype)], dim=-1)
         elif biomech is not None:
             raise ValueError("biomechanical features given but the model was built with biomech-features = 0")
-        # Packing makes the backward direction start at each study's last real image, so
-        # padding never reaches the prediction.
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        seq, _ = pad_packed_sequence(out, batch_first=True, total_length=mask.shape[1])
+        seq = self.gru(x, mask)
         pooled, weights = self.attention(seq, mask)
         pooled = self.dropout(pooled)
         severity = self.severity(pooled).squeeze(-1) if self.severity is not None else None

@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
@@ -42,35 +42,51 @@ def main(grid: Grid, context: Context) -> None:
     efficiency = measure_efficiency(model, config)
     central = (CentralValidation(config, Path(config.eval.server_val_path).expanduser(), build_model(config.model))
                if config.eval.server_val_path else None)
-    # The hash travels with every message so a site can refuse a backbone it does not have.
-    train_config = ConfigRecord({"backbone-hash": backbone_hash})
+    # The hash travels with every message so a site can refuse a backbone it does not have; the
+    # budget id names the privacy ledger a DP site charges (a resumed run keeps its id).
+    train_config = ConfigRecord({"backbone-hash": backbone_hash, "budget-id": str(context.run_id)})
     evaluate_config = ConfigRecord({"backbone-hash": backbone_hash})
     records: list[dict] = []
     clock = {"start": time.perf_counter()}
+    dp = config.privacy.dp_enabled
 
-    def finish_round(server_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
+    def finish_round(server_round: int, round_arrays: ArrayRecord) -> None:
         checkpoint = run.save_checkpoint(server_round, round_arrays)
         report = strategy.report(server_round)
         record = round_record(report, time.perf_counter() - clock["start"], checkpoint, efficiency,
-                              central.evaluate(round_arrays) if central else None)
+                              central.evaluate(round_arrays) if central else None,
+                              dict(strategy.epsilon) if dp else None)
         run.append_metrics(record)
         records.append(record)
         print_rounds(records)
         clock["start"] = time.perf_counter()
-        return None
+
+    def evaluate_round(server_round: int, round_arrays: ArrayRecord) -> None:
+        messages = strategy.configure_evaluate(server_round, round_arrays, ConfigRecord(dict(evaluate_config)), grid)
+        strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=fed.round_timeout))
 
     # Round 0: the initial global model, scored by the sites, so every curve has a baseline.
-    replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, ConfigRecord(dict(evaluate_config)), grid),
-                                    timeout=fed.round_timeout)
-    strategy.aggregate_evaluate(0, replies)
+    evaluate_round(0, arrays)
     finish_round(0, arrays)
     if not strategy.report(0).evaluation:
         reasons = "; ".join(f"{r['site']}: {r['reason']}" for r in strategy.report(0).rejected) or "no site replied"
         print(f"clinicfl: stopping, no site could take part in round 0 ({reasons})", flush=True)
         return
 
-    # evaluate_fn runs after each round's federated evaluation: our hook to checkpoint and log.
-    strategy.start(grid=grid, initial_arrays=arrays, num_rounds=fed.num_rounds, timeout=fed.round_timeout,
-                   train_config=train_config, evaluate_config=evaluate_config,
-                   evaluate_fn=lambda rnd, arr: finish_round(rnd, arr) if rnd > 0 else None)
+    # Our own round loop over FedAvg's configure/aggregate steps (Strategy.start cannot stop early).
+    for server_round in range(1, fed.num_rounds + 1):
+        log.info("[ROUND %d/%d]", server_round, fed.num_rounds)
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
+        new_arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages,
+                                                                                      timeout=fed.round_timeout))
+        arrays = new_arrays if new_arrays is not None else arrays
+        evaluate_round(server_round, arrays)
+        report = strategy.report(server_round)
+        if report.exhausted and not report.train:
+            report.notes.append("every site that replied has exhausted its privacy budget: run ended")
+        finish_round(server_round, arrays)
+        if report.exhausted and not report.train:
+            print(f"clinicfl: stopping after round {server_round}: every site has exhausted its privacy budget "
+                  f"(epsilon {', '.join(f'{k} {v:.2f}' for k, v in sorted(report.exhausted.items()))})", flush=True)
+            return
     print(f"clinicfl: finished {fed.num_rounds} rounds; results in {run.path}", flush=True)

@@ -83,8 +83,19 @@ class RunDirectory:
         write_csv(self.path, read_metrics(self.path))
 
 
+def epsilon_value(epsilon: dict[str, float] | None) -> MetricValue:
+    """Privacy spent: the maximum over sites (each site's epsilon is cumulative over the run)."""
+    if epsilon is None:
+        return MetricValue(None, reason="not available: differential privacy is not enabled in this run")
+    if not epsilon:
+        return MetricValue(None, reason="not available: no site has trained with DP yet")
+    return MetricValue(max(epsilon.values()), per_site=dict(epsilon),
+                       note="maximum over sites of the cumulative epsilon (not an average)")
+
+
 def round_record(report: RoundReport, seconds: float, checkpoint: Path | None,
-                 efficiency: dict[str, MetricValue], central: dict[str, MetricValue] | None) -> dict[str, Any]:
+                 efficiency: dict[str, MetricValue], central: dict[str, MetricValue] | None,
+                 epsilon: dict[str, float] | None = None) -> dict[str, Any]:
     """One line of metrics.jsonl: the whole catalogue (global, per site), who took part, traffic."""
     record = asdict(report)
     record["round"] = record.pop("server_round")
@@ -101,8 +112,7 @@ def round_record(report: RoundReport, seconds: float, checkpoint: Path | None,
         per_site = {site: t[key] for site, t in report.traffic.items()}
         catalogue[name] = MetricValue(sum(per_site.values()), per_site=per_site,
                                       note="payload bytes, all sites, server's point of view").to_json(name)
-    catalogue["epsilon"] = MetricValue(
-        None, reason="not available: differential privacy is not enabled in this run").to_json("epsilon")
+    catalogue["epsilon"] = epsilon_value(epsilon).to_json("epsilon")
     record["catalogue"] = catalogue
     record["server_validation"] = ({name: value.to_json(name) for name, value in central.items()}
                                    if central is not None else None)
@@ -155,7 +165,7 @@ def _json_safe(value: Any) -> Any:
 CLASSIFICATION_COLUMNS = [("AUC", "auc"), ("acc", "accuracy"), ("sens", "sensitivity"), ("spec", "specificity"),
                           ("prec", "precision"), ("F1", "f1"), ("kappa", "kappa")]
 OTHER_COLUMNS = [("MAE", "mae"), ("RMSE", "rmse"), ("MAPE", "mape"), ("PSNR", "psnr"), ("SSIM", "ssim"),
-                 ("FID", "fid"), ("IS", "is")]
+                 ("FID", "fid"), ("IS", "is"), ("eps", "epsilon")]
 
 
 def _value(record: dict[str, Any], name: str) -> Any:
@@ -202,3 +212,7 @@ def print_rounds(records: list[dict[str, Any]], console: Console | None = None) 
     for rejected in last.get("rejected") or []:
         console.print(f"round {last['round']}: {rejected['phase']} reply from {rejected['site']} rejected: "
                       f"{rejected['reason']}")
+    for site, spent in sorted((last.get("exhausted") or {}).items()):
+        console.print(f"round {last['round']}: {site} did not train: privacy budget exhausted (epsilon {_fmt(spent)})")
+    for note in last.get("notes") or []:
+        console.print(f"round {last['round']}: {note}")

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.exchange import ARRAYS_KEY, METRICS_KEY, STATUS_OK, ParamSpec, UpdateError, check_arrays, \
+from common.exchange import ARRAYS_KEY, METRICS_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_OK, ParamSpec, UpdateError, check_arrays, \
     payload_bytes, site_record
 from common.metrics.catalogue import EvaluationStats, MetricValue, compute_catalogue
 from common.metrics.classification import ClassificationStats, roc_curve_from_histograms
@@ -39,6 +39,8 @@ class RoundReport:
     aggregated: bool = False
     traffic: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> payload bytes sent/received
     roc: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # label -> fpr, tpr (pooled)
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> cumulative epsilon, delta, ...
+    exhausted: dict[str, float] = field(default_factory=dict)  # site -> epsilon spent; it did not train
     notes: list[str] = field(default_factory=list)
 
     def count_traffic(self, site: str, sent: int, received: int) -> None:
@@ -71,6 +73,7 @@ class ClinicFedAvg(FedAvg):
         self.fid_extractor = fid_extractor
         self.min_site_cases = min_site_cases
         self.reports: dict[int, RoundReport] = {}
+        self.epsilon: dict[str, float] = {}  # last cumulative epsilon reported by each site
         self._sent_bytes: dict[tuple[int, str], int] = {}
 
     def _remember_sent(self, server_round: int, phase: str, messages: Iterable[Message]) -> list[Message]:
@@ -97,6 +100,13 @@ class ClinicFedAvg(FedAvg):
         for msg in replies:
             site = _site_name(msg)
             report.count_traffic(site, self._sent_bytes.get((server_round, "train"), 0), payload_bytes(msg))
+            if not msg.has_error() and site_record(msg).get("status") == STATUS_BUDGET_EXHAUSTED:
+                spent = float(site_record(msg).get("dp-epsilon", float("nan")))
+                report.exhausted[site] = spent
+                self.epsilon[site] = spent
+                log.warning("round %d: %s did not train: privacy budget exhausted (epsilon %.3f)", server_round,
+                            site, spent)
+                continue
             reason = self._train_problem(msg)
             if reason:
                 report.reject(site, "train", reason)
@@ -105,6 +115,9 @@ class ClinicFedAvg(FedAvg):
             report.train[site] = {"num-examples": int(metrics["num-examples"]),
                                   "loss": float(metrics["train-loss"]),
                                   "seconds": float(metrics["train-seconds"])}
+            if "dp-epsilon" in metrics:
+                report.privacy[site] = {key.removeprefix("dp-"): float(metrics[key]) for key in DP_KEYS}
+                self.epsilon[site] = report.privacy[site]["epsilon"]
             accepted.append(msg)
         if len(accepted) < self.min_sites:
             report.notes.append(f"only {len(accepted)} valid train replies (min-sites {self.min_sites}): "
@@ -127,6 +140,9 @@ class ClinicFedAvg(FedAvg):
         metrics = content.metric_records.get(METRICS_KEY)
         if metrics is None or not {"num-examples", "train-loss", "train-seconds"} <= set(metrics.keys()):
             return "reply lacks num-examples/train-loss/train-seconds"
+        dp_keys = set(DP_KEYS) & set(metrics.keys())
+        if dp_keys and (dp_keys != set(DP_KEYS) or not all(np.isfinite(float(metrics[k])) for k in DP_KEYS)):
+            return "incomplete or non-finite privacy report"
         n = metrics["num-examples"]
         if not isinstance(n, int) or n <= 0:
             return f"num-examples must be a positive integer, got {n!r}"
@@ -188,6 +204,9 @@ def roc_curves(stats: ClassificationStats, label_names: list[str]) -> dict[str, 
 
 def headline_of(catalogue: dict[str, MetricValue]) -> dict[str, float | None]:
     return {name: catalogue[name].value for name in ("loss", "accuracy", "auc")}
+
+
+DP_KEYS = ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-max-grad-norm", "dp-sample-rate", "dp-steps")
 
 
 def _site_name(msg: Message) -> str:

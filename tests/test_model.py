@@ -187,3 +187,28 @@ def test_pyproject_run_config_matches_the_typed_config():
     values = pyproject["tool"]["flwr"]["app"]["config"]
     config = RunConfig.from_mapping(values)  # every key known, every type right
     assert set(values) == set(config.to_mapping()), "every config field must be settable with --run-config"
+
+
+def test_linear_bigru_equals_torch_gru_on_packed_sequences():
+    """Our DP-capable BiGRU computes exactly what nn.GRU computes on packed sequences."""
+    from torch import nn
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from common.model import BiGRU
+
+    torch.manual_seed(0)
+    ours = BiGRU(5, 4)
+    ref = nn.GRU(5, 4, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        for suffix, gru in (("", ours.forward_gru), ("_reverse", ours.backward_gru)):
+            getattr(ref, f"weight_ih_l0{suffix}").copy_(gru.input_proj.weight)
+            getattr(ref, f"bias_ih_l0{suffix}").copy_(gru.input_proj.bias)
+            getattr(ref, f"weight_hh_l0{suffix}").copy_(gru.hidden_proj.weight)
+            getattr(ref, f"bias_hh_l0{suffix}").copy_(gru.hidden_proj.bias)
+    x = torch.randn(3, 6, 5)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2, 2:] = False
+    packed, _ = ref(pack_padded_sequence(x, mask.sum(1), batch_first=True, enforce_sorted=False))
+    expected, _ = pad_packed_sequence(packed, batch_first=True, total_length=6)
+    assert torch.allclose(ours(x, mask), expected, atol=1e-6)

@@ -48,6 +48,7 @@ class SiteData:
     is_test: np.ndarray  # (N,) bool
     label_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (study, reason code)
+    groups: list[str] = field(default_factory=list)  # patient (or study) key per study; stays at the site
 
     @property
     def train_index(self) -> np.ndarray:
@@ -162,4 +163,5 @@ def load_site(site_dir: Path, config: DataConfig, num_labels: int, progress: boo
         is_test=is_test[kept],
         label_names=label_names,
         skipped=skipped,
+        groups=[r.patient or r.study for r in chosen],
     )

@@ -1,0 +1,93 @@
+"""DP-SGD vs plain step time of the trainable head, on ResNet50-sized inputs, side by side.
+
+    .venv/bin/python -m benchmarks.dp_step [--batch 32 --seq-len 8 --steps 20]
+
+Inputs are 2048-d backbone features per image (what a site trains on with the frozen
+backbone), the head is the configured one (projection, LinearGRU BiGRU, attention, heads).
+Both variants run the same batches; the DP one adds Opacus per-sample gradients, clipping and
+noise (hooks mode, as the sites use). The goal is a ratio <= 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.config import ModelConfig
+from common.model import SequenceHead
+
+
+def _loss(head, x, m, y):
+    """The sites' objective: BCE + severity + reconstruction terms (every head gets gradients)."""
+    out = head(x, m)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, y)
+    loss = loss + 0.02 * (out.severity ** 2).mean()
+    return loss + ((out.reconstruction - 0.5) ** 2).mean()
+
+
+def time_steps(head, optimizer, batches, warmup: int = 3) -> list[float]:
+    times = []
+    for i, (x, m, y) in enumerate(batches):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        _loss(head, x, m, y).backward()
+        optimizer.step()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default="runs/benchmarks/dp_step.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = ModelConfig(seq_len=args.seq_len)
+    n = args.batch * (args.steps + 3)
+    features = torch.randn(n, args.seq_len, 2048)
+    mask = torch.ones(n, args.seq_len, dtype=torch.bool)
+    mask[::3, args.seq_len // 2:] = False  # some shorter studies
+    labels = (torch.rand(n, 1) < 0.4).float()
+    batches = [(features[i:i + args.batch], mask[i:i + args.batch], labels[i:i + args.batch])
+               for i in range(0, n, args.batch)]
+
+    plain = SequenceHead(config).train()
+    private = copy.deepcopy(plain)
+    plain_ms = time_steps(plain, torch.optim.Adam(plain.parameters(), lr=1e-3), batches)
+
+    engine = PrivacyEngine(accountant="rdp")
+    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=args.batch)
+    private, optimizer, _ = engine.make_private(module=private, optimizer=torch.optim.Adam(private.parameters(), lr=1e-3),
+                                                data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+                                                poisson_sampling=False)
+    dp_ms = time_steps(private, optimizer, batches)
+
+    result = {
+        "device": f"cpu, {torch.get_num_threads()} threads",
+        "batch_studies": args.batch, "seq_len": args.seq_len, "feature_dim": 2048,
+        "proj_dim": config.proj_dim, "gru_hidden": config.gru_hidden,
+        "trainable_parameters": sum(p.numel() for p in plain.parameters()),
+        "plain_step_ms_median": round(statistics.median(plain_ms), 2),
+        "dp_step_ms_median": round(statistics.median(dp_ms), 2),
+        "dp_over_plain_ratio": round(statistics.median(dp_ms) / statistics.median(plain_ms), 2),
+        "goal_ratio": 3.0,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

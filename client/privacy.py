@@ -1,0 +1,208 @@
+"""Sample-level differential privacy at a site: Opacus DP-SGD with a budget for the whole run.
+
+- The privacy ledger (the accountant's history of (noise multiplier, sample rate, steps)) lives
+  in the site's state directory and in Flower's ``context.state``; a daemon restart reloads it
+  from disk, so the budget is never reset. When the two disagree the longer history wins.
+- The noise multiplier is calibrated once, for the whole planned run (rounds x local epochs x
+  steps per epoch at the site's sampling rate), so the run ends at or under the target.
+- Before training, the site computes the epsilon it would reach after this round; if that is
+  over its budget it does not train and replies ``budget-exhausted``.
+- The privacy unit is one study (a batch row). ``dp-unit = "patient"`` samples patients and
+  takes one of each sampled patient's studies, so a patient with several studies is protected
+  as a whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.training import TrainResult, per_study_loss
+from common.config import PrivacyConfig, RunConfig, SiteConfig, TrainConfig
+from common.inference import SiteInputs
+from common.model import InjuryNet
+
+STATE_KEY = "clinicfl-privacy"
+
+
+class BudgetExhausted(Exception):
+    """Training this round would take the site over its privacy budget."""
+
+    def __init__(self, spent: float, would_reach: float, budget: float) -> None:
+        super().__init__(f"privacy budget exhausted: spent epsilon {spent:.3f}, this round would reach "
+                         f"{would_reach:.3f} > budget {budget:.3f}")
+        self.spent, self.would_reach, self.budget = spent, would_reach, budget
+
+
+@dataclass
+class PrivacyLedger:
+    """Everything needed to account this site's privacy over the run (JSON on disk)."""
+
+    accountant: str
+    history: list[list[float]] = field(default_factory=list)  # [noise multiplier, sample rate, steps]
+    noise_multiplier: float | None = None  # fixed for the whole run once chosen
+
+    @property
+    def steps(self) -> int:
+        return int(sum(entry[2] for entry in self.history))
+
+    def epsilon(self, delta: float, extra: tuple[float, float, int] | None = None) -> float:
+        history = [tuple(entry) for entry in self.history] + ([extra] if extra else [])
+        if not history:
+            return 0.0
+        accountant = create_accountant(self.accountant)
+        accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+        return float(accountant.get_epsilon(delta))
+
+    # --- persistence: disk (survives a restart) and context.state (Flower's per-run state) ---
+    @staticmethod
+    def path(site: SiteConfig, budget_id: str) -> Path:
+        name = "site" if site.dp_budget_scope == "site" else f"run-{budget_id}"
+        return site.state_dir / "privacy" / f"{name}.json"
+
+    @classmethod
+    def load(cls, site: SiteConfig, budget_id: str, accountant: str, state_json: str | None) -> "PrivacyLedger":
+        candidates = [cls(accountant)]
+        path = cls.path(site, budget_id)
+        for text in (path.read_text() if path.is_file() else None, state_json):
+            if text:
+                data = json.loads(text)
+                candidates.append(cls(data["accountant"], data["history"], data.get("noise_multiplier")))
+        ledger = max(candidates, key=lambda c: (c.steps, len(c.history)))
+        if ledger.accountant != accountant:
+            raise ValueError(f"the privacy ledger uses the {ledger.accountant} accountant, the run asks for {accountant}")
+        return ledger
+
+    def save(self, site: SiteConfig, budget_id: str) -> str:
+        text = json.dumps(asdict(self))
+        path = self.path(site, budget_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+        return text
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """The budget that applies at this site: the server's, or the site's own if stricter."""
+
+    target_epsilon: float
+    target_delta: float
+    max_grad_norm: float
+    accountant: str
+
+    @classmethod
+    def resolve(cls, config: PrivacyConfig, site: SiteConfig, n_units: int) -> "SitePrivacy":
+        delta = config.dp_target_delta or min(1e-5, 1.0 / (10 * max(n_units, 1)))
+        epsilon = config.dp_target_epsilon
+        if site.dp_target_epsilon is not None:
+            epsilon = min(epsilon, site.dp_target_epsilon)
+        if site.dp_target_delta is not None:
+            delta = min(delta, site.dp_target_delta)
+        return cls(epsilon, delta, config.dp_max_grad_norm, config.dp_accountant)
+
+
+def privacy_units(train_index: np.ndarray, groups: list[str], unit: str) -> list[np.ndarray]:
+    """The items DP sampling draws: single studies, or all studies of one patient."""
+    if unit == "study" or not groups:
+        return [np.array([i]) for i in train_index]
+    by_group: dict[str, list[int]] = {}
+    for i in train_index:
+        by_group.setdefault(groups[i], []).append(int(i))
+    return [np.array(v) for _, v in sorted(by_group.items())]
+
+
+def sampling(n_units: int, batch_size: int) -> tuple[float, int]:
+    """(sample rate, steps per epoch) exactly as Opacus' Poisson DPDataLoader sets them."""
+    batches = math.ceil(n_units / batch_size)
+    return 1.0 / batches, batches
+
+
+@dataclass
+class PrivateRoundResult:
+    train: TrainResult
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int  # cumulative over the run
+
+    def metrics(self) -> dict[str, float | int]:
+        return {"dp-epsilon": self.epsilon, "dp-delta": self.delta, "dp-noise-multiplier": self.noise_multiplier,
+                "dp-max-grad-norm": self.max_grad_norm, "dp-sample-rate": self.sample_rate, "dp-steps": self.steps}
+
+
+def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], config: RunConfig,
+                  budget: SitePrivacy, ledger: PrivacyLedger, device: torch.device,
+                  server_round: int) -> PrivateRoundResult:
+    """One round of DP-SGD on the trainable head; raises BudgetExhausted before touching data."""
+    train: TrainConfig = config.train
+    q, steps_per_epoch = sampling(len(units), train.batch_size)
+    round_steps = train.local_epochs * steps_per_epoch
+    if ledger.noise_multiplier is None:
+        ledger.noise_multiplier = config.privacy.dp_noise_multiplier or get_noise_multiplier(
+            target_epsilon=budget.target_epsilon, target_delta=budget.target_delta, sample_rate=q,
+            steps=config.federation.num_rounds * round_steps, accountant=budget.accountant)
+    sigma = float(ledger.noise_multiplier)
+    spent = ledger.epsilon(budget.target_delta)
+    would_reach = ledger.epsilon(budget.target_delta, (sigma, q, round_steps))
+    if would_reach > budget.target_epsilon + 1e-9:
+        raise BudgetExhausted(spent, would_reach, budget.target_epsilon)
+
+    start = time.perf_counter()
+    if not data.is_features:
+        raise ValueError("DP training runs on cached backbone features (freeze = frozen)")
+    head = copy.deepcopy(model.head).to(device).train()
+    model.feature_norm.to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    loader = DataLoader(TensorDataset(torch.arange(len(units))), batch_size=train.batch_size)
+    engine = PrivacyEngine(accountant=budget.accountant)
+    engine.accountant.load_state_dict({"history": [(s, r, int(n)) for s, r, n in ledger.history],
+                                       "mechanism": engine.accountant.mechanism()})
+    generator = torch.Generator().manual_seed(train.seed * 100_003 + server_round)
+    private_head, optimizer, loader = engine.make_private(
+        module=head, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+        max_grad_norm=budget.max_grad_norm, poisson_sampling=True, noise_generator=generator)
+    rng = np.random.default_rng([train.seed, server_round])
+    total, seen = 0.0, 0
+    for _ in range(train.local_epochs):
+        for (unit_batch,) in loader:
+            # One study per sampled unit: a batch row is the privacy unit.
+            batch = torch.as_tensor([int(rng.choice(units[u])) for u in unit_batch.tolist()], dtype=torch.long)
+            features = data.inputs[batch].to(device)
+            mask = data.mask[batch].to(device)
+            standardised = (model.feature_norm(features) * mask.unsqueeze(-1)
+                            if model.config.feature_norm == "site" else features)
+            out = private_head(standardised, mask)
+            losses = per_study_loss(model, data, batch, out, train, device)
+            loss = losses.sum() / max(len(batch), 1)  # the mean, and 0 (not NaN) for an empty Poisson batch
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(losses.detach().sum())
+            seen += len(batch)
+    with torch.no_grad():
+        for name, param in model.head.named_parameters():
+            param.copy_(dict(private_head._module.named_parameters())[name])
+    private_head._close()
+    ledger.history = [list(entry) for entry in engine.accountant.history]
+    result = TrainResult(num_examples=len(units), loss=total / max(seen, 1), seconds=time.perf_counter() - start)
+    return PrivateRoundResult(result, float(engine.accountant.get_epsilon(budget.target_delta)), budget.target_delta,
+                              sigma, budget.max_grad_norm, q, ledger.steps)
