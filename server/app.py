@@ -83,10 +83,10 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_round(server_round, arrays)
         report = strategy.report(server_round)
         if report.exhausted and not report.train:
-            report.notes.append("every site that replied has exhausted its privacy budget: run ended")
+            report.stopped = "every site that replied has exhausted its privacy budget"
         finish_round(server_round, arrays)
-        if report.exhausted and not report.train:
-            print(f"clinicfl: stopping after round {server_round}: every site has exhausted its privacy budget "
+        if report.stopped:
+            print(f"clinicfl: run ended after round {server_round}: {report.stopped} "
                   f"(epsilon {', '.join(f'{k} {v:.2f}' for k, v in sorted(report.exhausted.items()))})", flush=True)
             return
     print(f"clinicfl: finished {fed.num_rounds} rounds; results in {run.path}", flush=True)

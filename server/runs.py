@@ -216,3 +216,5 @@ def print_rounds(records: list[dict[str, Any]], console: Console | None = None) 
         console.print(f"round {last['round']}: {site} did not train: privacy budget exhausted (epsilon {_fmt(spent)})")
     for note in last.get("notes") or []:
         console.print(f"round {last['round']}: {note}")
+    if last.get("stopped"):
+        console.print(f"run ended after round {last['round']}: {last['stopped']}")

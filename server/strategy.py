@@ -41,6 +41,7 @@ class RoundReport:
     roc: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # label -> fpr, tpr (pooled)
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> cumulative epsilon, delta, ...
     exhausted: dict[str, float] = field(default_factory=dict)  # site -> epsilon spent; it did not train
+    stopped: str | None = None  # why the run ended after this round, when it ended early
     notes: list[str] = field(default_factory=list)
 
     def count_traffic(self, site: str, sent: int, received: int) -> None:

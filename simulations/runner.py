@@ -125,7 +125,7 @@ def run_simulation(data_root: Path, run_root: Path, num_sites: int, overrides: d
     metrics = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
     expected = json.loads((run_dir / "config.json").read_text())["config"]["num-rounds"]
-    if not records or records[-1]["round"] != expected:
+    if not records or (records[-1]["round"] != expected and not records[-1].get("stopped")):
         raise SimulationError(f"the run stopped early: {len(records)} round record(s) in {run_dir}")
     return run_dir
 

@@ -1,0 +1,222 @@
+"""Differential privacy at a site: accounting over the whole run, persistence across restarts,
+enforcement of the budget, per-study clipping, and a DP federation that learns."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Metadata, RecordDict
+from flwr.app.message.message import make_message
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from torch.utils.data import DataLoader, TensorDataset
+
+from client import app as client_app
+from client.privacy import PrivacyLedger, SitePrivacy, privacy_units, sampling
+from client.session import open_session
+from common.config import ConfigError, ModelConfig, RunConfig
+from common.exchange import to_array_record
+from common.model import SequenceHead, build_model, frozen_backbone_hash
+from server.runs import read_metrics
+from server.strategy import ClinicFedAvg
+from simulations.runner import run_simulation
+from simulations.synthetic import SyntheticSpec, generate_clinics
+from tests.conftest import reply
+
+RUN = {"image-size": 32, "seq-len": 4, "proj-dim": 16, "gru-hidden": 8, "attn-dim": 8, "batch-size": 4,
+       "local-epochs": 1, "num-rounds": 3, "dp-enabled": True, "dp-target-epsilon": 8.0}
+
+
+def _context(site: Path, state_dir: Path, run_config: dict, **node) -> Context:
+    return Context(run_id=7, node_id=1, node_config={"data-path": str(site), "state-dir": str(state_dir),
+                                                      "site-name": "site-a", **node},
+                   state=RecordDict(), run_config=run_config)
+
+
+def _train_message(run_config: dict, server_round: int):
+    model = build_model(RunConfig.from_mapping(run_config).model)
+    content = RecordDict({"arrays": to_array_record(model),
+                          "config": ConfigRecord({"server-round": server_round, "budget-id": "run-7",
+                                                  "backbone-hash": frozen_backbone_hash(model)})})
+    metadata = Metadata(run_id=7, message_id=f"q{server_round}", src_node_id=0, dst_node_id=1,
+                        reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=600.0,
+                        message_type="train")
+    return make_message(metadata, content=content)
+
+
+def _fresh_accountant_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    accountant = RDPAccountant()
+    for sigma, q, steps in history:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+    return accountant.get_epsilon(delta)
+
+
+@pytest.fixture
+def site(tiny_clinics, tmp_path) -> Path:
+    target = tmp_path / "site-a"
+    shutil.copytree(tiny_clinics[0], target)
+    return target
+
+
+def test_epsilon_is_cumulative_and_survives_a_daemon_restart(site, tmp_path):
+    open_session.cache_clear()
+    context = _context(site, tmp_path / "state", RUN)
+    epsilons, metrics = [], None
+    for rnd in (1, 2):
+        out = client_app.train(_train_message(RUN, rnd), context)
+        metrics = out.content["metrics"]
+        assert out.content["site"]["status"] == "ok"
+        epsilons.append(metrics["dp-epsilon"])
+    sigma, q, delta = metrics["dp-noise-multiplier"], metrics["dp-sample-rate"], metrics["dp-delta"]
+    steps_per_round = metrics["dp-steps"] // 2
+    assert metrics["dp-steps"] == 2 * steps_per_round and metrics["dp-max-grad-norm"] == 1.0
+    for k, eps in enumerate(epsilons, start=1):
+        assert eps == pytest.approx(_fresh_accountant_epsilon([(sigma, q, steps_per_round)] * k, delta), rel=1e-9)
+    assert delta == pytest.approx(min(1e-5, 1 / (10 * len(privacy_units(np.arange(12), [], "study")))), rel=1) \
+        and delta <= 1e-5
+
+    # The daemon restarts: no process cache, an empty context.state; only the state dir remains.
+    open_session.cache_clear()
+    restarted = _context(site, tmp_path / "state", RUN)
+    out = client_app.train(_train_message(RUN, 3), restarted)
+    third = out.content["metrics"]["dp-epsilon"]
+    assert third == pytest.approx(_fresh_accountant_epsilon([(sigma, q, steps_per_round)] * 3, delta), rel=1e-9)
+    assert third > epsilons[1] and third <= 8.0 + 1e-6, "calibrated for the planned 3 rounds"
+    assert out.content["metrics"]["dp-noise-multiplier"] == sigma, "one noise multiplier for the whole run"
+
+    # A 4th round would exceed the budget: the site refuses, with the documented status.
+    refused = client_app.train(_train_message(RUN, 4), restarted)
+    assert refused.content["site"]["status"] == "budget-exhausted"
+    assert refused.content["site"]["dp-epsilon"] == pytest.approx(third)
+    assert not refused.content.array_records, "no parameters leave a site that did not train"
+
+
+def test_a_site_can_be_stricter_than_the_server(site, tmp_path):
+    open_session.cache_clear()
+    fixed = {**RUN, "dp-noise-multiplier": 0.8}
+    strict = _context(site, tmp_path / "strict", fixed, **{"dp-target-epsilon": 0.05})
+    out = client_app.train(_train_message(fixed, 1), strict)
+    assert out.content["site"]["status"] == "budget-exhausted"
+    assert out.content["site"]["dp-budget"] == pytest.approx(0.05)
+    budget = SitePrivacy.resolve(RunConfig.from_mapping(fixed).privacy,
+                                 replace(open_session.cache_info() and _site_config(site), dp_target_epsilon=20.0), 10)
+    assert budget.target_epsilon == 8.0, "a looser site budget never loosens the server's"
+
+
+def _site_config(site: Path):
+    from common.config import SiteConfig
+    return SiteConfig(site, site / ".state", "x")
+
+
+def test_server_survives_exhausted_sites_and_sees_who_is_exhausted():
+    from common.exchange import ParamSpec
+    strategy = ClinicFedAvg(spec={"w": ParamSpec((1,), np.dtype("float32"))}, backbone_hash="h",
+                            label_names=["injury"], min_sites=1)
+    exhausted = RecordDict({"site": ConfigRecord({"status": "budget-exhausted", "reason": "budget-exhausted",
+                                                  "site-name": "a", "backbone-hash": "h", "dp-epsilon": 7.9,
+                                                  "dp-budget": 8.0})})
+    arrays, metrics = strategy.aggregate_train(1, [reply(exhausted, 1)])
+    assert arrays is None and metrics is None
+    report = strategy.reports[1]
+    assert report.exhausted == {"a": 7.9} and not report.rejected and not report.train
+    assert strategy.epsilon == {"a": 7.9}
+
+
+def test_dp_step_equals_manual_per_study_clipping_without_noise():
+    """Opacus' step (noise 0) equals: per-study gradient, clip to C, sum, divide by the batch."""
+    torch.manual_seed(0)
+    config = ModelConfig(proj_dim=8, gru_hidden=4, attn_dim=4, dropout=0.0, severity_head=False, recon_head=False)
+    head = SequenceHead(config, in_dim=12)
+    x = torch.randn(4, 5, 12)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[3, 1:] = False
+    y = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    clip, lr = 0.05, 1.0
+
+    def loss_of(module, rows):
+        out = module(x[rows], mask[rows])
+        return torch.nn.functional.binary_cross_entropy_with_logits(out.logits, y[rows], reduction="none").mean(1)
+
+    manual = {name: torch.zeros_like(p) for name, p in head.named_parameters()}
+    for i in range(4):
+        head.zero_grad()
+        loss_of(head, [i]).sum().backward()
+        grads = {name: p.grad.clone() for name, p in head.named_parameters()}
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        factor = min(1.0, clip / (norm.item() + 1e-6))
+        for name in manual:
+            manual[name] += grads[name] * factor
+    expected = {name: p.detach() - lr * manual[name] / 4 for name, p in head.named_parameters()}
+
+    private = SequenceHead(config, in_dim=12)
+    private.load_state_dict(head.state_dict())
+    engine = PrivacyEngine(accountant="rdp")
+    private, optimizer, _ = engine.make_private(
+        module=private, optimizer=torch.optim.SGD(private.parameters(), lr=lr),
+        data_loader=DataLoader(TensorDataset(torch.arange(4)), batch_size=4), noise_multiplier=0.0,
+        max_grad_norm=clip, poisson_sampling=False)
+    optimizer.zero_grad()
+    loss_of(private, [0, 1, 2, 3]).mean().backward()
+    optimizer.step()
+    for name, p in private._module.named_parameters():
+        assert torch.allclose(p, expected[name], atol=1e-6), name
+    assert any(not torch.allclose(expected[n], q) for n, q in head.named_parameters()), "the step moved something"
+
+
+def test_patient_level_units_group_studies_and_sampling_matches_opacus():
+    units = privacy_units(np.array([0, 1, 2, 3, 4]), ["p1", "p1", "p2", "p3", "p3"], "patient")
+    assert sorted(len(u) for u in units) == [1, 2, 2]
+    assert [len(u) for u in privacy_units(np.array([0, 1, 2]), ["p", "p", "p"], "study")] == [1, 1, 1]
+    q, steps = sampling(34, 8)
+    assert q == pytest.approx(1 / 5) and steps == 5
+
+
+def test_dp_needs_the_frozen_policy():
+    with pytest.raises(ConfigError, match="frozen"):
+        RunConfig.from_mapping({"dp-enabled": True, "freeze": "layer4"})
+
+
+def test_ledger_prefers_the_longer_history(tmp_path):
+    site = _site_config(tmp_path)
+    short = PrivacyLedger("rdp", [[1.0, 0.1, 10]], 1.0)
+    long = PrivacyLedger("rdp", [[1.0, 0.1, 10], [1.0, 0.1, 10]], 1.0)
+    long.save(site, "r1")
+    import json
+    loaded = PrivacyLedger.load(site, "r1", "rdp", json.dumps(short.__dict__))
+    assert loaded.steps == 20, "a stale context.state must never roll the budget back"
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp-e2e")
+    # DP-SGD needs more studies per site than the plain tests to learn at epsilon 8.
+    spec = SyntheticSpec(sites=2, studies_per_site=100, image_size=48, slices_per_study=6, seed=8)
+    generate_clinics(root / "data", spec, progress=False)
+    overrides = {"num-rounds": 3, "min-sites": 2, "image-size": 48, "seq-len": 6, "local-epochs": 3,
+                 "batch-size": 32, "test-fraction": 0.3, "lr": 0.003, "dp-enabled": True,
+                 "dp-target-epsilon": 8.0, "recon-head": False}
+    return run_simulation(root / "data", root / "runs", num_sites=2, overrides=overrides,
+                          flwr_home=root / "flwr-home", stream=False, timeout=900)
+
+
+def test_dp_federation_learns_within_the_budget(dp_run):
+    records = read_metrics(dp_run)
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    final = records[-1]
+    epsilon = final["catalogue"]["epsilon"]
+    assert set(epsilon["per_site"]) == {"site-01", "site-02"}
+    assert epsilon["value"] == max(epsilon["per_site"].values()) and 6.0 < epsilon["value"] <= 8.0 + 1e-6
+    for rnd in (1, 2, 3):
+        assert set(records[rnd]["privacy"]) == {"site-01", "site-02"}
+        assert all(p["steps"] > 0 and p["noise-multiplier"] > 0 for p in records[rnd]["privacy"].values())
+    assert final["catalogue"]["auc"]["value"] > 0.58, "above chance (0.5) at epsilon about 8"
+    assert final["catalogue"]["auc"]["value"] > records[0]["catalogue"]["auc"]["value"]
