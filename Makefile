@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-dp clean
 
 install: $(STAMP)
 
@@ -19,6 +19,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.skeleton
+	$(BIN)/python -m benchmarks.dp_step
+
+bench-dp: $(STAMP)
+	$(BIN)/python -m benchmarks.dp_step
 
 clean:
 	rm -rf runs .flwr .pytest_cache

@@ -201,10 +201,10 @@ def test_linear_bigru_equals_torch_gru_on_packed_sequences():
     ref = nn.GRU(5, 4, batch_first=True, bidirectional=True)
     with torch.no_grad():
         for suffix, gru in (("", ours.forward_gru), ("_reverse", ours.backward_gru)):
-            getattr(ref, f"weight_ih_l0{suffix}").copy_(gru.input_proj.weight)
-            getattr(ref, f"bias_ih_l0{suffix}").copy_(gru.input_proj.bias)
-            getattr(ref, f"weight_hh_l0{suffix}").copy_(gru.hidden_proj.weight)
-            getattr(ref, f"bias_hh_l0{suffix}").copy_(gru.hidden_proj.bias)
+            getattr(ref, f"weight_ih_l0{suffix}").copy_(gru.weight_ih)
+            getattr(ref, f"bias_ih_l0{suffix}").copy_(gru.bias_ih)
+            getattr(ref, f"weight_hh_l0{suffix}").copy_(gru.weight_hh)
+            getattr(ref, f"bias_hh_l0{suffix}").copy_(gru.bias_hh)
     x = torch.randn(3, 6, 5)
     mask = torch.ones(3, 6, dtype=torch.bool)
     mask[1, 4:] = False
