@@ -107,7 +107,7 @@ def test_a_site_can_be_stricter_than_the_server(site, tmp_path):
     assert out.content["site"]["status"] == "budget-exhausted"
     assert out.content["site"]["dp-budget"] == pytest.approx(0.05)
     budget = SitePrivacy.resolve(RunConfig.from_mapping(fixed).privacy,
-                                 replace(open_session.cache_info() and _site_config(site), dp_target_epsilon=20.0), 10)
+                                 replace(_site_config(site), dp_target_epsilon=20.0), 10)
     assert budget.target_epsilon == 8.0, "a looser site budget never loosens the server's"
 
 
@@ -220,3 +220,21 @@ def test_dp_federation_learns_within_the_budget(dp_run):
         assert all(p["steps"] > 0 and p["noise-multiplier"] > 0 for p in records[rnd]["privacy"].values())
     assert final["catalogue"]["auc"]["value"] > 0.58, "above chance (0.5) at epsilon about 8"
     assert final["catalogue"]["auc"]["value"] > records[0]["catalogue"]["auc"]["value"]
+
+
+def test_server_ends_the_run_when_every_site_is_exhausted(tmp_path):
+    """A real simulation whose budget cannot pay for one round: every site refuses in round 1,
+    the server records who and why, and ends the run cleanly instead of looping or crashing."""
+    spec = SyntheticSpec(sites=2, studies_per_site=12, image_size=32, slices_per_study=3, seed=4)
+    generate_clinics(tmp_path / "data", spec, progress=False)
+    overrides = {"num-rounds": 3, "min-sites": 2, "image-size": 32, "seq-len": 3, "dp-enabled": True,
+                 "dp-noise-multiplier": 0.3, "dp-target-epsilon": 1.0, "recon-head": False}
+    run_dir = run_simulation(tmp_path / "data", tmp_path / "runs", num_sites=2, overrides=overrides,
+                             flwr_home=tmp_path / "flwr-home", stream=False, timeout=600)
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [0, 1], "the run ends after the round in which all were exhausted"
+    last = records[-1]
+    assert set(last["exhausted"]) == {"site-01", "site-02"} and not last["train"] and not last["rejected"]
+    assert last["stopped"] == "every site that replied has exhausted its privacy budget"
+    assert all(v == 0.0 for v in last["exhausted"].values()), "nothing was spent"
+    assert (run_dir / "checkpoints" / "round-001.pt").is_file()
