@@ -12,6 +12,7 @@ from typing import Callable
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.audit import audit_outgoing
 from client.session import SiteSession, open_session
 from client.training import train_local
 from common.inference import evaluate_local
@@ -24,7 +25,8 @@ from common.exchange import ARRAYS_KEY, METRICS_KEY, SITE_KEY, STATUS_BUDGET_EXH
 from common.model import BackboneMismatchError, BackboneWeightsError, check_backbone_hash
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+# The audit mod sees each reply exactly as Flower sends it.
+app = ClientApp(mods=[audit_outgoing])
 
 
 @app.train()

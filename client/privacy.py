@@ -18,7 +18,6 @@ import copy
 import ctypes
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.training import TrainResult, per_study_loss
 from common.config import PrivacyConfig, RunConfig, SiteConfig, TrainConfig
+from common.files import atomic_write_bytes
 from common.inference import SiteInputs
 from common.model import InjuryNet
 
@@ -88,14 +88,7 @@ class PrivacyLedger:
 
     def save(self, site: SiteConfig, budget_id: str) -> str:
         text = json.dumps(asdict(self))
-        path = self.path(site, budget_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        atomic_write_bytes(self.path(site, budget_id), text.encode())
         return text
 
 

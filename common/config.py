@@ -143,6 +143,7 @@ class FederationConfig:
     round_timeout: float = 600.0
     run_dir: str = "runs"
     data_root: str = ""
+    audit_outgoing: bool = False  # sites keep a byte-exact copy of every reply (client/audit.py)
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:

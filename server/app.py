@@ -34,8 +34,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy = ClinicFedAvg(spec=trainable_spec(model), backbone_hash=backbone_hash,
                             label_names=config.model.names(), min_sites=fed.min_sites,
                             fid_dim=config.eval.fid_dim if config.model.recon_head else None,
-                            fid_extractor=FidFeatureExtractor(model, config.eval.fid_dim,
-                                                              config.eval.fid_inception_weights).name,
+                            fid_extractor=FidFeatureExtractor.describe(config.eval.fid_dim,
+                                                                       config.eval.fid_inception_weights),
                             min_site_cases=config.eval.min_site_cases,
                             fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate)
     arrays = to_array_record(model)

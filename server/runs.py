@@ -27,21 +27,13 @@ from flwr.app import ArrayRecord
 from rich.console import Console
 from rich.table import Table
 
+from common.files import atomic_write_bytes
 from common.metrics.catalogue import MetricValue
 from server.strategy import RoundReport
 
 METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
 CHECKPOINT_DIR = "checkpoints"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
 
 
 class RunDirectory:

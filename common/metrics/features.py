@@ -32,9 +32,14 @@ class FidFeatureExtractor:
         self.model = model
         self.inception = _load_inception(Path(inception_weights).expanduser()) if inception_weights else None
         self.projection = fixed_projection(2048, dim)
-        self.name = (f"InceptionV3 pool features ({Path(inception_weights).name}), projected to {dim}-d"
-                     if self.inception is not None else
-                     f"the model's frozen ResNet50 pool features (site-standardised), projected to {dim}-d")
+        self.name = self.describe(dim, inception_weights)
+
+    @staticmethod
+    def describe(dim: int, inception_weights: str = "") -> str:
+        """The extractor's name as reports show it (values compare only within one extractor)."""
+        if inception_weights:
+            return f"InceptionV3 pool features ({Path(inception_weights).name}), projected to {dim}-d"
+        return f"the model's frozen ResNet50 pool features (site-standardised), projected to {dim}-d"
 
     @property
     def uses_backbone(self) -> bool:
