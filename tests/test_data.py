@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import DataConfig
 from common.data.errors import DataError
 from common.data.site import assign_split, load_site, read_labels
 

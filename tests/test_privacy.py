@@ -3,7 +3,6 @@ enforcement of the budget, per-study clipping, and a DP federation that learns."
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import replace
