@@ -39,8 +39,17 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     table.add_row("skipped studies", str(len(site.skipped)))
     console = Console()
     console.print(table)
-    for study, code in site.skipped:
-        console.print(f"  skipped {study}: {code}")
+    if site.quarantine:
+        # Relative paths on this screen only: they never go to the server.
+        by_reason: dict[str, list[str]] = {}
+        for path, code in site.quarantine:
+            by_reason.setdefault(code, []).append(path)
+        quarantine = Table(title="quarantine (left out, with the reason)")
+        for column in ("reason", "count", "examples"):
+            quarantine.add_column(column)
+        for code, paths in sorted(by_reason.items()):
+            quarantine.add_row(code, str(len(paths)), ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else ""))
+        console.print(quarantine)
     return 0
 
 

@@ -60,7 +60,10 @@ def test_unreadable_study_is_skipped_with_a_reason(site, tiny_data_config):
     for path in victim.rglob("*.dcm"):
         path.write_bytes(b"this is not DICOM")
     data = load_site(site, tiny_data_config, num_labels=1, progress=False)
-    assert len(data.studies) == 15 and data.skipped == [(victim.name, "unreadable-dicom")]
+    assert len(data.studies) == 15 and data.skipped == [(victim.name, "no-usable-series")]
+    files = {path for path, code in data.quarantine if code == "not-dicom"}
+    assert files == {str(p.relative_to(site)) for p in victim.rglob("*.dcm")}
+    assert (f"studies/{victim.name}", "no-usable-series") in data.quarantine
 
 
 @pytest.mark.parametrize("breakage, code", [

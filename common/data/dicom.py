@@ -16,7 +16,7 @@ import pydicom
 import torch
 import torch.nn.functional as F
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_rescale, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi_lut
 
 from common.data.errors import StudyError
 
@@ -28,22 +28,73 @@ class SliceHeader:
     series_description: str
     position: float | None  # along the slice normal; None when the geometry tags are missing
     instance_number: int
+    orientation: tuple[float, ...] | None = None
+
+
+class FileProblem(Exception):
+    """One file cannot be used; ``code`` is its quarantine reason (safe to count and report)."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
 
 
 def read_header(path: Path) -> SliceHeader:
+    """Header of one file; FileProblem with a reason code when the file is not a usable image."""
+    if path.stat().st_size == 0:
+        raise FileProblem("empty-file")
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-        raise StudyError("unreadable-dicom", f"{path.name}: {type(exc).__name__}") from exc
+        ds = pydicom.dcmread(path, defer_size=1024)  # pixel bytes are read later, only if chosen
+    except InvalidDicomError:
+        raise FileProblem(_why_not_dicom(path)) from None
+    except (OSError, EOFError, ValueError, TypeError, KeyError) as exc:
+        raise FileProblem("corrupt-header", type(exc).__name__) from exc
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise FileProblem("no-pixel-data", str(ds.get("Modality", "")))
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        raise FileProblem("unsupported-photometric", photometric)
     if "SeriesInstanceUID" not in ds:
-        raise StudyError("missing-series-uid", f"{path.name} has no SeriesInstanceUID")
+        raise FileProblem("missing-series-uid")
     return SliceHeader(
         path=path,
         series_uid=str(ds.SeriesInstanceUID),
         series_description=str(ds.get("SeriesDescription", "")),
         position=_position_along_normal(ds),
         instance_number=int(ds.get("InstanceNumber", 0) or 0),
+        orientation=_orientation(ds),
     )
+
+
+SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT",
+                         "PALETTE COLOR"}
+
+
+def _why_not_dicom(path: Path) -> str:
+    """A file pydicom refuses: DICOM without its file meta header, or not DICOM at all. A forced
+    read turns anything into a near-empty dataset, so look for tags real images carry."""
+    try:
+        forced = pydicom.dcmread(path, force=True, defer_size=1024)
+        if any(tag in forced for tag in ("SOPClassUID", "Modality", "PixelData", "StudyInstanceUID")):
+            return "missing-meta"
+    except Exception:  # anything pydicom raises on garbage means the same thing here
+        pass
+    # A forced read can also stumble on real data; an explicit-VR element of group 0008 (the
+    # identifying group every image starts with) near the start still says "DICOM, no meta".
+    head = path.read_bytes()[:512]
+    for i in range(len(head) - 6):
+        if head[i:i + 2] == b"\x08\x00" and head[i + 4:i + 6] in _VRS:
+            return "missing-meta"
+    return "not-dicom"
+
+
+_VRS = {vr.encode() for vr in ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT", "OB", "OW",
+                               "PN", "SH", "SL", "SQ", "SS", "ST", "TM", "UI", "UL", "UN", "US", "UT")}
+
+
+def _orientation(ds: pydicom.Dataset) -> tuple[float, ...] | None:
+    iop = ds.get("ImageOrientationPatient")
+    return tuple(round(float(v), 3) for v in iop) if iop is not None and len(iop) == 6 else None
 
 
 def _position_along_normal(ds: pydicom.Dataset) -> float | None:
@@ -57,31 +108,55 @@ def _position_along_normal(ds: pydicom.Dataset) -> float | None:
 def select_series(headers: list[SliceHeader], description: str = "") -> list[SliceHeader]:
     """The series to use, spatially ordered: the one with most images, optionally among those
     whose SeriesDescription contains ``description`` (case-insensitive)."""
-    series: dict[str, list[SliceHeader]] = {}
-    for h in headers:
-        series.setdefault(h.series_uid, []).append(h)
+    series: dict[tuple, list[SliceHeader]] = {}
+    for h in headers:  # a series that mixes orientations is split into one group per orientation
+        series.setdefault((h.series_uid, h.orientation), []).append(h)
     candidates = list(series.values())
     if description:
         candidates = [s for s in candidates if description.lower() in s[0].series_description.lower()]
         if not candidates:
             raise StudyError("no-matching-series", f"no series description contains {description!r}")
     # Most images first; ties broken by UID so the choice is deterministic.
-    chosen = max(candidates, key=lambda s: (len(s), s[0].series_uid))
+    chosen = max(candidates, key=lambda s: (len(s), s[0].series_uid, str(s[0].orientation)))
     if all(h.position is not None for h in chosen):
         return sorted(chosen, key=lambda h: (h.position, h.instance_number))
     return sorted(chosen, key=lambda h: h.instance_number)
 
 
 def read_pixels(path: Path) -> np.ndarray:
-    """One slice as float32 in [0, 1] after rescale, window and MONOCHROME1 inversion."""
+    """The frames of one file as (frames, H, W) float32 in [0, 1]: modality LUT (rescale), then
+    the VOI window, MONOCHROME1 inverted; colour (RGB, YBR, palette) converted to luminance."""
     try:
         ds = pydicom.dcmread(path)
-        stored = ds.pixel_array
-    except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError, RuntimeError) as exc:
-        raise StudyError("unreadable-pixels", f"{path.name}: {type(exc).__name__}") from exc
-    if stored.ndim != 2:
-        raise StudyError("unsupported-pixels", f"{path.name}: pixel array of shape {stored.shape}")
-    values = apply_rescale(stored, ds).astype(np.float64)
+        stored = ds.pixel_array  # pydicom converts YBR to RGB
+    except (ValueError, EOFError) as exc:
+        raise FileProblem("truncated-pixel-data", type(exc).__name__) from exc
+    except RuntimeError as exc:
+        missing = "missing dependencies" in str(exc) or "no pixel data handler" in str(exc).lower()
+        raise FileProblem("decoder-missing" if missing else "undecodable-pixel-data",
+                          str(ds.file_meta.get("TransferSyntaxUID", ""))) from exc
+    except (AttributeError, NotImplementedError, TypeError) as exc:
+        raise FileProblem("undecodable-pixel-data", type(exc).__name__) from exc
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        stored = apply_color_lut(stored, ds)
+    if frames == 1:
+        stored = stored[None]
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        # ITU-R BT.601 luma: the model sees grey levels; colour carries no extra information
+        # for the radiographs and slices it is built for. Palette LUT output spans its dtype.
+        if photometric == "PALETTE COLOR":
+            peak = float(np.iinfo(stored.dtype).max) if np.issubdtype(stored.dtype, np.integer) else 1.0
+        else:
+            peak = float(2 ** int(ds.get("BitsStored", 8)) - 1)
+        rgb = stored.astype(np.float64) / peak
+        values = np.clip(rgb @ np.array([0.299, 0.587, 0.114]), 0.0, 1.0)
+        return values.astype(np.float32)
+    return np.stack([_window(apply_rescale(frame, ds).astype(np.float64), ds) for frame in stored]).astype(np.float32)
+
+
+def _window(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     if "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
         # DICOM PS3.3 C.11.2.1.2 linear window, mapped to [0, 1].
@@ -93,7 +168,7 @@ def read_pixels(path: Path) -> np.ndarray:
         values = np.clip((values - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(values)
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         values = 1.0 - values
-    return values.astype(np.float32)
+    return values
 
 
 def _first(value: object) -> float:
@@ -121,15 +196,35 @@ def sample_indices(n: int, seq_len: int) -> np.ndarray:
     return np.round(np.linspace(0, n - 1, seq_len)).astype(int)
 
 
-def load_dicom_study(study_dir: Path, image_size: int, seq_len: int, series_description: str = "") -> np.ndarray:
-    """A study folder -> (n, image_size, image_size) float32 with 1 <= n <= seq_len."""
+def load_dicom_study(study_dir: Path, image_size: int, seq_len: int, series_description: str = "",
+                     quarantine: list[tuple[Path, str]] | None = None) -> np.ndarray:
+    """A study folder -> (n, image_size, image_size) float32 with 1 <= n <= seq_len.
+
+    Files that cannot be used are appended to ``quarantine`` as (path, reason code) and the study
+    goes on without them; a study with nothing usable left is a StudyError."""
+    quarantine = quarantine if quarantine is not None else []
     files = sorted(p for p in study_dir.rglob("*.dcm") if p.is_file())
     if not files:
         raise StudyError("no-dicom-files", "no .dcm files in the study folder")
-    ordered = select_series([read_header(p) for p in files], series_description)
-    ordered = [ordered[i] for i in sample_indices(len(ordered), seq_len)]
-    slices = [read_pixels(h.path) for h in ordered]
-    shapes = {s.shape for s in slices}
+    headers = []
+    for path in files:
+        try:
+            headers.append(read_header(path))
+        except FileProblem as problem:
+            quarantine.append((path, problem.code))
+    if not headers:
+        raise StudyError("no-usable-series", "no file in the study is a usable image")
+    ordered = select_series(headers, series_description)
+    frames: list[np.ndarray] = []
+    for header in ordered:  # multi-frame files contribute all their frames, in order
+        try:
+            frames.extend(read_pixels(header.path))
+        except FileProblem as problem:
+            quarantine.append((header.path, problem.code))
+    if not frames:
+        raise StudyError("no-usable-series", "no image of the chosen series could be decoded")
+    frames = [frames[i] for i in sample_indices(len(frames), seq_len)]
+    shapes = {f.shape for f in frames}
     if len(shapes) != 1:
-        raise StudyError("inconsistent-geometry", f"slices of one series have shapes {sorted(shapes)}")
-    return resize_square(np.stack(slices), image_size)
+        raise StudyError("inconsistent-geometry", f"images of one series have shapes {sorted(shapes)}")
+    return resize_square(np.stack(frames), image_size)

@@ -49,6 +49,7 @@ class SiteData:
     label_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (study, reason code)
     groups: list[str] = field(default_factory=list)  # patient (or study) key per study; stays at the site
+    quarantine: list[tuple[str, str]] = field(default_factory=list)  # (path relative to the site, reason code)
 
     @property
     def train_index(self) -> np.ndarray:
@@ -135,15 +136,18 @@ def load_site(site_dir: Path, config: DataConfig, num_labels: int, progress: boo
     is_test = assign_split(records, config.test_fraction, config.seed)
 
     kept, arrays, skipped = [], [], []
-    for i, record in enumerate(tqdm(records, desc=f"reading {site_dir.name}", unit="study", disable=None if progress else True,
-                                    leave=False)):
+    files: list[tuple[Path, str]] = []  # unusable files, with their reason codes
+    for i, record in enumerate(tqdm(records, desc=f"reading {site_dir.name}", unit="study",
+                                    disable=None if progress else True, leave=False)):
         try:
             arrays.append(load_dicom_study(studies_dir / record.study, config.image_size, config.seq_len,
-                                           config.series_description))
+                                           config.series_description, files))
             kept.append(i)
         except StudyError as exc:
             log.warning("skipping study %s: %s (%s)", record.study, exc.code, exc)
             skipped.append((record.study, exc.code))
+    quarantine = [(str(path.relative_to(site_dir)), code) for path, code in files]
+    quarantine += [(f"{STUDIES_DIR}/{study}", code) for study, code in skipped]
     if not kept:
         raise DataError("no-usable-studies", f"none of the {len(records)} studies in {site_dir} could be read")
 
@@ -164,4 +168,5 @@ def load_site(site_dir: Path, config: DataConfig, num_labels: int, progress: boo
         label_names=label_names,
         skipped=skipped,
         groups=[r.patient or r.study for r in chosen],
+        quarantine=quarantine,
     )
