@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from simulations.runner import PROJECT_ROOT, SimulationError, run_simulation
+from simulations.runner import PROJECT_ROOT, SimulationError, read_round_records, run_simulation
 from simulations.synthetic import SyntheticSpec, generate_clinics
 
 console = Console()
@@ -88,7 +88,7 @@ def _run_and_report(data_root: Path, run_root: Path, num_sites: int, overrides: 
     subprocess.run([*server_cli, "status", str(run_dir)], check=False)
     if plots:
         subprocess.run([*server_cli, "report", str(run_dir)], check=False)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_round_records(run_dir)
     first, last = records[0]["catalogue"], records[-1]["catalogue"]
     summary = {"run_dir": str(run_dir), "rounds": len(records) - 1,
                "wall_seconds": round(time.perf_counter() - started, 1),

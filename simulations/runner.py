@@ -122,12 +122,19 @@ def run_simulation(data_root: Path, run_root: Path, num_sites: int, overrides: d
                               f"see the log above and {flwr_home / 'superlink.log'}")
     run_dir = created[-1]
     # `flwr run --stream` exits 0 even when the ServerApp crashed: trust only what was written.
-    metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    records = read_round_records(run_dir)
     expected = json.loads((run_dir / "config.json").read_text())["config"]["num-rounds"]
     if not records or (records[-1]["round"] != expected and not records[-1].get("stopped")):
         raise SimulationError(f"the run stopped early: {len(records)} round record(s) in {run_dir}")
     return run_dir
+
+
+def read_round_records(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl records (the server's run-directory format), oldest first."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
 
 
 def _toml(value: object) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +20,14 @@ TINY_SPEC = SyntheticSpec(sites=2, studies_per_site=16, image_size=32, slices_pe
 @pytest.fixture(scope="session")
 def tiny_clinics(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return generate_clinics(tmp_path_factory.mktemp("clinics"), TINY_SPEC, progress=False)
+
+
+@pytest.fixture
+def site(tiny_clinics: list[Path], tmp_path: Path) -> Path:
+    """A private, writable copy of one tiny clinic (tests may break it)."""
+    target = tmp_path / "site"
+    shutil.copytree(tiny_clinics[0], target)
+    return target
 
 
 @pytest.fixture

@@ -14,13 +14,6 @@ from common.data.errors import DataError
 from common.data.site import assign_split, load_site, read_labels
 
 
-@pytest.fixture
-def site(tiny_clinics, tmp_path) -> Path:
-    target = tmp_path / "site"
-    shutil.copytree(tiny_clinics[0], target)
-    return target
-
-
 def test_site_loads_into_aligned_arrays(tiny_clinics, tiny_data_config):
     data = load_site(tiny_clinics[0], tiny_data_config, num_labels=1, progress=False)
     n = len(data.studies)

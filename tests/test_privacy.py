@@ -3,7 +3,6 @@ enforcement of the budget, per-study clipping, and a DP federation that learns."
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -56,13 +55,6 @@ def _fresh_accountant_epsilon(history: list[tuple[float, float, int]], delta: fl
         for _ in range(steps):
             accountant.step(noise_multiplier=sigma, sample_rate=q)
     return accountant.get_epsilon(delta)
-
-
-@pytest.fixture
-def site(tiny_clinics, tmp_path) -> Path:
-    target = tmp_path / "site-a"
-    shutil.copytree(tiny_clinics[0], target)
-    return target
 
 
 def test_epsilon_is_cumulative_and_survives_a_daemon_restart(site, tmp_path):
