@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_outgoing
+from client.drills import fault_drill
 from client.session import SiteSession, open_session
 from client.training import train_local
 from common.inference import evaluate_local
@@ -25,8 +26,8 @@ from common.exchange import ARRAYS_KEY, METRICS_KEY, SITE_KEY, STATUS_BUDGET_EXH
 from common.model import BackboneMismatchError, BackboneWeightsError, check_backbone_hash
 
 log = logging.getLogger(__name__)
-# The audit mod sees each reply exactly as Flower sends it.
-app = ClientApp(mods=[audit_outgoing])
+# The audit mod is outermost: it sees each reply exactly as Flower sends it (drills included).
+app = ClientApp(mods=[audit_outgoing, fault_drill])
 
 
 @app.train()

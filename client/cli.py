@@ -1,56 +1,160 @@
 """clinicfl-client: site-side commands.
 
-    clinicfl-client check-data SITE_DIR [--image-size 64 --seq-len 8 --num-labels 1]
+    clinicfl-client check-data SITE_DIR [--layout auto] [--image-size 64 --seq-len 8] [--json]
+    clinicfl-client start --superlink HOST:PORT --data-path SITE_DIR --ca-cert ca.crt --key site.key
+                          [--state-dir DIR] [--site-name NAME] [--port 9094] [--node-config k=v ...]
+    clinicfl-client stop --state-dir DIR
 
-Reads the site exactly as training would and prints what it found, on this screen only.
+check-data reads the site exactly as training would and prints what it found, on this screen
+only. start checks the data the same way, refuses to join when nothing is usable, and then runs
+the site's SuperNode (reconnecting and restarting as needed) until stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from common.config import ConfigError, DataConfig
-from common.data.errors import DataError
-from common.data.site import load_site
+from client.daemon import SupernodeDaemon, SupernodeSettings, check_key_files
+from client.datacheck import check_site
+from common.config import SITE_LAYOUTS, ConfigError, DataConfig, FederationConfig, SiteConfig
+
+
+def _data_config(args: argparse.Namespace) -> DataConfig:
+    return DataConfig(image_size=args.image_size, seq_len=args.seq_len, series_description=args.series_description,
+                      test_fraction=args.test_fraction, biomech_features=args.biomech_features,
+                      mrnet_plane=args.mrnet_plane, mrnet_labels=args.mrnet_labels)
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    config = DataConfig(image_size=args.image_size, seq_len=args.seq_len, series_description=args.series_description,
-                        test_fraction=args.test_fraction)
-    site = load_site(Path(args.site_dir), config, args.num_labels, progress=sys.stderr.isatty())
-    table = Table(title=f"site {Path(args.site_dir).name}")
+    config = _data_config(args)
+    site_dir = Path(args.site_dir)
+    cache_dir = Path(args.state_dir) / "cache" / "preprocessed" if args.state_dir else None
+    summary = check_site(site_dir, config, args.num_labels, args.layout, cache_dir, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif summary["usable"]:
+        print_summary(summary, Console())
+    if not summary["usable"]:
+        # One line a site admin can act on, not a traceback.
+        print(f"error: {summary['error']['message']}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    extra = dict(_key_value(item) for item in args.node_config)
+    node_config = {"data-path": str(Path(args.data_path).expanduser().resolve()), "layout": args.layout, **extra}
+    if args.site_name:
+        node_config["site-name"] = args.site_name
+    if args.state_dir:
+        node_config["state-dir"] = str(Path(args.state_dir).expanduser().resolve())
+    site = SiteConfig.from_node_config(node_config, FederationConfig())  # the same parsing as the ClientApp
+    if args.insecure:
+        print("WARNING: --insecure: the connection is not encrypted and the server is not verified.", file=sys.stderr)
+    elif not args.ca_cert or not args.key:
+        print("error: --ca-cert and --key are required (or --insecure on a closed test network)", file=sys.stderr)
+        return 2
+    settings = SupernodeSettings(
+        superlink=args.superlink, data_path=site.data_path, state_dir=site.state_dir, site_name=site.site_name,
+        ca_cert=None if args.insecure else Path(args.ca_cert).expanduser().resolve(),
+        private_key=Path(args.key).expanduser().resolve() if args.key else None, port=args.port, layout=site.layout,
+        node_config=extra)
+    problems = check_key_files(settings)
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    # The same check as check-data: a site with nothing usable does not join, and says why.
+    summary = check_site(site.data_path, _data_config(args), None, site.layout,
+                         site.state_dir / "cache" / "preprocessed", progress=sys.stderr.isatty())
+    if not summary["usable"]:
+        print(f"error: not joining the federation: {summary['error']['message']} "
+              f"(run clinicfl-client check-data {site.data_path})", file=sys.stderr)
+        return 2
+    quarantined = sum(q["count"] for q in summary["quarantine"])
+    print(f"data ok: {summary['studies']} studies ({summary['train_studies']} train / {summary['test_studies']} test), "
+          f"{quarantined} quarantine entries", flush=True)
+    return SupernodeDaemon(settings, restart=not args.no_restart).run()
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    pid_file = Path(args.state_dir).expanduser() / "supernode.pid"
+    if not pid_file.is_file():
+        print(f"no running site daemon ({pid_file} not found)")
+        return 0
+    pid = int(pid_file.read_text().strip())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        print(f"the daemon (pid {pid}) was not running; removed its stale pid file")
+        return 0
+    print(f"stopping the site daemon (pid {pid})")
+    return 0
+
+
+def _key_value(item: str) -> tuple[str, object]:
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ConfigError(f"--node-config expects KEY=VALUE, got {item!r}")
+    raw = raw.strip()
+    if raw in ("true", "false"):
+        return key.strip(), raw == "true"
+    for kind in (int, float):
+        try:
+            return key.strip(), kind(raw)
+        except ValueError:
+            pass
+    return key.strip(), raw.strip("'\"")
+
+
+def print_summary(summary: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"site {summary['site']} ({summary['layout']} layout)")
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row("usable studies", str(len(site.studies)))
-    table.add_row("train / test", f"{len(site.train_index)} / {len(site.test_index)}")
-    table.add_row("images used", str(int(site.mask.sum())))
-    for j, name in enumerate(site.label_names):
-        positives = int(site.labels[:, j].sum())
-        table.add_row(f"{name}: positive / negative", f"{positives} / {len(site.studies) - positives}")
-    if np.isfinite(site.targets).any():
-        table.add_row("studies with a severity target", str(int(np.isfinite(site.targets).sum())))
-    table.add_row("skipped studies", str(len(site.skipped)))
-    console = Console()
+    table.add_row("usable studies", str(summary["studies"]))
+    table.add_row("train / test studies", f"{summary['train_studies']} / {summary['test_studies']}")
+    table.add_row("patients", str(summary["patients"]))
+    table.add_row("series found", str(summary["series"]))
+    table.add_row("image files read / images used", f"{summary['image_files']} / {summary['images_used']}")
+    for name, splits in summary["labels"].items():
+        for split, counts in splits.items():
+            table.add_row(f"{name} ({split}): positive / negative", f"{counts['positive']} / {counts['negative']}")
+    if summary["severity_targets"]:
+        table.add_row("studies with a severity target", str(summary["severity_targets"]))
+    if summary["biomech_features"]:
+        table.add_row("biomechanical features per step", str(summary["biomech_features"]))
+    table.add_row("modality (studies)", _distribution(summary["modalities"]))
+    table.add_row("source image size (images)", _distribution(summary["image_sizes"]))
+    for name, counts in summary["metadata"].items():
+        table.add_row(f"{name} (studies)", _distribution(counts))
+    table.add_row("skipped studies", str(summary["skipped_studies"]))
     console.print(table)
-    if site.quarantine:
+    if summary["quarantine"]:
         # Relative paths on this screen only: they never go to the server.
-        by_reason: dict[str, list[str]] = {}
-        for path, code in site.quarantine:
-            by_reason.setdefault(code, []).append(path)
         quarantine = Table(title="quarantine (left out, with the reason)")
         for column in ("reason", "count", "examples"):
             quarantine.add_column(column)
-        for code, paths in sorted(by_reason.items()):
-            quarantine.add_row(code, str(len(paths)), ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else ""))
+        for entry in summary["quarantine"]:
+            more = " ..." if entry["count"] > len(entry["examples"]) else ""
+            quarantine.add_row(entry["reason"], str(entry["count"]), ", ".join(entry["examples"]) + more)
         console.print(quarantine)
-    return 0
+
+
+def _distribution(counts: dict[str, int], top: int = 4) -> str:
+    items = list(counts.items())
+    text = ", ".join(f"{k}: {v}" for k, v in items[:top])
+    return text + (f", +{len(items) - top} more" if len(items) > top else "") if items else "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,20 +164,46 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-data", help="read a site folder and summarise what training would use")
     check.add_argument("site_dir")
-    defaults = DataConfig()
-    check.add_argument("--image-size", type=int, default=defaults.image_size)
-    check.add_argument("--seq-len", type=int, default=defaults.seq_len)
-    check.add_argument("--num-labels", type=int, default=1)
-    check.add_argument("--series-description", default=defaults.series_description)
-    check.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
+    add_data_arguments(check)
+    check.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
     check.set_defaults(func=cmd_check_data)
+    start = sub.add_parser("start", help="check the data, then run this site's SuperNode until stopped")
+    start.add_argument("--superlink", required=True, help="the centre's address, host:port")
+    start.add_argument("--data-path", required=True, help="the site folder")
+    start.add_argument("--ca-cert", help="the centre's CA certificate (ca.crt)")
+    start.add_argument("--key", help="this site's private key (from clinicfl-server certs --site NAME)")
+    start.add_argument("--insecure", action="store_true", help="no TLS (closed test networks only)")
+    start.add_argument("--state-dir", default="", help="caches, privacy ledger, logs (default: beside the data)")
+    start.add_argument("--site-name", default="", help="the name the centre sees (default: the folder name)")
+    start.add_argument("--port", type=int, default=9094, help="local SuperNode port (one per SuperNode on a host)")
+    start.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
+                       help="more node config, e.g. dp-target-epsilon=4 audit-outgoing=true")
+    start.add_argument("--no-restart", action="store_true", help="exit when the SuperNode exits")
+    add_data_arguments(start)
+    start.set_defaults(func=cmd_start)
+    stop = sub.add_parser("stop", help="stop the site daemon started with this state dir")
+    stop.add_argument("--state-dir", required=True)
+    stop.set_defaults(func=cmd_stop)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ConfigError) as exc:
-        # One line a site admin can act on, not a traceback.
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = DataConfig()
+    parser.add_argument("--layout", choices=SITE_LAYOUTS, default="auto")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--num-labels", type=int, default=None, help="expected label count (default: the site's)")
+    parser.add_argument("--series-description", default=defaults.series_description)
+    parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
+    parser.add_argument("--biomech-features", type=int, default=defaults.biomech_features)
+    parser.add_argument("--mrnet-plane", default=defaults.mrnet_plane)
+    parser.add_argument("--mrnet-labels", default=defaults.mrnet_labels)
+    parser.add_argument("--state-dir", default="", help="the site's state dir: reuse and fill its preprocess cache")
 
 
 if __name__ == "__main__":

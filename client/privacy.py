@@ -199,7 +199,7 @@ def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], c
             mask = data.mask[batch].to(device)
             standardised = (model.feature_norm(features) * mask.unsqueeze(-1)
                             if model.config.feature_norm == "site" else features)
-            out = private_head(standardised, mask)
+            out = private_head(standardised, mask, data.biomech_of(batch, device))
             losses = per_study_loss(model, data, batch, out, train, device)
             loss = losses.sum() / max(len(batch), 1)  # the mean, and 0 (not NaN) for an empty Poisson batch
             optimizer.zero_grad(set_to_none=True)

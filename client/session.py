@@ -40,7 +40,8 @@ class SiteSession:
 
 @lru_cache(maxsize=2)
 def open_session(config: RunConfig, site: SiteConfig) -> SiteSession:
-    data = load_site(site.data_path, config.data, config.model.num_labels)
+    data = load_site(site.data_path, config.data, config.model.num_labels, layout=site.layout,
+                     cache_dir=site.state_dir / "cache" / "preprocessed")
     if data.skipped:
         log.warning("site %s: %d stud(ies) skipped", site.site_name, len(data.skipped))
     model = build_model(config.model)

@@ -39,7 +39,8 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
             x, m = data.inputs[batch].to(device), data.mask[batch].to(device)
             optimizer.zero_grad(set_to_none=True)
             with autocast(device):
-                loss = per_study_loss(model, data, batch, forward(model, data, x, m), config, device).mean()
+                out = forward(model, data, x, m, data.biomech_of(batch, device))
+                loss = per_study_loss(model, data, batch, out, config, device).mean()
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()

@@ -13,6 +13,10 @@ from typing import Any, Mapping
 
 FREEZE_POLICIES = ("frozen", "layer4", "full")
 FEATURE_NORMS = ("site", "none")
+AGGREGATIONS = ("fedavg", "fedmedian", "trimmed-mean")
+SITE_LAYOUTS = ("auto", "dicom", "mura", "mrnet")
+MRNET_PLANES = ("axial", "coronal", "sagittal")
+MRNET_TASKS = ("abnormal", "acl", "meniscus")
 
 
 class ConfigError(ValueError):
@@ -73,10 +77,20 @@ class DataConfig:
     series_description: str = ""
     test_fraction: float = 0.25
     seed: int = 0
+    biomech_features: int = 0  # columns of biomech/<study>.csv; 0 = no biomechanical series
+    mrnet_plane: str = "sagittal"  # MRNet layout: which plane's volumes form the sequence
+    mrnet_labels: str = "abnormal,acl,meniscus"  # MRNet layout: the tasks, in label order
 
     def __post_init__(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError("test-fraction must be in (0, 1)")
+        if self.biomech_features < 0:
+            raise ConfigError("biomech-features must be >= 0")
+        if self.mrnet_plane not in MRNET_PLANES:
+            raise ConfigError(f"mrnet-plane must be one of {MRNET_PLANES}, got {self.mrnet_plane!r}")
+        tasks = [t.strip() for t in self.mrnet_labels.split(",") if t.strip()]
+        if not tasks or any(t not in MRNET_TASKS for t in tasks) or len(set(tasks)) != len(tasks):
+            raise ConfigError(f"mrnet-labels must be distinct names from {MRNET_TASKS}, got {self.mrnet_labels!r}")
 
 
 @dataclass(frozen=True)
@@ -144,12 +158,23 @@ class FederationConfig:
     run_dir: str = "runs"
     data_root: str = ""
     audit_outgoing: bool = False  # sites keep a byte-exact copy of every reply (client/audit.py)
+    aggregation: str = "fedavg"  # fedavg (weighted by studies), fedmedian, trimmed-mean
+    trim_fraction: float = 0.2  # trimmed-mean: the fraction cut at each end, per coordinate
+    max_update_norm: float = 0.0  # reject a site's update whose L2 distance from the global model exceeds this (0: off)
+    resume_from: str = ""  # a run directory: continue from its last finished round (clinicfl-server resume)
+    control_poll: float = 2.0  # seconds between checks of the pause flag while a run is paused
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
             raise ConfigError("num-rounds must be >= 1")
         if self.min_sites < 1:
             raise ConfigError("min-sites must be >= 1")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError("trim-fraction must be in [0, 0.5)")
+        if self.max_update_norm < 0 or self.control_poll <= 0:
+            raise ConfigError("max-update-norm must be >= 0 and control-poll > 0")
 
 
 # Which run-config key feeds which field. Keys shared by several sections (image-size, seed)
@@ -238,6 +263,7 @@ class SiteConfig:
     dp_target_epsilon: float | None = None
     dp_target_delta: float | None = None
     dp_budget_scope: str = "run"  # "site": one ledger for every run on this data
+    layout: str = "auto"  # dicom (labels.csv + studies/), mura, mrnet, or auto (detected)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], federation: FederationConfig) -> "SiteConfig":
@@ -257,7 +283,10 @@ class SiteConfig:
         scope = str(node_config.get("dp-budget-scope", "run"))
         if scope not in ("run", "site"):
             raise ConfigError("node config dp-budget-scope must be run or site")
-        return cls(data_path=data_path, state_dir=state_dir, site_name=site_name,
+        layout = str(node_config.get("layout", "auto"))
+        if layout not in SITE_LAYOUTS:
+            raise ConfigError(f"node config layout must be one of {SITE_LAYOUTS}, got {layout!r}")
+        return cls(data_path=data_path, state_dir=state_dir, site_name=site_name, layout=layout,
                    dp_target_epsilon=_optional_float(node_config, "dp-target-epsilon"),
                    dp_target_delta=_optional_float(node_config, "dp-target-delta"), dp_budget_scope=scope)
 

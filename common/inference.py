@@ -45,6 +45,10 @@ class SiteInputs:
     is_features: bool
     images: Tensor | None = None  # (N, T, 1, H, W): reconstruction targets and image metrics
     targets: Tensor | None = None  # (N,) severity, NaN where unknown
+    biomech: Tensor | None = None  # (N, T, F) site-standardised biomechanical series
+
+    def biomech_of(self, index: Tensor, device: torch.device) -> Tensor | None:
+        return self.biomech[index].to(device) if self.biomech is not None else None
 
     def recon_targets(self, index: Tensor, size: int) -> Tensor:
         """The images of these studies downsampled to the decoder's resolution: (n, T, r, r)."""
@@ -59,10 +63,11 @@ def prepare_inputs(model: InjuryNet, site: SiteData, cache_dir: Path | None, dev
     mask = torch.from_numpy(site.mask)
     labels = torch.from_numpy(site.labels)
     targets = torch.from_numpy(site.targets)
+    biomech = torch.from_numpy(site.biomech) if site.biomech is not None else None
     if model.config.freeze != "frozen":
-        return SiteInputs(images, mask, labels, False, images, targets)
+        return SiteInputs(images, mask, labels, False, images, targets, biomech)
     features = encode_cached(model, site, cache_dir, device, batch_size)
-    return SiteInputs(features, mask, labels, True, images, targets)
+    return SiteInputs(features, mask, labels, True, images, targets, biomech)
 
 
 def encode_cached(model: InjuryNet, site: SiteData, cache_dir: Path | None, device: torch.device,
@@ -114,8 +119,8 @@ def fit_feature_norm(model: InjuryNet, data: SiteInputs, train_index: np.ndarray
     model.feature_norm.fit(features[data.mask[idx]].to(model.feature_norm.mean.device))
 
 
-def forward(model: InjuryNet, data: SiteInputs, x: Tensor, m: Tensor):
-    return model.forward_features(x, m) if data.is_features else model(x, m)
+def forward(model: InjuryNet, data: SiteInputs, x: Tensor, m: Tensor, biomech: Tensor | None = None):
+    return model.forward_features(x, m, biomech) if data.is_features else model(x, m, biomech)
 
 
 def autocast(device: torch.device):
@@ -140,7 +145,8 @@ def predict(model: InjuryNet, data: SiteInputs, index: np.ndarray, device: torch
     for start in range(0, len(index), batch_size):
         batch = torch.as_tensor(index[start:start + batch_size])
         with autocast(device):
-            parts.append(forward(model, data, data.inputs[batch].to(device), data.mask[batch].to(device)))
+            parts.append(forward(model, data, data.inputs[batch].to(device), data.mask[batch].to(device),
+                                 data.biomech_of(batch, device)))
 
     def cat(name: str) -> Tensor | None:
         values = [getattr(p, name) for p in parts]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from urllib.error import URLError
@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from opacus.grad_sample import register_grad_sampler
 from torchvision.models import ResNet50_Weights, resnet50
 
-from common.config import ModelConfig
+from common.config import ModelConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +425,24 @@ def frozen_backbone_hash(model: InjuryNet) -> str:
     frozen = {name: t for name, t in model.backbone.net.state_dict().items()
               if name not in params or not params[name].requires_grad}
     return f"{model.config.freeze}:{tensor_hash(frozen)[:32]}"
+
+
+EXPORT_FORMAT = "clinicfl-model/1"
+
+
+def load_exported(path: Path) -> tuple[InjuryNet, dict]:
+    """A model written by ``clinicfl-server export``: no backbone weights file needed (they are in
+    it), and its backbone hash is checked. Returns the model (eval mode) and the file's metadata."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not a clinicfl model export ({EXPORT_FORMAT})")
+    config = RunConfig.from_mapping(payload["config"])
+    with torch.random.fork_rng(devices=[]):
+        model = InjuryNet(replace(config.model, backbone_weights="none"))
+    model.load_state_dict(payload["state_dict"])
+    check_backbone_hash(payload["backbone-hash"], frozen_backbone_hash(model))
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model.eval(), meta
 
 
 def check_backbone_hash(expected: str, actual: str) -> None:

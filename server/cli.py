@@ -1,47 +1,281 @@
-"""clinicfl-server: coordinating-centre commands.
+"""clinicfl-server: the coordinating centre's commands.
 
-    clinicfl-server status RUN_DIR     the per-round tables of a run directory
-    clinicfl-server report RUN_DIR     PNG plots: metric curves, ROC, attention, reconstructions
+    clinicfl-server certs --host NAME_OR_IP ... --site NAME ...   CA, server certificate, site keys
+    clinicfl-server start [--address 0.0.0.0:9092] [--insecure]   the SuperLink (TLS + node auth)
+    clinicfl-server register-site NAME PUBKEY                      allow a site's key to connect
+    clinicfl-server sites                                          registered sites, online or not
+    clinicfl-server run [--rounds N --min-sites N --set k=v ...]   start a federation; prints the run id
+    clinicfl-server status [RUN | RUN_DIR]                         runs, or one run's per-round table
+    clinicfl-server logs RUN | stop RUN | pause RUN | continue RUN
+    clinicfl-server resume RUN [--rounds N]                        continue RUN from its last finished round
+    clinicfl-server export RUN [--round N] [--out FILE]            the global model, self-contained
+    clinicfl-server report RUN | RUN_DIR                           PNG plots
+    clinicfl-server shutdown                                       stop the SuperLink
+
+Every command works on one centre folder: --home, or $CLINICFL_HOME, or ./centre.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from pathlib import Path
 
-from server.runs import print_rounds, read_metrics
+from rich.console import Console
+from rich.table import Table
+
+from common.processes import run_config_arg
+from server.centre import CONNECTION, PROJECT_ROOT, Centre, CentreError, flwr, key_fingerprint, parse_json_output, \
+    running_superlink, start_superlink, stop_superlink
+from server.runs import print_rounds, read_metrics, read_run_state, write_control
+
+
+def _centre(args: argparse.Namespace) -> Centre:
+    return Centre(Path(args.home).expanduser().resolve())
+
+
+def _run_dir(args: argparse.Namespace, value: str) -> Path:
+    """A run id (through the centre) or a run directory path."""
+    if value.isdigit():
+        return _centre(args).run_dir(int(value))
+    path = Path(value)
+    if not (path / "config.json").is_file():
+        raise CentreError(f"{path} is not a clinicfl run directory (no config.json)")
+    return path
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from server.certs import create_ca, create_server_certificate, create_site_keys
+
+    centre = _centre(args)
+    issued = []
+    if not (centre.certs / "ca.crt").is_file() or args.new_ca:
+        issued += create_ca(centre.certs)
+    if args.host or not (centre.certs / "server.crt").is_file():
+        # The centre's own CLI connects over loopback: localhost and 127.0.0.1 are always included.
+        hosts = list(dict.fromkeys([*args.host, "localhost", "127.0.0.1"]))
+        issued += create_server_certificate(centre.certs, hosts)
+    for site in args.site:
+        issued += create_site_keys(centre.sites, site)
+    table = Table(title=f"issued in {centre.home}")
+    for column in ("file", "mode", "goes to"):
+        table.add_column(column)
+    for item in issued:
+        table.add_row(str(item.path.relative_to(centre.home)), "0600 secret" if item.secret else "0644", item.goes_to)
+    Console().print(table)
+    print("Each site needs: certs/ca.crt and its own sites/<name>.key. Register the public key with "
+          "clinicfl-server register-site NAME sites/NAME.pub")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    centre = _centre(args)
+    host, _, port = args.address.rpartition(":")
+    if args.insecure:
+        print("WARNING: --insecure: no TLS and no site authentication. Model updates travel in clear and any "
+              "process that reaches the port can join. Use only on a closed test network.", file=sys.stderr)
+    state = start_superlink(centre, host or "0.0.0.0", int(port), args.insecure)
+    print(f"SuperLink running: pid {state['pid']}, {host}:{port} ({'INSECURE' if args.insecure else 'TLS, node auth'})")
+    print(f"  database {centre.superlink / 'state.db'}\n  log      {centre.log_file}")
+    print(f"  sites connect to <this host>:{port} with certs/ca.crt; open only this port (TCP) in the firewall")
+    return 0
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    pid = stop_superlink(_centre(args))
+    print(f"SuperLink (pid {pid}) stopped" if pid else "no SuperLink of this centre is running")
+    return 0
+
+
+def cmd_register_site(args: argparse.Namespace) -> int:
+    centre = _centre(args)
+    public_key = Path(args.pubkey)
+    fingerprint = key_fingerprint(public_key)
+    sites = centre.registered_sites()
+    if args.name in sites:
+        raise CentreError(f"site {args.name} is already registered (node {sites[args.name]['node-id']})")
+    result = flwr(centre, "supernode", "register", str(public_key.resolve()), CONNECTION, "--name", args.name,
+                  "--format", "json")
+    payload = parse_json_output(result, f"registering {args.name}")
+    sites[args.name] = {"node-id": str(payload.get("node-id")), "fingerprint": fingerprint,
+                        "registered": time.strftime("%Y-%m-%d %H:%M:%S")}
+    centre.registry.write_text(json.dumps(sites, indent=2))
+    print(f"site {args.name} registered: node {payload.get('node-id')}, key {fingerprint}")
+    return 0
+
+
+def cmd_sites(args: argparse.Namespace) -> int:
+    centre = _centre(args)
+    nodes = {}
+    if running_superlink(centre):
+        payload = parse_json_output(flwr(centre, "supernode", "list", CONNECTION, "--format", "json"), "listing sites")
+        nodes = {str(n["node-id"]): n for n in payload.get("nodes", [])}
+    rows = []
+    for name, site in sorted(centre.registered_sites().items()):
+        node = nodes.get(site["node-id"], {})
+        rows.append({"site": name, "node-id": site["node-id"],
+                     "status": node.get("status", "superlink down" if not nodes else "unknown"),
+                     "online-at": node.get("online-at", ""), "key": site["fingerprint"]})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title="registered sites")
+    for column in ("site", "node", "status", "online since", "key"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["site"], row["node-id"], row["status"], row["online-at"], row["key"])
+    Console().print(table)
+    return 0
+
+
+def run_overrides(args: argparse.Namespace, centre: Centre) -> dict[str, object]:
+    values: dict[str, object] = {"run-dir": str(centre.runs)}
+    for flag, key in (("rounds", "num-rounds"), ("min_sites", "min-sites"), ("local_epochs", "local-epochs"),
+                      ("aggregation", "aggregation"), ("dp_epsilon", "dp-target-epsilon"),
+                      ("round_timeout", "round-timeout")):
+        if getattr(args, flag, None) is not None:
+            values[key] = getattr(args, flag)
+    if getattr(args, "dp", False):
+        values["dp-enabled"] = True
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise CentreError(f"--set expects KEY=VALUE, got {item!r}")
+        values[key.strip()] = _parse_value(raw.strip())
+    return values
+
+
+def _parse_value(raw: str) -> object:
+    if raw in ("true", "false"):
+        return raw == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw.strip("'\"")
+
+
+def submit_run(centre: Centre, values: dict[str, object]) -> int:
+    if running_superlink(centre) is None:
+        raise CentreError("the SuperLink is not running: clinicfl-server start")
+    result = flwr(centre, "run", str(PROJECT_ROOT), CONNECTION, "--format", "json", "--run-config",
+                  run_config_arg(values), timeout=300)
+    payload = parse_json_output(result, "starting the run")
+    return int(payload["run-id"])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    centre = _centre(args)
+    run_id = submit_run(centre, run_overrides(args, centre))
+    print(run_id)
+    print(f"run {run_id} started; follow it with: clinicfl-server status {run_id}  |  clinicfl-server logs {run_id}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    centre = _centre(args)
+    previous = _run_dir(args, args.run)
+    config = json.loads((previous / "config.json").read_text())["config"]
+    values = {**config, **run_overrides(args, centre), "resume-from": str(previous.resolve())}
+    run_id = submit_run(centre, values)
+    print(run_id)
+    print(f"run {run_id} continues {previous.name}; clinicfl-server status {run_id}", file=sys.stderr)
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.json").is_file():
-        print(f"error: {run_dir} is not a clinicfl run directory (no config.json)", file=sys.stderr)
-        return 2
+    if args.run is None:
+        return _list_runs(_centre(args))
+    run_dir = _run_dir(args, args.run)
+    state = read_run_state(run_dir)
     records = read_metrics(run_dir)
+    print(f"{run_dir.name}: {state.get('state', 'starting')}"
+          f"{', last finished round ' + str(state['last-round']) if 'last-round' in state else ''}"
+          f"{' (' + state['detail'] + ')' if state.get('detail') else ''}")
     if not records:
-        print(f"{run_dir}: no finished round yet")
+        print("no finished round yet")
         return 0
     print_rounds(records)
-    for record in records[:-1]:  # the last round's rejections are printed with the tables
-        for rejected in record.get("rejected") or []:
-            print(f"round {record['round']}: {rejected['phase']} reply from {rejected['site']} rejected: "
-                  f"{rejected['reason']}")
+    table = Table(title="sites per round")
+    for column in ("round", "trained", "evaluated", "rejected (reason)", "eps max"):
+        table.add_column(column)
+    for record in records:
+        rejected = "; ".join(f"{r['site']} {r['phase']}: {r['reason']}" for r in record.get("rejected") or [])
+        eps = ((record.get("catalogue") or {}).get("epsilon") or {}).get("value")
+        table.add_row(str(record["round"]), ", ".join(sorted(record.get("train") or {})) or "-",
+                      ", ".join(sorted(record.get("evaluation") or {})) or "-", rejected or "-",
+                      f"{eps:.2f}" if isinstance(eps, (int, float)) else "n/a")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    return 0
+
+
+def _list_runs(centre: Centre) -> int:
+    payload = parse_json_output(flwr(centre, "ls", CONNECTION, "--format", "json"), "listing runs")
+    table = Table(title="runs")
+    for column in ("run", "status", "elapsed", "run directory", "state", "last round"):
+        table.add_column(column)
+    for run in payload.get("runs", []):
+        run_id = int(run["run-id"])
+        try:
+            run_dir = centre.run_dir(run_id)
+            state = read_run_state(run_dir)
+            name, progress, last = run_dir.name, state.get("state", "-"), str(state.get("last-round", "-"))
+        except CentreError:
+            name, progress, last = "-", "-", "-"
+        table.add_row(str(run_id), str(run.get("status", "")), str(run.get("elapsed", "")), name, progress, last)
+    Console().print(table)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    result = flwr(_centre(args), "log", str(args.run), CONNECTION, "--show")
+    sys.stdout.write(result.stdout)
+    return 0 if result.returncode == 0 else 2
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    centre = _centre(args)
+    try:  # a paused run is waiting on its flag: let it end cleanly as well
+        write_control(centre.run_dir(int(args.run)), "stop")
+    except CentreError:
+        pass
+    parse_json_output(flwr(centre, "stop", str(args.run), CONNECTION, "--format", "json"), f"stopping run {args.run}")
+    print(f"run {args.run} stopped; continue it later with clinicfl-server resume {args.run}")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    run_dir = _run_dir(args, args.run)
+    write_control(run_dir, "paused")
+    print(f"run {args.run} will pause after its current round (clinicfl-server continue {args.run} to go on)")
+    return 0
+
+
+def cmd_continue(args: argparse.Namespace) -> int:
+    run_dir = _run_dir(args, args.run)
+    write_control(run_dir, "running")
+    print(f"run {args.run} continues")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from server.export import export_model
+
+    path = export_model(_run_dir(args, args.run), args.round, Path(args.out) if args.out else None)
+    print(path)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from server.report import write_report  # matplotlib only when plotting
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.json").is_file():
-        print(f"error: {run_dir} is not a clinicfl run directory (no config.json)", file=sys.stderr)
-        return 2
-    try:
-        results = write_report(run_dir, Path(args.out) if args.out else None)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    run_dir = _run_dir(args, args.run)
+    results = write_report(run_dir, Path(args.out) if args.out else None)
     for name, outcome in results:
         print(f"{name:20s} {outcome}")
     return 0
@@ -50,16 +284,66 @@ def cmd_report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clinicfl-server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", default=os.environ.get("CLINICFL_HOME", "centre"),
+                        help="the centre folder (default $CLINICFL_HOME or ./centre)")
     sub = parser.add_subparsers(dest="command", required=True)
-    status = sub.add_parser("status", help="per-round table of a run directory")
-    status.add_argument("run_dir")
-    status.set_defaults(func=cmd_status)
-    report = sub.add_parser("report", help="write PNG plots of a run")
-    report.add_argument("run_dir")
-    report.add_argument("--out", help="folder for the PNGs (default RUN_DIR/report)")
-    report.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("certs", help="create the CA, the server certificate and site key pairs")
+    p.add_argument("--host", action="append", default=[], help="a name or IP the sites dial (repeat)")
+    p.add_argument("--site", action="append", default=[], help="make a key pair for this site (repeat)")
+    p.add_argument("--new-ca", action="store_true", help="replace the CA (every site needs the new ca.crt)")
+    p.set_defaults(func=cmd_certs)
+    p = sub.add_parser("start", help="start the SuperLink (TLS, node authentication, database, log file)")
+    p.add_argument("--address", default="0.0.0.0:9092", help="host:port to listen on (one port for everything)")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (test networks only)")
+    p.set_defaults(func=cmd_start)
+    p = sub.add_parser("shutdown", help="stop the SuperLink")
+    p.set_defaults(func=cmd_shutdown)
+    p = sub.add_parser("register-site", help="allow a site's public key")
+    p.add_argument("name")
+    p.add_argument("pubkey")
+    p.set_defaults(func=cmd_register_site)
+    p = sub.add_parser("sites", help="registered sites and whether they are online")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sites)
+    for name, func, text in (("run", cmd_run, "start a federation"),
+                             ("resume", cmd_resume, "continue a run from its last finished round")):
+        p = sub.add_parser(name, help=text)
+        if name == "resume":
+            p.add_argument("run", help="run id or run directory")
+        p.add_argument("--rounds", type=int, help="num-rounds (total, counting the rounds already done)")
+        p.add_argument("--min-sites", type=int)
+        p.add_argument("--local-epochs", type=int)
+        p.add_argument("--aggregation", choices=("fedavg", "fedmedian", "trimmed-mean"))
+        p.add_argument("--round-timeout", type=float)
+        p.add_argument("--dp", action="store_true", help="DP-SGD at every site")
+        p.add_argument("--dp-epsilon", type=float, help="dp-target-epsilon for the whole run")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run-config key")
+        p.set_defaults(func=func)
+    p = sub.add_parser("status", help="runs, or the per-round table of one run")
+    p.add_argument("run", nargs="?", help="run id or run directory")
+    p.set_defaults(func=cmd_status)
+    for name, func, text in (("logs", cmd_logs, "the run's log"), ("stop", cmd_stop, "stop a run now"),
+                             ("pause", cmd_pause, "pause after the current round"),
+                             ("continue", cmd_continue, "continue a paused run")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run", help="run id" if name in ("logs", "stop") else "run id or run directory")
+        p.set_defaults(func=func)
+    p = sub.add_parser("export", help="write the global model as one self-contained file")
+    p.add_argument("run", help="run id or run directory")
+    p.add_argument("--round", type=int, help="default: the last finished round")
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("report", help="write PNG plots of a run")
+    p.add_argument("run", help="run id or run directory")
+    p.add_argument("--out", help="folder for the PNGs (default RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (CentreError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """The run directory: one checkpoint per round, metrics.jsonl, and the per-round table.
 
     RUN_DIR/
-      config.json               the run config and backbone hash
+      config.json               the run config, backbone hash, budget id, and the run it resumes
       checkpoints/round-003.pt  trainable parameters + config + backbone hash
       metrics.jsonl             one JSON record per round (global and per-site figures)
+      state.json                running / paused / finished, and the last finished round
+      control.json              written by clinicfl-server pause/continue/stop, read between rounds
 
-Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+Every file is written to a temporary name and renamed (metrics.jsonl is appended and fsynced),
+so a crash never leaves half a file. A round is finished when both its checkpoint and its
+metrics record exist: that is where ``resume`` continues.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -23,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from rich.console import Console
 from rich.table import Table
 
@@ -36,19 +41,45 @@ CSV_FILE = "metrics.csv"
 CHECKPOINT_DIR = "checkpoints"
 
 
+CONTROL_STATES = ("running", "paused", "stop")
+
+
 class RunDirectory:
-    def __init__(self, path: Path, config: dict[str, Any], backbone_hash: str) -> None:
+    def __init__(self, path: Path, config: dict[str, Any], backbone_hash: str, budget_id: str = "",
+                 resumed_from: str | None = None) -> None:
         self.path = path
         self.config = config
         self.backbone_hash = backbone_hash
         (path / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path / "config.json", json.dumps(
-            {"config": config, "backbone-hash": backbone_hash}, indent=2).encode())
+            {"config": config, "backbone-hash": backbone_hash, "budget-id": budget_id,
+             "resumed-from": resumed_from}, indent=2).encode())
 
     @classmethod
-    def create(cls, root: Path, run_id: int | str, config: dict[str, Any], backbone_hash: str) -> "RunDirectory":
+    def create(cls, root: Path, run_id: int | str, config: dict[str, Any], backbone_hash: str,
+               budget_id: str = "", resumed_from: str | None = None) -> "RunDirectory":
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
-        return cls(root.expanduser().resolve() / name, config, backbone_hash)
+        return cls(root.expanduser().resolve() / name, config, backbone_hash, budget_id or str(run_id), resumed_from)
+
+    def adopt(self, previous: Path, last_round: int) -> list[dict[str, Any]]:
+        """Continue ``previous``: its records and checkpoints up to ``last_round`` become this
+        run's history, so the metric log reads rounds 0..N once each across the restart."""
+        records = [r for r in read_metrics(previous) if r["round"] <= last_round]
+        for record in records:
+            source = previous / CHECKPOINT_DIR / f"round-{record['round']:03d}.pt"
+            if source.is_file():
+                shutil.copy2(source, self.checkpoint_path(record["round"]))
+        atomic_write_bytes(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
+        write_csv(self.path, records)
+        return records
+
+    def control(self) -> str:
+        """What the coordinating centre asked for: running, paused or stop."""
+        return read_control(self.path)
+
+    def set_state(self, state: str, last_round: int, detail: str = "") -> None:
+        atomic_write_bytes(self.path / "state.json", json.dumps(
+            {"state": state, "last-round": last_round, "detail": detail, "updated": time.time()}).encode())
 
     def checkpoint_path(self, server_round: int) -> Path:
         return self.path / CHECKPOINT_DIR / f"round-{server_round:03d}.pt"
@@ -73,6 +104,47 @@ class RunDirectory:
             handle.flush()
             os.fsync(handle.fileno())
         write_csv(self.path, read_metrics(self.path))
+
+
+def read_control(run_dir: Path) -> str:
+    path = run_dir / "control.json"
+    if not path.is_file():
+        return "running"
+    try:
+        state = json.loads(path.read_text()).get("state", "running")
+    except (json.JSONDecodeError, OSError):
+        return "running"
+    return state if state in CONTROL_STATES else "running"
+
+
+def write_control(run_dir: Path, state: str) -> None:
+    if state not in CONTROL_STATES:
+        raise ValueError(f"control state must be one of {CONTROL_STATES}")
+    atomic_write_bytes(run_dir / "control.json", json.dumps({"state": state, "at": time.time()}).encode())
+
+
+def read_run_state(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def last_finished_round(run_dir: Path) -> int | None:
+    """The last round with both a metrics record and a readable checkpoint."""
+    for record in sorted(read_metrics(run_dir), key=lambda r: r["round"], reverse=True):
+        path = run_dir / CHECKPOINT_DIR / f"round-{record['round']:03d}.pt"
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # missing or torn: an earlier round is the last finished one
+            continue
+        return int(record["round"])
+    return None
+
+
+def load_checkpoint_arrays(run_dir: Path, server_round: int) -> tuple[ArrayRecord, dict[str, Any]]:
+    payload = torch.load(run_dir / CHECKPOINT_DIR / f"round-{server_round:03d}.pt", map_location="cpu",
+                         weights_only=True)
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in payload["trainable"].items()})
+    return arrays, payload
 
 
 def epsilon_value(epsilon: dict[str, float] | None) -> MetricValue:

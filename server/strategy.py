@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from common.config import AGGREGATIONS
 from common.exchange import ARRAYS_KEY, METRICS_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_OK, ParamSpec, UpdateError, check_arrays, \
     payload_bytes, site_record
 from common.metrics.catalogue import EvaluationStats, MetricValue, compute_catalogue
@@ -55,11 +57,13 @@ class RoundReport:
 
 
 class ClinicFedAvg(FedAvg):
-    """FedAvg weighted by num-examples over validated replies only."""
+    """FedAvg weighted by num-examples over validated replies only; FedMedian (coordinate-wise
+    median, as Flower's FedMedian) and trimmed mean (Flower's FedTrimmedAvg) as robust options."""
 
     def __init__(self, *, spec: dict[str, ParamSpec], backbone_hash: str, label_names: list[str], min_sites: int,
                  fid_dim: int | None = None, fid_extractor: str = "", min_site_cases: int = 10,
-                 fraction_train: float = 1.0, fraction_evaluate: float = 1.0) -> None:
+                 fraction_train: float = 1.0, fraction_evaluate: float = 1.0, aggregation: str = "fedavg",
+                 trim_fraction: float = 0.2, max_update_norm: float = 0.0) -> None:
         # Minimums come from our config: Flower's default of 2 would hang a one-site federation
         # and let a round of one site pass when three were required.
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
@@ -73,9 +77,16 @@ class ClinicFedAvg(FedAvg):
         self.fid_dim = fid_dim  # None: the reconstruction head is off
         self.fid_extractor = fid_extractor
         self.min_site_cases = min_site_cases
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        self.aggregation = aggregation
+        self.trim_fraction = trim_fraction
+        self.max_update_norm = max_update_norm  # 0: no bound
         self.reports: dict[int, RoundReport] = {}
         self.epsilon: dict[str, float] = {}  # last cumulative epsilon reported by each site
+        self.node_names: dict[int, str] = {}  # node id -> site name, to name a site whose reply is an error
         self._sent_bytes: dict[tuple[int, str], int] = {}
+        self._global: dict[int, dict[str, np.ndarray]] = {}  # the model each round's updates start from
 
     def _remember_sent(self, server_round: int, phase: str, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
@@ -83,7 +94,12 @@ class ClinicFedAvg(FedAvg):
             self._sent_bytes[(server_round, phase)] = payload_bytes(messages[0])
         return messages
 
+    def start_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """The global model this round's updates start from (for the update-norm bound)."""
+        self._global = {server_round: {k: v.numpy() for k, v in arrays.items()}}
+
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[override]
+        self.start_round(server_round, arrays)
         return self._remember_sent(server_round, "train", super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[override]
@@ -99,7 +115,7 @@ class ClinicFedAvg(FedAvg):
         report = self.report(server_round)
         accepted: list[Message] = []
         for msg in replies:
-            site = _site_name(msg)
+            site = self._site_name(msg)
             report.count_traffic(site, self._sent_bytes.get((server_round, "train"), 0), payload_bytes(msg))
             if not msg.has_error() and site_record(msg).get("status") == STATUS_BUDGET_EXHAUSTED:
                 spent = float(site_record(msg).get("dp-epsilon", float("nan")))
@@ -108,7 +124,7 @@ class ClinicFedAvg(FedAvg):
                 log.warning("round %d: %s did not train: privacy budget exhausted (epsilon %.3f)", server_round,
                             site, spent)
                 continue
-            reason = self._train_problem(msg)
+            reason = self._train_problem(msg, server_round)
             if reason:
                 report.reject(site, "train", reason)
                 continue
@@ -125,13 +141,33 @@ class ClinicFedAvg(FedAvg):
                                 "global model unchanged")
             log.warning("round %d: %s", server_round, report.notes[-1])
             return None, None
-        arrays = aggregate_arrayrecords([m.content for m in accepted], self.weighted_by_key)
+        arrays = self._aggregate([m.content[ARRAYS_KEY] for m in accepted],
+                                 [m.content for m in accepted])
         report.aggregated = True
-        weights = np.array([report.train[_site_name(m)]["num-examples"] for m in accepted], dtype=float)
-        losses = np.array([report.train[_site_name(m)]["loss"] for m in accepted])
+        weights = np.array([report.train[self._site_name(m)]["num-examples"] for m in accepted], dtype=float)
+        losses = np.array([report.train[self._site_name(m)]["loss"] for m in accepted])
         return arrays, MetricRecord({"train-loss": float((weights * losses).sum() / weights.sum())})
 
-    def _train_problem(self, msg: Message) -> str | None:
+    def _aggregate(self, updates: list[ArrayRecord], contents: list) -> ArrayRecord:
+        if self.aggregation == "fedavg":
+            return aggregate_arrayrecords(contents, self.weighted_by_key)
+        combined = ArrayRecord()
+        for name in updates[0].keys():
+            stacked = np.stack([u[name].numpy() for u in updates])
+            value = np.median(stacked, axis=0) if self.aggregation == "fedmedian" else trim_mean(stacked,
+                                                                                               self.trim_fraction)
+            combined[name] = Array(np.asarray(value, dtype=stacked.dtype))
+        return combined
+
+    def _site_name(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            return self.node_names.get(node, f"node-{node}")
+        name = str(site_record(msg).get("site-name", f"node-{node}"))
+        self.node_names.setdefault(node, name)
+        return name
+
+    def _train_problem(self, msg: Message, server_round: int = 0) -> str | None:
         problem = _common_problem(msg, self.backbone_hash)
         if problem:
             return problem
@@ -153,6 +189,12 @@ class ClinicFedAvg(FedAvg):
             check_arrays(content[ARRAYS_KEY], self.spec)
         except UpdateError as exc:
             return f"malformed update: {exc}"
+        start = self._global.get(server_round)
+        if self.max_update_norm > 0 and start is not None:
+            norm = float(np.sqrt(sum(float(((content[ARRAYS_KEY][k].numpy().astype(np.float64) - v) ** 2).sum())
+                                     for k, v in start.items())))
+            if norm > self.max_update_norm:
+                return f"update norm {norm:.3g} exceeds max-update-norm {self.max_update_norm:g}"
         return None
 
     # ---------------------------------------------------------------- evaluation
@@ -162,7 +204,7 @@ class ClinicFedAvg(FedAvg):
         total = EvaluationStats.empty(self.num_labels, self.fid_dim)
         per_site: dict[str, dict[str, MetricValue]] = {}
         for msg in replies:
-            site = _site_name(msg)
+            site = self._site_name(msg)
             report.count_traffic(site, self._sent_bytes.get((server_round, "evaluate"), 0), payload_bytes(msg))
             problem = _common_problem(msg, self.backbone_hash)
             if problem is None:
@@ -208,12 +250,6 @@ def headline_of(catalogue: dict[str, MetricValue]) -> dict[str, float | None]:
 
 
 DP_KEYS = ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-max-grad-norm", "dp-sample-rate", "dp-steps")
-
-
-def _site_name(msg: Message) -> str:
-    if msg.has_error():
-        return f"node-{msg.metadata.src_node_id}"
-    return str(site_record(msg).get("site-name", f"node-{msg.metadata.src_node_id}"))
 
 
 def _common_problem(msg: Message, backbone_hash: str) -> str | None:

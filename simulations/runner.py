@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from common.processes import bin_path, flower_env as base_flower_env, free_port, port_open, run_config_arg
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -28,24 +27,8 @@ class SimulationError(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _bin(name: str) -> str:
-    """Console scripts of the interpreter running us (the project's venv)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
-
-
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    env = os.environ.copy()
-    env["FLWR_HOME"] = str(flwr_home)
-    # The app's dependencies are already installed here; skip Flower's per-run env sync.
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = base_flower_env(flwr_home)
     env.setdefault("RAY_DEDUP_LOGS", "1")
     env.setdefault("TQDM_MININTERVAL", "2")
     return env
@@ -63,12 +46,12 @@ def local_superlink(flwr_home: Path, startup_timeout: float = 60.0) -> Iterator[
     env = flower_env(flwr_home)
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
-            [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            [bin_path("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(port), "--database", str(flwr_home / "superlink.db")],
             env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + startup_timeout
-        while not _port_open(port):
+        while not port_open("127.0.0.1", port):
             if process.poll() is not None:
                 raise SimulationError(f"flower-superlink exited with code {process.returncode}; see {log_path}")
             if time.monotonic() > deadline:
@@ -77,12 +60,6 @@ def local_superlink(flwr_home: Path, startup_timeout: float = 60.0) -> Iterator[
         yield "clinicfl-sim"
     finally:
         _stop(process)
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.3)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -109,9 +86,9 @@ def run_simulation(data_root: Path, run_root: Path, num_sites: int, overrides: d
     flwr_home = (flwr_home or PROJECT_ROOT / ".flwr").resolve()
     before = {p for p in run_root.iterdir() if p.is_dir()}
     config = {"data-root": str(data_root.resolve()), "run-dir": str(run_root), **(overrides or {})}
-    command = [_bin("flwr"), "run", str(PROJECT_ROOT), "clinicfl-sim", "--stream",
+    command = [bin_path("flwr"), "run", str(PROJECT_ROOT), "clinicfl-sim", "--stream",
                "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}",
-               "--run-config", " ".join(f"{k}={_toml(v)}" for k, v in config.items())]
+               "--run-config", run_config_arg(config)]
     with local_superlink(flwr_home) as _:
         result = subprocess.run(command, env=flower_env(flwr_home), timeout=timeout,
                                 stdout=None if stream else subprocess.DEVNULL,
@@ -135,11 +112,3 @@ def read_round_records(run_dir: Path) -> list[dict]:
     if not metrics.is_file():
         return []
     return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return "'" + str(value).replace("'", "") + "'"

@@ -38,6 +38,8 @@ class SyntheticSpec:
     lesion_size: float = 0.35  # lesion length as a fraction of the image half-width
     lesion_fraction: float = 0.4  # fraction of a study's slices that show the lesion
     noise: float = 0.35  # Gaussian noise sigma relative to the lesion unit
+    biomech_features: int = 0  # > 0: also write biomech/<study>.csv (gait series; injury shifts feature 0)
+    biomech_effect: float = 1.5  # shift of feature 0 in injured studies, in units of its noise sigma
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -104,10 +106,32 @@ def _write_site(site_dir: Path, k: int, prevalence: float, spec: SyntheticSpec, 
         _write_study(site_dir / "studies" / study, rng, spec, scanner, k, i, patient_id, severity)
         rows.append({"study": study, "label": int(injured[i]), "patient": patient_id,
                      "target": f"{severity:.3f}"})
+    if spec.biomech_features:
+        _write_biomech(site_dir, k, injured, spec)
     with (site_dir / "labels.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["study", "label", "patient", "target"])
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _write_biomech(site_dir: Path, k: int, injured: np.ndarray, spec: SyntheticSpec) -> None:
+    """One CSV per study: a gait cycle (sinusoids at per-study cadence) plus noise; injured
+    studies carry a shift of feature 0 (e.g. knee valgus). Rows differ in number between studies,
+    as real recordings do. A separate random stream keeps the images unchanged."""
+    rng = np.random.default_rng([spec.seed, 3, k])
+    folder = site_dir / "biomech"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"feature_{j + 1}" for j in range(spec.biomech_features)]
+    for i, hurt in enumerate(injured):
+        rows = int(rng.integers(24, 64))
+        t = np.linspace(0.0, 2 * math.pi * rng.uniform(1.5, 3.0), rows)[:, None]
+        phase = rng.uniform(0, 2 * math.pi, spec.biomech_features)
+        values = np.sin(t + phase) + rng.normal(0.0, 1.0, (rows, spec.biomech_features))
+        values[:, 0] += spec.biomech_effect * float(hurt)
+        with (folder / f"study-{i + 1:04d}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(names)
+            writer.writerows(np.round(values, 4).tolist())
 
 
 def _ellipse(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, a: float, b: float, theta: float = 0.0) -> np.ndarray:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from common.data.errors import DataError
-from common.data.site import assign_split, load_site, read_labels
+from common.data.layouts import read_labels
+from common.data.site import assign_split, load_site
 
 
 def test_site_loads_into_aligned_arrays(tiny_clinics, tiny_data_config):
@@ -63,7 +64,6 @@ def test_unreadable_study_is_skipped_with_a_reason(site, tiny_data_config):
     ("missing-dir", "missing-site-dir"),
     ("no-labels", "missing-labels"),
     ("empty-labels", "empty-site"),
-    ("ghost-study", "labels-without-study"),
     ("bad-label", "bad-labels"),
     ("nothing-readable", "no-usable-studies"),
 ])
@@ -75,8 +75,6 @@ def test_bad_site_is_a_clear_data_error(site, tiny_data_config, breakage, code):
         labels.unlink()
     elif breakage == "empty-labels":
         labels.write_text("study,label\n")
-    elif breakage == "ghost-study":
-        labels.write_text(labels.read_text() + "study-9999,1,P,0\n")
     elif breakage == "bad-label":
         labels.write_text(labels.read_text().replace(",1,", ",yes,", 1))
     elif breakage == "nothing-readable":
@@ -87,15 +85,15 @@ def test_bad_site_is_a_clear_data_error(site, tiny_data_config, breakage, code):
     assert info.value.code == code and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("breakage", ["missing-dir", "empty-site", "ghost-study"])
+@pytest.mark.parametrize("breakage", ["missing-dir", "empty-site", "only-ghosts"])
 def test_check_data_cli_prints_one_line_and_exits_non_zero(site, breakage):
     if breakage == "missing-dir":
         shutil.rmtree(site)
     elif breakage == "empty-site":
         shutil.rmtree(site / "studies")
         (site / "labels.csv").write_text("study,label\n")
-    else:
-        (site / "labels.csv").write_text((site / "labels.csv").read_text() + "ghost-1,0,P,0\nghost-2,1,P,0\n")
+    else:  # every label row names a study that is not there: nothing usable
+        (site / "labels.csv").write_text("study,label\nghost-1,0\nghost-2,1\n")
     result = subprocess.run([sys.executable, "-m", "client.cli", "check-data", str(site), "--image-size", "32"],
                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 2

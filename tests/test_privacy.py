@@ -121,20 +121,24 @@ def test_server_survives_exhausted_sites_and_sees_who_is_exhausted():
     assert strategy.epsilon == {"a": 7.9}
 
 
-def test_dp_step_equals_manual_per_study_clipping_without_noise():
-    """Opacus' step (noise 0) equals: per-study gradient, clip to C, sum, divide by the batch."""
+@pytest.mark.parametrize("biomech_features", [0, 2])
+def test_dp_step_equals_manual_per_study_clipping_without_noise(biomech_features):
+    """Opacus' step (noise 0) equals: per-study gradient, clip to C, sum, divide by the batch
+    (also with biomechanical series beside the image features)."""
     torch.manual_seed(0)
-    config = ModelConfig(proj_dim=8, gru_hidden=4, attn_dim=4, dropout=0.0, severity_head=False, recon_head=False)
+    config = ModelConfig(proj_dim=8, gru_hidden=4, attn_dim=4, dropout=0.0, severity_head=False, recon_head=False,
+                         biomech_features=biomech_features)
     head = SequenceHead(config, in_dim=12)
     x = torch.randn(4, 5, 12)
     mask = torch.ones(4, 5, dtype=torch.bool)
     mask[1, 3:] = False
     mask[3, 1:] = False
     y = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    biomech = torch.randn(4, 5, biomech_features) if biomech_features else None
     clip, lr = 0.05, 1.0
 
     def loss_of(module, rows):
-        out = module(x[rows], mask[rows])
+        out = module(x[rows], mask[rows], biomech[rows] if biomech is not None else None)
         return torch.nn.functional.binary_cross_entropy_with_logits(out.logits, y[rows], reduction="none").mean(1)
 
     manual = {name: torch.zeros_like(p) for name, p in head.named_parameters()}

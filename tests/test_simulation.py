@@ -1,6 +1,6 @@
 """End to end: a real Flower simulation (SuperLink + Ray) over synthetic DICOM clinics.
 
-Two good sites and one whose labels.csv names studies that do not exist. The broken site must
+Two good sites and one whose labels.csv has a label that is neither 0 nor 1. The broken site must
 be rejected with its reason code every round while the federation learns from the other two.
 """
 
@@ -30,7 +30,8 @@ def finished_run(tmp_path_factory):
     sites = generate_clinics(root / "data", spec, progress=False)
     broken = root / "data" / "site-03"
     shutil.copytree(sites[0], broken)
-    (broken / "labels.csv").write_text((broken / "labels.csv").read_text() + "study-ghost,1,P,0\n")
+    labels = (broken / "labels.csv").read_text()
+    (broken / "labels.csv").write_text(labels.replace(",1,", ",yes,", 1))  # ambiguous: the site refuses to guess
     (server_val,) = generate_clinics(root / "server", SyntheticSpec(sites=1, studies_per_site=12, image_size=48,
                                                                     slices_per_study=6, seed=99), progress=False)
     overrides = {"num-rounds": ROUNDS, "min-sites": 2, "image-size": 48, "seq-len": 6, "local-epochs": 4,
@@ -58,7 +59,7 @@ def test_broken_site_is_rejected_with_its_reason_every_round(finished_run):
     for record in read_metrics(run_dir):
         reasons = {(r["site"], r["phase"], r["reason"]) for r in record["rejected"]}
         phases = {"evaluate"} if record["round"] == 0 else {"train", "evaluate"}
-        assert reasons == {("site-03", p, "site reported error: labels-without-study") for p in phases}
+        assert reasons == {("site-03", p, "site reported error: bad-labels") for p in phases}
 
 
 def test_a_checkpoint_per_round_that_loads_into_the_model(finished_run):

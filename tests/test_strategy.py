@@ -7,6 +7,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 
 from common.exchange import ParamSpec, UpdateError, check_arrays
+from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
+
 from server.strategy import ClinicFedAvg
 from tests.conftest import reply
 
@@ -85,3 +87,47 @@ def test_check_arrays_accepts_exactly_the_spec():
     with pytest.raises(UpdateError, match="inf|non-finite"):
         check_arrays(ArrayRecord({"head.w": Array(np.full((2, 3), np.inf, np.float32)),
                                   "head.b": Array(np.zeros(2, np.float32))}), SPEC)
+
+
+def _replies(values: list[float]) -> list:
+    return [reply(_train_content(v, 10 * (i + 1), site=f"s{i}"), node_id=i + 1) for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("aggregation, flower_strategy", [
+    ("fedmedian", lambda: FedMedian(min_train_nodes=1, min_available_nodes=1)),
+    ("trimmed-mean", lambda: FedTrimmedAvg(beta=0.2, min_train_nodes=1, min_available_nodes=1)),
+])
+def test_robust_aggregation_matches_flowers_strategy_and_resists_an_outlier(aggregation, flower_strategy):
+    values = [1.0, 1.5, 2.0, 2.5, 1000.0]  # one site far off
+    ours = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1, aggregation=aggregation,
+                        trim_fraction=0.2)
+    arrays, _ = ours.aggregate_train(1, _replies(values))
+    flower_arrays, _ = flower_strategy().aggregate_train(1, [reply(RecordDict({
+        "arrays": m.content["arrays"], "metrics": m.content["metrics"]}), m.metadata.src_node_id)
+        for m in _replies(values)])
+    for name in SPEC:
+        assert np.allclose(arrays[name].numpy(), flower_arrays[name].numpy())
+    assert np.all(arrays["head.w"].numpy() < 3.0), "the outlier does not drag the model"
+    fedavg, _ = _strategy().aggregate_train(1, _replies(values))
+    assert np.all(fedavg["head.w"].numpy() > 100.0)
+
+
+def test_update_norm_bound_rejects_a_far_update():
+    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1, max_update_norm=5.0)
+    start = ArrayRecord({"head.w": Array(np.ones((2, 3), np.float32)), "head.b": Array(np.ones(2, np.float32))})
+    strategy.start_round(1, start)
+    # distance from the start: 8 entries * 1.0**2 -> 2.83 (kept); 8 * 3.0**2 -> 8.49 (rejected)
+    arrays, _ = strategy.aggregate_train(1, [reply(_train_content(2.0, 10, site="near"), 1),
+                                             reply(_train_content(4.0, 10, site="far"), 2)])
+    assert np.allclose(arrays["head.w"].numpy(), 2.0)
+    (rejected,) = strategy.reports[1].rejected
+    assert rejected["site"] == "far" and "update norm 8.49 exceeds max-update-norm 5" in rejected["reason"]
+
+
+def test_an_error_reply_is_named_after_the_site_that_node_was():
+    strategy = _strategy()
+    strategy.aggregate_train(1, [reply(_train_content(1.0, 10, site="hospital-a"), 7)])
+    strategy.aggregate_train(2, [reply(Error(code=5, reason="node unavailable"), 7),
+                                 reply(_train_content(1.0, 10, site="hospital-b"), 8)])
+    (rejected,) = strategy.reports[2].rejected
+    assert rejected["site"] == "hospital-a" and "node unavailable" in rejected["reason"]

@@ -78,15 +78,15 @@ def test_pixel_round_trip_through_rescale(tiny_clinics):
     assert np.array_equal(ds.pixel_array, stored)
     modality = apply_rescale(ds.pixel_array, ds)
     assert np.allclose(modality, stored * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
-    study = load_dicom_study(path.parents[1], image_size=32, seq_len=16)
+    study = load_dicom_study(path.parents[1], image_size=32, seq_len=16).images
     assert study.dtype == np.float32 and study.min() >= 0 and study.max() <= 1 and study.std() > 0.05
 
 
 def test_long_series_are_sampled_and_short_ones_kept(tiny_clinics):
     study = sorted((tiny_clinics[0] / "studies").iterdir())[0]
     n = len(select_series([read_header(p) for p in study.rglob("*.dcm")]))
-    assert load_dicom_study(study, 32, seq_len=n + 5).shape == (n, 32, 32)
-    assert load_dicom_study(study, 48, seq_len=2).shape == (2, 48, 48)
+    assert load_dicom_study(study, 32, seq_len=n + 5).images.shape == (n, 32, 32)
+    assert load_dicom_study(study, 48, seq_len=2).images.shape == (2, 48, 48)
 
 
 def test_non_iid_prevalence_knob():

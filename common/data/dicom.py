@@ -19,6 +19,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi_lut
 
 from common.data.errors import StudyError
+from common.data.study import StudyImages
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class SliceHeader:
     position: float | None  # along the slice normal; None when the geometry tags are missing
     instance_number: int
     orientation: tuple[float, ...] | None = None
+    modality: str = ""
+    size: str = ""  # "RowsxColumns" before resizing
 
 
 class FileProblem(Exception):
@@ -63,6 +66,8 @@ def read_header(path: Path) -> SliceHeader:
         position=_position_along_normal(ds),
         instance_number=int(ds.get("InstanceNumber", 0) or 0),
         orientation=_orientation(ds),
+        modality=str(ds.get("Modality", "") or "unknown"),
+        size=f"{ds.get('Rows', '?')}x{ds.get('Columns', '?')}",
     )
 
 
@@ -197,8 +202,8 @@ def sample_indices(n: int, seq_len: int) -> np.ndarray:
 
 
 def load_dicom_study(study_dir: Path, image_size: int, seq_len: int, series_description: str = "",
-                     quarantine: list[tuple[Path, str]] | None = None) -> np.ndarray:
-    """A study folder -> (n, image_size, image_size) float32 with 1 <= n <= seq_len.
+                     quarantine: list[tuple[Path, str]] | None = None) -> StudyImages:
+    """A study folder -> (n, image_size, image_size) float32 images with 1 <= n <= seq_len.
 
     Files that cannot be used are appended to ``quarantine`` as (path, reason code) and the study
     goes on without them; a study with nothing usable left is a StudyError."""
@@ -216,9 +221,11 @@ def load_dicom_study(study_dir: Path, image_size: int, seq_len: int, series_desc
         raise StudyError("no-usable-series", "no file in the study is a usable image")
     ordered = select_series(headers, series_description)
     frames: list[np.ndarray] = []
+    read = 0
     for header in ordered:  # multi-frame files contribute all their frames, in order
         try:
             frames.extend(read_pixels(header.path))
+            read += 1
         except FileProblem as problem:
             quarantine.append((header.path, problem.code))
     if not frames:
@@ -227,4 +234,6 @@ def load_dicom_study(study_dir: Path, image_size: int, seq_len: int, series_desc
     shapes = {f.shape for f in frames}
     if len(shapes) != 1:
         raise StudyError("inconsistent-geometry", f"images of one series have shapes {sorted(shapes)}")
-    return resize_square(np.stack(frames), image_size)
+    return StudyImages(resize_square(np.stack(frames), image_size), modality=ordered[0].modality,
+                       series=len({h.series_uid for h in headers}), files=read,
+                       sizes=[f"{f.shape[0]}x{f.shape[1]}" for f in frames])

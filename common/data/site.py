@@ -1,16 +1,16 @@
-"""A site directory: ``labels.csv`` plus ``studies/<study>/**/*.dcm``, loaded into arrays.
+"""A site folder, whatever its layout, loaded into aligned arrays the model consumes.
 
-labels.csv columns: ``study`` (the folder name), ``label`` (0/1) or several ``label_<name>``
-columns (multi-label), and optional ``split`` (train/test), ``patient`` and ``target``
-(continuous severity). Without ``split``, a deterministic split keeps all studies of a
-patient (or each study, when there is no patient column) on one side.
+The layout (``layouts.py``: labels.csv + DICOM, MURA, MRNet) finds labelled studies; here each
+study is read through the preprocessing cache, optional biomechanical series are joined, and
+the train/test split is made. Without an explicit split, a deterministic split keeps all studies
+of a patient (or each study, when there is no patient key) on one side.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,22 +18,27 @@ import numpy as np
 from tqdm import tqdm
 
 from common.config import DataConfig
-from common.data.dicom import load_dicom_study
+from common.data.biomech import biomech_path, read_biomech, resample, standardise
+from common.data.cache import PreprocessCache, StudyResult
 from common.data.errors import DataError, StudyError
+from common.data.layouts import discover
+from common.data.study import Quarantine, StudyLabel, StudySource
 
 log = logging.getLogger(__name__)
 
-LABELS_FILE = "labels.csv"
-STUDIES_DIR = "studies"
 
+@dataclass
+class SiteProfile:
+    """What check-data reports about a site beyond the arrays (stays at the site)."""
 
-@dataclass(frozen=True)
-class StudyLabel:
-    study: str
-    labels: tuple[float, ...]
-    split: str | None = None
-    patient: str | None = None
-    target: float | None = None
+    layout: str
+    series: int = 0
+    files: int = 0
+    modalities: Counter = field(default_factory=Counter)  # studies per modality
+    image_sizes: Counter = field(default_factory=Counter)  # source images per "HxW"
+    info: dict[str, Counter] = field(default_factory=dict)  # e.g. {"body-part": Counter(elbow=3)}
+    cache_hits: int = 0
+    cache_misses: int = 0
 
 
 @dataclass
@@ -49,7 +54,9 @@ class SiteData:
     label_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (study, reason code)
     groups: list[str] = field(default_factory=list)  # patient (or study) key per study; stays at the site
-    quarantine: list[tuple[str, str]] = field(default_factory=list)  # (path relative to the site, reason code)
+    quarantine: Quarantine = field(default_factory=list)  # (path relative to the site, reason code)
+    biomech: np.ndarray | None = None  # (N, T, F) site-standardised, zero on padding
+    profile: SiteProfile | None = None
 
     @property
     def train_index(self) -> np.ndarray:
@@ -58,52 +65,6 @@ class SiteData:
     @property
     def test_index(self) -> np.ndarray:
         return np.flatnonzero(self.is_test)
-
-
-def read_labels(site_dir: Path) -> tuple[list[StudyLabel], list[str]]:
-    """Parse labels.csv; every problem is a one-line DataError naming the row."""
-    if not site_dir.is_dir():
-        raise DataError("missing-site-dir", f"site directory {site_dir} does not exist")
-    path = site_dir / LABELS_FILE
-    if not path.is_file():
-        raise DataError("missing-labels", f"{path} not found: a site needs {LABELS_FILE} and {STUDIES_DIR}/")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = list(reader)
-    if "study" not in columns:
-        raise DataError("bad-labels", f"{path} has no 'study' column (columns: {', '.join(columns) or 'none'})")
-    label_columns = ["label"] if "label" in columns else sorted(c for c in columns if c.startswith("label_"))
-    if not label_columns:
-        raise DataError("bad-labels", f"{path} has no 'label' or 'label_<name>' column")
-    if not rows:
-        raise DataError("empty-site", f"{path} has no rows")
-    records, seen = [], set()
-    for line, row in enumerate(rows, start=2):
-        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-        study = row["study"]
-        if not study:
-            raise DataError("bad-labels", f"{path}:{line}: empty study name")
-        if study in seen:
-            raise DataError("bad-labels", f"{path}:{line}: study {study!r} listed twice")
-        seen.add(study)
-        labels = []
-        for column in label_columns:
-            if row.get(column) not in ("0", "1", "0.0", "1.0"):
-                raise DataError("bad-labels", f"{path}:{line}: {column} must be 0 or 1, got {row.get(column)!r}")
-            labels.append(float(row[column]))
-        split = row.get("split") or None
-        if split not in (None, "train", "test"):
-            raise DataError("bad-labels", f"{path}:{line}: split must be train or test, got {split!r}")
-        target = None
-        if row.get("target"):
-            try:
-                target = float(row["target"])
-            except ValueError:
-                raise DataError("bad-labels", f"{path}:{line}: target must be a number") from None
-        records.append(StudyLabel(study, tuple(labels), split, row.get("patient") or None, target))
-    names = ["injury"] if label_columns == ["label"] else [c.removeprefix("label_") for c in label_columns]
-    return records, names
 
 
 def assign_split(records: list[StudyLabel], test_fraction: float, seed: int) -> np.ndarray:
@@ -118,55 +79,90 @@ def assign_split(records: list[StudyLabel], test_fraction: float, seed: int) -> 
     return np.array([(r.patient or r.study) in test_groups for r in records])
 
 
-def load_site(site_dir: Path, config: DataConfig, num_labels: int, progress: bool = True) -> SiteData:
-    """Read and preprocess every labelled study. A study that cannot be read is skipped with its
-    reason code; a site with nothing usable is a DataError."""
-    records, label_names = read_labels(site_dir)
-    if len(label_names) != num_labels:
-        raise DataError("label-count", f"labels.csv has {len(label_names)} label column(s) but the run "
-                                       f"config says num-labels = {num_labels}")
-    studies_dir = site_dir / STUDIES_DIR
-    if not studies_dir.is_dir():
-        raise DataError("missing-studies", f"{studies_dir} does not exist")
-    missing = [r.study for r in records if not (studies_dir / r.study).is_dir()]
-    if missing:
-        raise DataError("labels-without-study",
-                        f"labels.csv names {len(missing)} stud{'y' if len(missing) == 1 else 'ies'} with no folder "
-                        f"under {studies_dir}: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-    is_test = assign_split(records, config.test_fraction, config.seed)
-
-    kept, arrays, skipped = [], [], []
-    files: list[tuple[Path, str]] = []  # unusable files, with their reason codes
-    for i, record in enumerate(tqdm(records, desc=f"reading {site_dir.name}", unit="study",
-                                    disable=None if progress else True, leave=False)):
+def load_site(site_dir: Path, config: DataConfig, num_labels: int | None, progress: bool = True, layout: str = "auto",
+              cache_dir: Path | None = None) -> SiteData:
+    """Read and preprocess every labelled study. A study or file that cannot be used is left out
+    with its reason code (``quarantine``); a site with nothing usable is a DataError.
+    ``num_labels`` None accepts the site's own label count (check-data without a run config)."""
+    found = discover(site_dir, layout, config)
+    if num_labels is not None and len(found.label_names) != num_labels:
+        raise DataError("label-count", f"the site has {len(found.label_names)} label(s) ({', '.join(found.label_names)})"
+                                       f" but the run config says num-labels = {num_labels}")
+    cache = PreprocessCache(cache_dir, site_dir, f"{found.layout}|{config.image_size}|{config.seq_len}|"
+                                                 f"{config.series_description}|{config.mrnet_plane}")
+    profile = SiteProfile(found.layout)
+    quarantine: Quarantine = list(found.quarantine)
+    kept: list[tuple[StudySource, np.ndarray, np.ndarray | None]] = []
+    skipped: list[tuple[str, str]] = []
+    for source in tqdm(found.sources, desc=f"reading {site_dir.name}", unit="study",
+                       disable=None if progress else True, leave=False):
+        result = _read_study(source, site_dir, cache)
+        quarantine += result.quarantine
         try:
-            arrays.append(load_dicom_study(studies_dir / record.study, config.image_size, config.seq_len,
-                                           config.series_description, files))
-            kept.append(i)
+            if result.error is not None:
+                raise result.error
+            series = None
+            if config.biomech_features:
+                raw = read_biomech(biomech_path(site_dir, source.label.study), config.biomech_features)
+                series = resample(raw, len(result.images.images))
         except StudyError as exc:
-            log.warning("skipping study %s: %s (%s)", record.study, exc.code, exc)
-            skipped.append((record.study, exc.code))
-    quarantine = [(str(path.relative_to(site_dir)), code) for path, code in files]
-    quarantine += [(f"{STUDIES_DIR}/{study}", code) for study, code in skipped]
+            log.warning("skipping study %s: %s (%s)", source.label.study, exc.code, exc)
+            skipped.append((source.label.study, exc.code))
+            quarantine.append((source.where, exc.code))
+            continue
+        kept.append((source, result.images.images, series))
+        profile.series += result.images.series
+        profile.files += result.images.files
+        profile.modalities[result.images.modality] += 1
+        profile.image_sizes.update(result.images.sizes)
+        for name, value in source.info:
+            profile.info.setdefault(name, Counter())[value] += 1
+    profile.cache_hits, profile.cache_misses = cache.hits, cache.misses
     if not kept:
-        raise DataError("no-usable-studies", f"none of the {len(records)} studies in {site_dir} could be read")
+        raise DataError("no-usable-studies", f"none of the {len(found.sources)} labelled studies in {site_dir} could "
+                                             f"be used ({len(quarantine)} quarantine entries; run clinicfl-client "
+                                             f"check-data for the reasons)")
 
+    records = [source.label for source, _, _ in kept]
     n, t, s = len(kept), config.seq_len, config.image_size
     images = np.zeros((n, t, s, s), dtype=np.float32)
     mask = np.zeros((n, t), dtype=bool)
-    for row, array in enumerate(arrays):
+    biomech = np.zeros((n, t, config.biomech_features), dtype=np.float32) if config.biomech_features else None
+    for row, (_, array, series) in enumerate(kept):
         images[row, : len(array)] = array
         mask[row, : len(array)] = True
-    chosen = [records[i] for i in kept]
+        if biomech is not None:
+            biomech[row, : len(array)] = series
+    is_test = assign_split(records, config.test_fraction, config.seed)
+    if biomech is not None:
+        biomech = standardise(biomech, mask, np.flatnonzero(~is_test))
     return SiteData(
-        studies=[r.study for r in chosen],
+        studies=[r.study for r in records],
         images=images,
         mask=mask,
-        labels=np.array([r.labels for r in chosen], dtype=np.float32),
-        targets=np.array([math.nan if r.target is None else r.target for r in chosen], dtype=np.float32),
-        is_test=is_test[kept],
-        label_names=label_names,
+        labels=np.array([r.labels for r in records], dtype=np.float32),
+        targets=np.array([math.nan if r.target is None else r.target for r in records], dtype=np.float32),
+        is_test=is_test,
+        label_names=found.label_names,
         skipped=skipped,
-        groups=[r.patient or r.study for r in chosen],
+        groups=[r.patient or r.study for r in records],
         quarantine=quarantine,
+        biomech=biomech,
+        profile=profile,
     )
+
+
+def _read_study(source: StudySource, site_dir: Path, cache: PreprocessCache) -> StudyResult:
+    """A study from the cache, or read and then cached (failures too, with their reason)."""
+    key = cache.key(source)
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    files: list[tuple[Path, str]] = []
+    try:
+        result = StudyResult(source.read(files), None, [])
+    except StudyError as exc:
+        result = StudyResult(None, exc, [])
+    result.quarantine = [(str(path.relative_to(site_dir)), code) for path, code in files]
+    cache.put(key, result)
+    return result

@@ -1,0 +1,144 @@
+"""The site daemon: check the data, then run a Flower SuperNode that connects out to the centre.
+
+The SuperNode dials the SuperLink over TLS (verifying it with the centre's CA certificate) and
+proves its identity with the site's private key. Flower retries a broken connection by itself;
+if the SuperNode process still ends (a crash, an error), the daemon starts it again with a
+growing delay. It refuses to start at all when the data is unusable, and says why.
+The daemon runs in the foreground (systemd: deploy/clinicfl-client.service) and writes
+STATE_DIR/supernode.pid and STATE_DIR/supernode.log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.processes import bin_path, flower_env
+
+log = logging.getLogger(__name__)
+
+QUICK_EXIT_S = 20.0  # a SuperNode that ends this fast on its first start is misconfigured, not unlucky
+MAX_BACKOFF_S = 60.0
+
+
+@dataclass
+class SupernodeSettings:
+    superlink: str  # host:port of the centre
+    data_path: Path
+    state_dir: Path
+    site_name: str
+    ca_cert: Path | None  # None: --insecure
+    private_key: Path | None
+    port: int = 9094  # the SuperNode's local runtime API; give each SuperNode on one host its own
+    layout: str = "auto"
+    node_config: dict[str, object] = field(default_factory=dict)  # extra keys (dp-target-epsilon, ...)
+
+    def command(self) -> list[str]:
+        values = {"data-path": str(self.data_path), "state-dir": str(self.state_dir), "site-name": self.site_name,
+                  "layout": self.layout, **self.node_config}
+        node_config = " ".join(f"{k}={_node_value(v)}" for k, v in values.items())
+        command = [bin_path("flower-supernode"), "--superlink", self.superlink, "--node-config", node_config,
+                   "--port", str(self.port)]
+        if self.ca_cert is None:
+            command.append("--insecure")
+        else:
+            command += ["--root-certificates", str(self.ca_cert)]
+        if self.private_key is not None:
+            command += ["--auth-supernode-private-key", str(self.private_key)]
+        return command
+
+
+def _node_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace('"', "") + '"'
+
+
+def check_key_files(settings: SupernodeSettings) -> list[str]:
+    """Problems a site admin must fix before the SuperNode can connect."""
+    problems = []
+    if settings.ca_cert is not None and not settings.ca_cert.is_file():
+        problems.append(f"CA certificate {settings.ca_cert} not found (copy certs/ca.crt from the centre)")
+    if settings.private_key is not None:
+        if not settings.private_key.is_file():
+            problems.append(f"site key {settings.private_key} not found")
+        elif settings.private_key.stat().st_mode & 0o077:
+            problems.append(f"site key {settings.private_key} is readable by others: chmod 600 it")
+    return problems
+
+
+class SupernodeDaemon:
+    def __init__(self, settings: SupernodeSettings, restart: bool = True) -> None:
+        self.settings = settings
+        self.restart = restart
+        self.process: subprocess.Popen | None = None
+        self.stopping = False
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = settings.state_dir / "supernode.log"
+        self.pid_path = settings.state_dir / "supernode.pid"
+
+    def run(self) -> int:
+        """Run until stopped (SIGTERM/SIGINT); returns the exit code for the service manager."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.pid_path.write_text(f"{os.getpid()}\n")
+        backoff, first = 2.0, True
+        try:
+            while not self.stopping:
+                started = time.monotonic()
+                code = self._run_once()
+                if self.stopping:
+                    return 0
+                lasted = time.monotonic() - started
+                if first and lasted < QUICK_EXIT_S:
+                    print(f"error: the SuperNode exited after {lasted:.0f}s with code {code}. Check that the "
+                          f"site key is registered at the centre (clinicfl-server register-site), the address "
+                          f"{self.settings.superlink} and the CA certificate. Log: {self.log_path}", flush=True)
+                    return 3
+                if not self.restart:
+                    return code
+                first = False
+                backoff = 2.0 if lasted > 5 * MAX_BACKOFF_S else min(backoff * 2, MAX_BACKOFF_S)
+                print(f"SuperNode ended (code {code}); restarting in {backoff:.0f}s", flush=True)
+                self._sleep(backoff)
+            return 0
+        finally:
+            self.pid_path.unlink(missing_ok=True)
+
+    def _run_once(self) -> int:
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(self.settings.command(), env=flower_env(self.settings.state_dir / "flwr"),
+                                            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+        print(f"SuperNode running: pid {self.process.pid}, connecting to {self.settings.superlink}; "
+              f"log {self.log_path}", flush=True)
+        return self.process.wait()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        self.stop_child()
+
+    def stop_child(self, timeout: float = 20.0) -> None:
+        """Stop the SuperNode and the app processes it started (its own process group)."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(0.2)

@@ -1,0 +1,42 @@
+"""Export a round's global model as one self-contained file for inference anywhere.
+
+The file holds the full state dict (backbone included, so no weights file is needed where it is
+loaded), the run config, the backbone hash it was trained against, the round and label names.
+Load it with ``common.model.load_exported``. With ``feature-norm = site`` the standardisation
+statistics are local to each site: fit them on the local images first
+(``common.inference.fit_feature_norm``), as every site and the server's validation do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.config import RunConfig
+from common.exchange import load_array_record
+from common.model import EXPORT_FORMAT, build_model, check_backbone_hash, frozen_backbone_hash
+from server.runs import last_finished_round, load_checkpoint_arrays
+
+
+def export_model(run_dir: Path, server_round: int | None = None, out: Path | None = None) -> Path:
+    if server_round is None:
+        server_round = last_finished_round(run_dir)
+        if server_round is None:
+            raise ValueError(f"{run_dir} has no finished round to export")
+    try:
+        arrays, payload = load_checkpoint_arrays(run_dir, server_round)
+    except FileNotFoundError:
+        raise ValueError(f"{run_dir} has no checkpoint for round {server_round}") from None
+    config = RunConfig.from_mapping(payload["config"])
+    model = build_model(config.model)  # the backbone weights the run config names, loaded here
+    check_backbone_hash(payload["backbone-hash"], frozen_backbone_hash(model))
+    load_array_record(model, arrays)
+    out = out or run_dir / "export" / f"model-round-{server_round:03d}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save({"format": EXPORT_FORMAT, "state_dict": model.state_dict(), "config": payload["config"],
+                "backbone-hash": payload["backbone-hash"], "round": server_round,
+                "label-names": config.model.names(), "run": run_dir.name}, tmp)
+    tmp.replace(out)
+    return out
