@@ -26,6 +26,7 @@ from rich.table import Table
 
 from client.daemon import SupernodeDaemon, SupernodeSettings, check_key_files
 from client.datacheck import check_site
+from common.processes import parse_assignments
 from common.config import SITE_LAYOUTS, ConfigError, DataConfig, FederationConfig, SiteConfig
 
 
@@ -52,7 +53,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    extra = dict(_key_value(item) for item in args.node_config)
+    extra = parse_assignments(args.node_config, "--node-config")
     node_config = {"data-path": str(Path(args.data_path).expanduser().resolve()), "layout": args.layout, **extra}
     if args.site_name:
         node_config["site-name"] = args.site_name
@@ -103,21 +104,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _key_value(item: str) -> tuple[str, object]:
-    key, sep, raw = item.partition("=")
-    if not sep:
-        raise ConfigError(f"--node-config expects KEY=VALUE, got {item!r}")
-    raw = raw.strip()
-    if raw in ("true", "false"):
-        return key.strip(), raw == "true"
-    for kind in (int, float):
-        try:
-            return key.strip(), kind(raw)
-        except ValueError:
-            pass
-    return key.strip(), raw.strip("'\"")
-
-
 def print_summary(summary: dict[str, Any], console: Console) -> None:
     table = Table(title=f"site {summary['site']} ({summary['layout']} layout)")
     table.add_column("what")
@@ -166,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("site_dir")
     add_data_arguments(check)
     check.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
+    check.add_argument("--state-dir", default="", help="the site's state dir: reuse and fill its preprocess cache")
     check.set_defaults(func=cmd_check_data)
     start = sub.add_parser("start", help="check the data, then run this site's SuperNode until stopped")
     start.add_argument("--superlink", required=True, help="the centre's address, host:port")
@@ -187,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -203,7 +190,6 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--biomech-features", type=int, default=defaults.biomech_features)
     parser.add_argument("--mrnet-plane", default=defaults.mrnet_plane)
     parser.add_argument("--mrnet-labels", default=defaults.mrnet_labels)
-    parser.add_argument("--state-dir", default="", help="the site's state dir: reuse and fill its preprocess cache")
 
 
 if __name__ == "__main__":

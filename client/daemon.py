@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.processes import bin_path, flower_env
+from common.processes import bin_path, flower_env, run_config_arg
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class SupernodeSettings:
     def command(self) -> list[str]:
         values = {"data-path": str(self.data_path), "state-dir": str(self.state_dir), "site-name": self.site_name,
                   "layout": self.layout, **self.node_config}
-        node_config = " ".join(f"{k}={_node_value(v)}" for k, v in values.items())
+        node_config = run_config_arg(values)  # the same key=value syntax as a run config
         command = [bin_path("flower-supernode"), "--superlink", self.superlink, "--node-config", node_config,
                    "--port", str(self.port)]
         if self.ca_cert is None:
@@ -51,14 +51,6 @@ class SupernodeSettings:
         if self.private_key is not None:
             command += ["--auth-supernode-private-key", str(self.private_key)]
         return command
-
-
-def _node_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace('"', "") + '"'
 
 
 def check_key_files(settings: SupernodeSettings) -> list[str]:

@@ -49,3 +49,25 @@ def toml_value(value: object) -> str:
 
 def run_config_arg(values: dict[str, object]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+
+
+def parse_assignments(pairs: list[str], option: str = "--set") -> dict[str, object]:
+    """``KEY=VALUE`` command-line items as typed config values (bool, int, float, else string)."""
+    values: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{option} expects KEY=VALUE, got {pair!r}")
+        values[key.strip()] = _typed(raw.strip())
+    return values
+
+
+def _typed(raw: str) -> object:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw.strip("'\"")

@@ -27,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from common.processes import run_config_arg
+from common.processes import parse_assignments, run_config_arg
 from server.centre import CONNECTION, PROJECT_ROOT, Centre, CentreError, flwr, key_fingerprint, parse_json_output, \
     running_superlink, start_superlink, stop_superlink
 from server.runs import print_rounds, read_metrics, read_run_state, write_control
@@ -65,7 +65,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
         table.add_column(column)
     for item in issued:
         table.add_row(str(item.path.relative_to(centre.home)), "0600 secret" if item.secret else "0644", item.goes_to)
-    Console().print(table)
+    _console().print(table)
     print("Each site needs: certs/ca.crt and its own sites/<name>.key. Register the public key with "
           "clinicfl-server register-site NAME sites/NAME.pub")
     return 0
@@ -127,7 +127,7 @@ def cmd_sites(args: argparse.Namespace) -> int:
         table.add_column(column)
     for row in rows:
         table.add_row(row["site"], row["node-id"], row["status"], row["online-at"], row["key"])
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
@@ -140,23 +140,8 @@ def run_overrides(args: argparse.Namespace, centre: Centre) -> dict[str, object]
             values[key] = getattr(args, flag)
     if getattr(args, "dp", False):
         values["dp-enabled"] = True
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise CentreError(f"--set expects KEY=VALUE, got {item!r}")
-        values[key.strip()] = _parse_value(raw.strip())
+    values.update(parse_assignments(args.set))
     return values
-
-
-def _parse_value(raw: str) -> object:
-    if raw in ("true", "false"):
-        return raw == "true"
-    for kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            pass
-    return raw.strip("'\"")
 
 
 def submit_run(centre: Centre, values: dict[str, object]) -> int:
@@ -210,7 +195,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row(str(record["round"]), ", ".join(sorted(record.get("train") or {})) or "-",
                       ", ".join(sorted(record.get("evaluation") or {})) or "-", rejected or "-",
                       f"{eps:.2f}" if isinstance(eps, (int, float)) else "n/a")
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    _console().print(table)
     return 0
 
 
@@ -218,7 +203,7 @@ def _list_runs(centre: Centre) -> int:
     payload = parse_json_output(flwr(centre, "ls", CONNECTION, "--format", "json"), "listing runs")
     table = Table(title="runs")
     for column in ("run", "status", "elapsed", "run directory", "state", "last round"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for run in payload.get("runs", []):
         run_id = int(run["run-id"])
         try:
@@ -228,8 +213,13 @@ def _list_runs(centre: Centre) -> int:
         except CentreError:
             name, progress, last = "-", "-", "-"
         table.add_row(str(run_id), str(run.get("status", "")), str(run.get("elapsed", "")), name, progress, last)
-    Console().print(table)
+    _console().print(table)
     return 0
+
+
+def _console() -> Console:
+    # Run ids are 19 digits: in a log file or pipe, do not squeeze the columns to 80.
+    return Console(width=None if sys.stdout.isatty() else 200)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

@@ -86,12 +86,16 @@ class ClinicFedAvg(FedAvg):
         self.epsilon: dict[str, float] = {}  # last cumulative epsilon reported by each site
         self.node_names: dict[int, str] = {}  # node id -> site name, to name a site whose reply is an error
         self._sent_bytes: dict[tuple[int, str], int] = {}
+        self._sent_messages: dict[str, list[Message]] = {}
         self._global: dict[int, dict[str, np.ndarray]] = {}  # the model each round's updates start from
 
     def _remember_sent(self, server_round: int, phase: str, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
         if messages:  # every sampled site gets the same payload
             self._sent_bytes[(server_round, phase)] = payload_bytes(messages[0])
+        # The grid sets each message's id when it pushes it; an error reply the SuperLink makes
+        # for an unreachable node names only that id, so keep the messages to find the node.
+        self._sent_messages[phase] = messages
         return messages
 
     def start_round(self, server_round: int, arrays: ArrayRecord) -> None:
@@ -162,6 +166,9 @@ class ClinicFedAvg(FedAvg):
     def _site_name(self, msg: Message) -> str:
         node = msg.metadata.src_node_id
         if msg.has_error():
+            for sent in (m for batch in self._sent_messages.values() for m in batch):
+                if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                    node = sent.metadata.dst_node_id
             return self.node_names.get(node, f"node-{node}")
         name = str(site_record(msg).get("site-name", f"node-{node}"))
         self.node_names.setdefault(node, name)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from common.processes import parse_assignments
 from simulations.runner import PROJECT_ROOT, SimulationError, read_round_records, run_simulation
 from simulations.synthetic import SyntheticSpec, generate_clinics
 
@@ -35,22 +36,10 @@ def _spec(args: argparse.Namespace) -> SyntheticSpec:
 
 
 def _overrides(pairs: list[str]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        out[key.strip()] = _parse_value(raw.strip())
-    return out
-
-
-def _parse_value(raw: str) -> object:
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(raw.lower(), raw.strip("'\""))
+    try:
+        return parse_assignments(pairs)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
