@@ -137,7 +137,7 @@ def start_superlink(centre: Centre, host: str, port: int, insecure: bool, timeou
     state = {"pid": process.pid, "host": host, "port": port, "insecure": insecure}
     (centre.superlink / "superlink.json").write_text(json.dumps(state))
     centre.pid_file.write_text(f"{process.pid}\n")
-    write_connection(centre, f"{probe_host if probe_host != '127.0.0.1' else '127.0.0.1'}:{port}", insecure)
+    write_connection(centre, f"{probe_host}:{port}", insecure)
     return state
 
 

@@ -88,3 +88,55 @@ def test_a_site_of_real_files_keeps_the_good_and_quarantines_the_bad(tmp_path):
             assert reasons[folder] == "no-usable-series"
     assert reasons["studies/s00/any/MR_truncated.dcm"] == "truncated-pixel-data"
     assert all(not os.path.isabs(path) for path in reasons), "relative paths only"
+
+
+def _pixel_file(path: Path, stored: np.ndarray, bits_stored: int, signed: bool, photometric: str,
+                slope: float, intercept: float, window: tuple[float, float] | None) -> Path:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID, ds.Modality = generate_uid(), "OT"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated = 8 if bits_stored == 8 else 16
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, int(signed)
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = stored.astype({8: np.uint8, 12: np.uint16, 16: np.int16 if signed else np.uint16}[bits_stored]
+                                 ).tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("bits, signed, photometric, window", [
+    (8, False, "MONOCHROME2", None),
+    (12, False, "MONOCHROME2", (1000.0, 1500.0)),
+    (16, True, "MONOCHROME2", (0.0, 400.0)),
+    (16, True, "MONOCHROME1", (0.0, 400.0)),
+])
+def test_bit_depths_sign_rescale_window_and_monochrome1(tmp_path, bits, signed, photometric, window):
+    """Stored values -> modality values (slope, intercept) -> DICOM linear window -> [0, 1],
+    inverted for MONOCHROME1; without a window the 0.5-99.5 percentile range is used."""
+    rng = np.random.default_rng(bits)
+    low, high = {8: (0, 255), 12: (0, 4095), 16: (-2000, 2000)}[bits]
+    stored = rng.integers(low, high + 1, size=(16, 16))
+    slope, intercept = (2.0, -1024.0) if bits != 8 else (1.0, 0.0)
+    path = _pixel_file(tmp_path / "x.dcm", stored, bits, signed, photometric, slope, intercept, window)
+    modality = stored * slope + intercept
+    if window is None:
+        lo, hi = np.percentile(modality, [0.5, 99.5])
+        expected = np.clip((modality - lo) / (hi - lo), 0, 1)
+    else:
+        center, width = window
+        expected = np.clip((modality - (center - 0.5)) / (width - 1) + 0.5, 0, 1)
+    if photometric == "MONOCHROME1":
+        expected = 1.0 - expected
+    (frame,) = read_pixels(read_header(path).path)
+    assert np.allclose(frame, expected, atol=1e-6)
