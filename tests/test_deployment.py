@@ -227,6 +227,9 @@ def test_federation_survives_a_dead_site_and_pauses(deployment):
     run_dir = deployment.run_dir(run_id)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"round-{i:03d}.pt" for i in range(4)]
 
+    logs = deployment.server("logs", str(run_id)).stdout
+    assert "paused after round 2" in logs and "finished 3 rounds" in logs
+
     exported = Path(deployment.server("export", str(run_id)).stdout.strip())
     model, meta = load_exported(exported)
     assert meta["round"] == 3 and meta["backbone-hash"] == json.loads((run_dir / "config.json").read_text())[
