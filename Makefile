@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.skeleton
 	$(BIN)/python -m benchmarks.dp_step
+	$(BIN)/python -m benchmarks.preprocess_cache
 
 bench-dp: $(STAMP)
 	$(BIN)/python -m benchmarks.dp_step
