@@ -1,0 +1,17 @@
+"""Benchmarks: one command each, a JSON result under runs/benchmarks/, ratios side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_result(path: str | Path, result: dict[str, Any], hide: tuple[str, ...] = ()) -> Path:
+    """Write the JSON result and print it (without the ``hide`` keys, e.g. long specs)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in hide}, indent=2))
+    print(f"written to {out}")
+    return out

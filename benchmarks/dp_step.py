@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.privacy import keep_large_allocations_in_heap
+from benchmarks import write_result
 from common.config import ModelConfig
 from common.model import SequenceHead
 
@@ -100,10 +99,7 @@ def main() -> None:
                          "dp_step_ms": round(dp_ms, 2), "dp_over_plain_ratio": round(dp_ms / plain_ms, 2)},
         "goal_ratio": 3.0,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Reports, side by side:
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import replace
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from client.training import train_local
+from benchmarks import write_result
 from common.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from common.inference import SiteInputs, encode, evaluate_local, fit_feature_norm
 from common.data.site import SiteData, load_site
@@ -109,11 +109,7 @@ def main() -> None:
         "traffic_per_round_per_direction": traffic(model_config),
         "centralised_reference": centralised_auc(pooled, model_config, train, device, args.epochs),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "synthetic_spec"}, indent=2))
-    print(f"written to {out}")
+    write_result(args.out, result, hide=("synthetic_spec",))
 
 
 if __name__ == "__main__":

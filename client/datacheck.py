@@ -14,7 +14,7 @@ import numpy as np
 
 from common.config import DataConfig
 from common.data.errors import DataError
-from common.data.site import SiteData, load_site
+from common.data.site import SiteData, SiteProfile, load_site
 
 EXAMPLES_PER_REASON = 3
 
@@ -30,7 +30,7 @@ def check_site(site_dir: Path, config: DataConfig, num_labels: int | None, layou
 
 
 def summarise(site: SiteData, name: str) -> dict[str, Any]:
-    profile = site.profile
+    profile = site.profile or SiteProfile("unknown")
     labels = {}
     for j, label in enumerate(site.label_names):
         positives = site.labels[:, j] > 0.5
@@ -42,22 +42,22 @@ def summarise(site: SiteData, name: str) -> dict[str, Any]:
     return {
         "site": name,
         "usable": True,
-        "layout": profile.layout if profile else "unknown",
+        "layout": profile.layout,
         "studies": len(site.studies),
         "train_studies": int(len(site.train_index)),
         "test_studies": int(len(site.test_index)),
         "patients": len(set(site.groups)),
-        "series": profile.series if profile else None,
-        "image_files": profile.files if profile else None,
+        "series": profile.series,
+        "image_files": profile.files,
         "images_used": int(site.mask.sum()),
         "labels": labels,
         "severity_targets": int(np.isfinite(site.targets).sum()),
         "biomech_features": int(site.biomech.shape[-1]) if site.biomech is not None else 0,
-        "modalities": dict(profile.modalities.most_common()) if profile else {},
-        "image_sizes": dict(profile.image_sizes.most_common()) if profile else {},
-        "metadata": {k: dict(v.most_common()) for k, v in profile.info.items()} if profile else {},
+        "modalities": dict(profile.modalities.most_common()),
+        "image_sizes": dict(profile.image_sizes.most_common()),
+        "metadata": {k: dict(v.most_common()) for k, v in profile.info.items()},
         "skipped_studies": len(site.skipped),
         "quarantine": [{"reason": code, "count": len(paths), "examples": paths[:EXAMPLES_PER_REASON]}
                        for code, paths in sorted(by_reason.items())],
-        "cache": {"hits": profile.cache_hits, "misses": profile.cache_misses} if profile else {},
+        "cache": {"hits": profile.cache_hits, "misses": profile.cache_misses},
     }

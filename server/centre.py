@@ -106,7 +106,9 @@ def start_superlink(centre: Centre, host: str, port: int, insecure: bool, timeou
     if (state := running_superlink(centre)) is not None:
         raise CentreError(f"a SuperLink is already running (pid {state['pid']}, port {state['port']}); "
                           "stop it first with clinicfl-server shutdown")
-    if port_open("127.0.0.1" if host in ("0.0.0.0", "::") else host, port):
+    # The centre's own CLI reaches a wildcard listener over loopback.
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    if port_open(probe_host, port):
         raise CentreError(f"port {port} is already in use on {host}")
     centre.superlink.mkdir(parents=True, exist_ok=True)
     centre.runs.mkdir(parents=True, exist_ok=True)
@@ -124,7 +126,6 @@ def start_superlink(centre: Centre, host: str, port: int, insecure: bool, timeou
     with (centre.superlink / "superlink.out").open("ab") as out:
         process = subprocess.Popen(command, env=centre.env(), stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=centre.home)
-    probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     deadline = time.monotonic() + timeout
     while not port_open(probe_host, port):
         if process.poll() is not None:
@@ -198,8 +199,8 @@ def parse_json_output(result: subprocess.CompletedProcess, what: str) -> dict:
     except json.JSONDecodeError:
         payload = {}
     if result.returncode != 0 or not payload.get("success", True):
-        message = payload.get("error-message") or (result.stderr or result.stdout).strip().splitlines()[-1:] or ["?"]
-        raise CentreError(f"{what} failed: {message if isinstance(message, str) else message[0]}")
+        last_line = ((result.stderr or result.stdout).strip().splitlines() or ["?"])[-1]
+        raise CentreError(f"{what} failed: {payload.get('error-message') or last_line}")
     return payload
 
 

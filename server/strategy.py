@@ -87,7 +87,7 @@ class ClinicFedAvg(FedAvg):
         self.node_names: dict[int, str] = {}  # node id -> site name, to name a site whose reply is an error
         self._sent_bytes: dict[tuple[int, str], int] = {}
         self._sent_messages: dict[str, list[Message]] = {}
-        self._global: dict[int, dict[str, np.ndarray]] = {}  # the model each round's updates start from
+        self._round_start: tuple[int, dict[str, np.ndarray]] | None = None  # (round, model its updates start from)
 
     def _remember_sent(self, server_round: int, phase: str, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
@@ -100,7 +100,7 @@ class ClinicFedAvg(FedAvg):
 
     def start_round(self, server_round: int, arrays: ArrayRecord) -> None:
         """The global model this round's updates start from (for the update-norm bound)."""
-        self._global = {server_round: {k: v.numpy() for k, v in arrays.items()}}
+        self._round_start = (server_round, {k: v.numpy() for k, v in arrays.items()})
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[override]
         self.start_round(server_round, arrays)
@@ -145,16 +145,16 @@ class ClinicFedAvg(FedAvg):
                                 "global model unchanged")
             log.warning("round %d: %s", server_round, report.notes[-1])
             return None, None
-        arrays = self._aggregate([m.content[ARRAYS_KEY] for m in accepted],
-                                 [m.content for m in accepted])
+        arrays = self._aggregate([m.content for m in accepted])
         report.aggregated = True
         weights = np.array([report.train[self._site_name(m)]["num-examples"] for m in accepted], dtype=float)
         losses = np.array([report.train[self._site_name(m)]["loss"] for m in accepted])
         return arrays, MetricRecord({"train-loss": float((weights * losses).sum() / weights.sum())})
 
-    def _aggregate(self, updates: list[ArrayRecord], contents: list) -> ArrayRecord:
+    def _aggregate(self, contents: list) -> ArrayRecord:
         if self.aggregation == "fedavg":
             return aggregate_arrayrecords(contents, self.weighted_by_key)
+        updates = [content[ARRAYS_KEY] for content in contents]
         combined = ArrayRecord()
         for name in updates[0].keys():
             stacked = np.stack([u[name].numpy() for u in updates])
@@ -196,7 +196,7 @@ class ClinicFedAvg(FedAvg):
             check_arrays(content[ARRAYS_KEY], self.spec)
         except UpdateError as exc:
             return f"malformed update: {exc}"
-        start = self._global.get(server_round)
+        start = self._round_start[1] if self._round_start and self._round_start[0] == server_round else None
         if self.max_update_norm > 0 and start is not None:
             norm = float(np.sqrt(sum(float(((content[ARRAYS_KEY][k].numpy().astype(np.float64) - v) ** 2).sum())
                                      for k, v in start.items())))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from common.data.errors import DataError
-from common.data.layouts import read_labels
+from common.data.labels import read_labels
 from common.data.site import assign_split, load_site
 
 

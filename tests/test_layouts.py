@@ -4,6 +4,7 @@ cache, biomechanical series and `clinicfl-client check-data --json`. Trees are g
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,7 +163,6 @@ def biomech_site(tmp_path_factory) -> Path:
 
 def test_biomech_series_are_resampled_and_site_standardised(biomech_site, tmp_path):
     site_dir = tmp_path / "site"
-    import shutil
     shutil.copytree(biomech_site, site_dir)
     config = DataConfig(image_size=32, seq_len=4, biomech_features=3)
     data = load_site(site_dir, config, num_labels=1, progress=False)

@@ -36,7 +36,7 @@ class StudyResult:
 
 
 class PreprocessCache:
-    def __init__(self, folder: Path | None, site_dir: Path, settings: str) -> None:
+    def __init__(self, folder: Path, site_dir: Path, settings: str) -> None:
         self.folder = folder
         self.site_dir = site_dir
         self.settings = settings
@@ -54,7 +54,7 @@ class PreprocessCache:
 
     def get(self, key: str) -> StudyResult | None:
         path = self._path(key)
-        if path is None or not path.is_file():
+        if not path.is_file():
             self.misses += 1
             return None
         try:
@@ -75,8 +75,6 @@ class PreprocessCache:
 
     def put(self, key: str, result: StudyResult) -> None:
         path = self._path(key)
-        if path is None:
-            return
         images = result.images
         meta = {
             "error": [result.error.code, str(result.error)] if result.error is not None else None,
@@ -93,5 +91,5 @@ class PreprocessCache:
         except OSError as exc:  # a read-only state dir costs speed, not the run
             log.warning("cannot write the preprocess cache in %s (%s)", self.folder, exc.strerror or exc)
 
-    def _path(self, key: str) -> Path | None:
-        return self.folder / f"{key}.npz" if self.folder is not None else None
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.npz"

@@ -20,7 +20,7 @@ import numpy as np
 from common.config import DataConfig
 from common.data.dicom import resize_square, sample_indices
 from common.data.errors import DataError, StudyError
-from common.data.layouts import read_binary_csv
+from common.data.labels import read_binary_csv
 from common.data.study import Discovery, StudyImages, StudyLabel, StudySource
 
 SPLITS = {"train": "train", "valid": "test"}

@@ -88,8 +88,10 @@ def load_site(site_dir: Path, config: DataConfig, num_labels: int | None, progre
     if num_labels is not None and len(found.label_names) != num_labels:
         raise DataError("label-count", f"the site has {len(found.label_names)} label(s) ({', '.join(found.label_names)})"
                                        f" but the run config says num-labels = {num_labels}")
+    # Without a cache folder nothing is hashed: the key costs a full read of every file.
     cache = PreprocessCache(cache_dir, site_dir, f"{found.layout}|{config.image_size}|{config.seq_len}|"
-                                                 f"{config.series_description}|{config.mrnet_plane}")
+                                                 f"{config.series_description}|{config.mrnet_plane}"
+                            ) if cache_dir is not None else None
     profile = SiteProfile(found.layout)
     quarantine: Quarantine = list(found.quarantine)
     kept: list[tuple[StudySource, np.ndarray, np.ndarray | None]] = []
@@ -117,7 +119,8 @@ def load_site(site_dir: Path, config: DataConfig, num_labels: int | None, progre
         profile.image_sizes.update(result.images.sizes)
         for name, value in source.info:
             profile.info.setdefault(name, Counter())[value] += 1
-    profile.cache_hits, profile.cache_misses = cache.hits, cache.misses
+    if cache is not None:
+        profile.cache_hits, profile.cache_misses = cache.hits, cache.misses
     if not kept:
         raise DataError("no-usable-studies", f"none of the {len(found.sources)} labelled studies in {site_dir} could "
                                              f"be used ({len(quarantine)} quarantine entries; run clinicfl-client "
@@ -152,11 +155,10 @@ def load_site(site_dir: Path, config: DataConfig, num_labels: int | None, progre
     )
 
 
-def _read_study(source: StudySource, site_dir: Path, cache: PreprocessCache) -> StudyResult:
+def _read_study(source: StudySource, site_dir: Path, cache: PreprocessCache | None) -> StudyResult:
     """A study from the cache, or read and then cached (failures too, with their reason)."""
-    key = cache.key(source)
-    cached = cache.get(key)
-    if cached is not None:
+    key = cache.key(source) if cache is not None else None
+    if key is not None and (cached := cache.get(key)) is not None:
         return cached
     files: list[tuple[Path, str]] = []
     try:
@@ -164,5 +166,6 @@ def _read_study(source: StudySource, site_dir: Path, cache: PreprocessCache) -> 
     except StudyError as exc:
         result = StudyResult(None, exc, [])
     result.quarantine = [(str(path.relative_to(site_dir)), code) for path, code in files]
-    cache.put(key, result)
+    if key is not None:
+        cache.put(key, result)
     return result

@@ -1,0 +1,75 @@
+"""Label files: clinicfl's ``labels.csv`` and the header-less ``key,0|1`` CSVs of MURA and MRNet.
+Every problem is a one-line DataError naming the file and row."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from common.data.errors import DataError
+from common.data.study import StudyLabel
+
+LABELS_FILE = "labels.csv"
+STUDIES_DIR = "studies"
+
+
+def read_labels(site_dir: Path) -> tuple[list[StudyLabel], list[str]]:
+    """Parse labels.csv; every problem is a one-line DataError naming the row.
+
+    Columns: ``study`` (the folder name), ``label`` (0/1) or several ``label_<name>`` columns
+    (multi-label), and optional ``split`` (train/test), ``patient`` and ``target`` (severity)."""
+    if not site_dir.is_dir():
+        raise DataError("missing-site-dir", f"site directory {site_dir} does not exist")
+    path = site_dir / LABELS_FILE
+    if not path.is_file():
+        raise DataError("missing-labels", f"{path} not found: a site needs {LABELS_FILE} and {STUDIES_DIR}/")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        rows = list(reader)
+    if "study" not in columns:
+        raise DataError("bad-labels", f"{path} has no 'study' column (columns: {', '.join(columns) or 'none'})")
+    label_columns = ["label"] if "label" in columns else sorted(c for c in columns if c.startswith("label_"))
+    if not label_columns:
+        raise DataError("bad-labels", f"{path} has no 'label' or 'label_<name>' column")
+    if not rows:
+        raise DataError("empty-site", f"{path} has no rows")
+    records, seen = [], set()
+    for line, row in enumerate(rows, start=2):
+        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+        study = row["study"]
+        if not study:
+            raise DataError("bad-labels", f"{path}:{line}: empty study name")
+        if study in seen:
+            raise DataError("bad-labels", f"{path}:{line}: study {study!r} listed twice")
+        seen.add(study)
+        labels = []
+        for column in label_columns:
+            if row.get(column) not in ("0", "1", "0.0", "1.0"):
+                raise DataError("bad-labels", f"{path}:{line}: {column} must be 0 or 1, got {row.get(column)!r}")
+            labels.append(float(row[column]))
+        split = row.get("split") or None
+        if split not in (None, "train", "test"):
+            raise DataError("bad-labels", f"{path}:{line}: split must be train or test, got {split!r}")
+        target = None
+        if row.get("target"):
+            try:
+                target = float(row["target"])
+            except ValueError:
+                raise DataError("bad-labels", f"{path}:{line}: target must be a number") from None
+        records.append(StudyLabel(study, tuple(labels), split, row.get("patient") or None, target))
+    names = ["injury"] if label_columns == ["label"] else [c.removeprefix("label_") for c in label_columns]
+    return records, names
+
+
+def read_binary_csv(path: Path) -> dict[str, float]:
+    """A header-less ``key,0|1`` CSV as used by MURA and MRNet."""
+    values: dict[str, float] = {}
+    with path.open(newline="") as handle:
+        for line, row in enumerate(csv.reader(handle), start=1):
+            if not row or not row[0].strip():
+                continue
+            if len(row) < 2 or row[1].strip() not in ("0", "1"):
+                raise DataError("bad-labels", f"{path}:{line}: expected 'key,0' or 'key,1'")
+            values[row[0].strip()] = float(row[1].strip())
+    return values
