@@ -8,10 +8,13 @@ STAMP  := $(VENV)/.installed-stamp
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# uv resolves with install/overrides.txt (flwr 1.42 pins a certifi release the registry does not have)
+# and install/constraints.txt (the tested torch/torchvision pair); see DEVELOPERS.md.
+$(STAMP): pyproject.toml install/overrides.txt install/constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install --quiet 'uv>=0.13,<0.14'
+	$(BIN)/uv pip install --python $(BIN)/python --override install/overrides.txt \
+		--constraint install/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from opacus import PrivacyEngine
+from common.opacus_import import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.privacy import keep_large_allocations_in_heap

@@ -13,14 +13,16 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_outgoing
-from client.drills import fault_drill
+from client.drills import fault_drill, raise_phi_drill
+from client.sitelog import console, site_logging
 from client.session import SiteSession, open_session
 from client.training import train_local
 from common.inference import evaluate_local
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.data.errors import DataError
 from client.privacy import STATE_KEY as PRIVACY_STATE_KEY
-from client.privacy import BudgetExhausted, PrivacyLedger, SitePrivacy, privacy_units, train_private
+from client.privacy import BadBudgetId, BudgetExhausted, PrivacyLedger, SitePrivacy, check_budget_id, privacy_units, \
+    reserve_round, train_private
 from common.exchange import ARRAYS_KEY, METRICS_KEY, SITE_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, \
     UpdateError, load_array_record, to_array_record
 from common.model import BackboneMismatchError, BackboneWeightsError, check_backbone_hash
@@ -56,27 +58,28 @@ def _train(session: SiteSession, msg: Message, context: Context) -> RecordDict:
 
 
 def _train_private(session: SiteSession, msg: Message, context: Context, server_round: int) -> RecordDict:
-    """DP-SGD with the site's ledger: loaded from disk and context.state, saved to both."""
+    """DP-SGD with the site's ledger: charged under its lock (disk and context.state) before training."""
     config = session.config
-    budget_id = str(msg.content["config"].get("budget-id", context.run_id))
+    budget_id = check_budget_id(str(msg.content["config"].get("budget-id", context.run_id)))
     state = context.state.config_records.get(PRIVACY_STATE_KEY)
-    ledger = PrivacyLedger.load(session.site, budget_id, config.privacy.dp_accountant,
-                                str(state["ledger"]) if state is not None and "ledger" in state else None)
     units = privacy_units(session.data.train_index, session.data.groups, config.privacy.dp_unit)
     budget = SitePrivacy.resolve(config.privacy, session.site, len(units))
-    try:
-        result = train_private(session.model, session.inputs, units, config, budget, ledger, session.device,
-                               server_round)
-    except BudgetExhausted as exc:
-        log.warning("site %s: %s", session.site.site_name, exc)
-        status = _site_status(session, STATUS_BUDGET_EXHAUSTED)
-        status["reason"] = STATUS_BUDGET_EXHAUSTED
-        status["dp-epsilon"] = exc.spent
-        status["dp-budget"] = exc.budget
-        return RecordDict({SITE_KEY: status})
-    finally:
-        text = ledger.save(session.site, budget_id)  # a calibrated noise multiplier is kept even unspent
-        context.state[PRIVACY_STATE_KEY] = ConfigRecord({"ledger": text})
+    with PrivacyLedger.locked(session.site, budget_id):
+        ledger = PrivacyLedger.load(session.site, budget_id, config.privacy.dp_accountant,
+                                    str(state["ledger"]) if state is not None and "ledger" in state else None)
+        try:
+            charge = reserve_round(ledger, config, budget, len(units))
+        except BudgetExhausted as exc:
+            log.warning("site %s: %s", session.site.site_name, exc)
+            status = _site_status(session, STATUS_BUDGET_EXHAUSTED)
+            status["reason"] = STATUS_BUDGET_EXHAUSTED
+            status["dp-epsilon"] = exc.spent
+            status["dp-budget"] = exc.budget
+            return RecordDict({SITE_KEY: status})
+        finally:
+            text = ledger.save(session.site, budget_id)  # a calibrated noise multiplier is kept even unspent
+            context.state[PRIVACY_STATE_KEY] = ConfigRecord({"ledger": text})
+    result = train_private(session.model, session.inputs, units, config, budget, charge, session.device)
     return RecordDict({
         ARRAYS_KEY: to_array_record(session.model),
         METRICS_KEY: MetricRecord({"num-examples": result.train.num_examples, "train-loss": result.train.loss,
@@ -100,27 +103,54 @@ def _site_status(session: SiteSession, status: str) -> ConfigRecord:
 
 
 def _handle(msg: Message, context: Context, work: Callable[[SiteSession, Message, Context], RecordDict]) -> Message:
+    """Run a handler; whatever goes wrong, the centre gets a reason code and never the text.
+
+    Exception messages can name local paths or header values (a patient's folder, a file name),
+    so they go to the site's own log (``client/sitelog.py``) with the traceback. The reply carries
+    the reason code and, for an unexpected exception, only its type name."""
     site_name = str(context.node_config.get("site-name", context.node_config.get("partition-id", "?")))
     try:
         config = RunConfig.from_mapping(context.run_config)
         site = SiteConfig.from_node_config(context.node_config, config.federation)
-        site_name = site.site_name
-        session = open_session(config, site)
-        check_backbone_hash(str(msg.content["config"].get("backbone-hash", "")), session.backbone_hash)
-        load_array_record(session.model, msg.content[ARRAYS_KEY])
-        content = work(session, msg, context)
-    except (DataError, ConfigError, BackboneMismatchError, BackboneWeightsError, UpdateError) as exc:
-        # The full message (it may name local paths) stays in the site's log; the server gets a code.
-        code = getattr(exc, "code", None) or _CODES[type(exc)]
-        log.error("site %s cannot take part: %s", site_name, exc)
-        content = RecordDict({SITE_KEY: ConfigRecord({"status": STATUS_ERROR, "reason": code,
-                                                      "site-name": site_name})})
+    except ConfigError as exc:  # no state dir to log to: the message holds config values only
+        console.error("site %s cannot take part: config-error: %s", site_name, exc)
+        return Message(_error_reply(site_name, "config-error"), reply_to=msg)
+    site_name = site.site_name
+    with site_logging(site.state_dir):
+        try:
+            session = open_session(config, site)
+            raise_phi_drill(context, site_name, str(site.data_path / "studies" / session.data.studies[0]))
+            check_backbone_hash(str(msg.content["config"].get("backbone-hash", "")), session.backbone_hash)
+            load_array_record(session.model, msg.content[ARRAYS_KEY])
+            content = work(session, msg, context)
+        except KNOWN_ERRORS as exc:
+            code = getattr(exc, "code", None) or _CODES[next(t for t in _CODES if isinstance(exc, t))]
+            log.error("site %s cannot take part: %s", site_name, exc)
+            console.warning("site %s cannot take part: %s (details in the site's log)", site_name, code)
+            content = _error_reply(site_name, code)
+        except Exception as exc:  # noqa: BLE001 - the site must answer, and must not leak the message
+            log.exception("site %s: unexpected %s while handling a %s message", site_name, type(exc).__name__,
+                          msg.metadata.message_type)
+            console.error("site %s: %s (%s); the traceback is in the site's log (STATE_DIR/logs/site.log)",
+                          site_name, INTERNAL_ERROR, type(exc).__name__)
+            content = _error_reply(site_name, INTERNAL_ERROR, type(exc).__name__)
     return Message(content, reply_to=msg)
 
 
+def _error_reply(site_name: str, code: str, exception_type: str = "") -> RecordDict:
+    record = ConfigRecord({"status": STATUS_ERROR, "reason": code, "site-name": site_name})
+    if exception_type:
+        record["exception-type"] = exception_type[:80]
+    return RecordDict({SITE_KEY: record})
+
+
+INTERNAL_ERROR = "internal-error"
 _CODES: dict[type, str] = {
+    DataError: "data-error",
     ConfigError: "config-error",
     BackboneMismatchError: "backbone-mismatch",
     BackboneWeightsError: "backbone-weights-unavailable",
     UpdateError: "bad-global-parameters",
+    BadBudgetId: BadBudgetId.code,
 }
+KNOWN_ERRORS = tuple(_CODES)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.processes import bin_path, flower_env, run_config_arg
+from common.processes import bin_path, flower_env, write_config_file
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ class SupernodeSettings:
     def command(self) -> list[str]:
         values = {"data-path": str(self.data_path), "state-dir": str(self.state_dir), "site-name": self.site_name,
                   "layout": self.layout, **self.node_config}
-        node_config = run_config_arg(values)  # the same key=value syntax as a run config
-        command = [bin_path("flower-supernode"), "--superlink", self.superlink, "--node-config", node_config,
+        node_config = write_config_file(values, self.state_dir / "node-config.toml")
+        command = [bin_path("flower-supernode"), "--superlink", self.superlink, "--node-config", str(node_config),
                    "--port", str(self.port)]
         if self.ca_cert is None:
             command.append("--insecure")

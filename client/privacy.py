@@ -10,6 +10,11 @@
 - The privacy unit is one study (a batch row). ``dp-unit = "patient"`` samples patients and
   takes one of each sampled patient's studies, so a patient with several studies is protected
   as a whole.
+- Noise, Poisson sampling and the study drawn per patient come from generators seeded with OS
+  entropy at every round (``secure_generator``), never from the run config: the centre sets the
+  run config, and noise it can regenerate is noise it can subtract.
+- The ledger is read, charged and written under a file lock, before any training, so two runs
+  charging one ledger (``dp-budget-scope = site``) can never lose an update.
 """
 
 from __future__ import annotations
@@ -18,24 +23,49 @@ import copy
 import ctypes
 import json
 import math
+import re
+import secrets
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+from filelock import FileLock
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.training import TrainResult, per_study_loss
 from common.config import PrivacyConfig, RunConfig, SiteConfig, TrainConfig
 from common.files import atomic_write_bytes
+from common.opacus_import import PrivacyEngine, create_accountant, get_noise_multiplier
 from common.inference import SiteInputs
 from common.model import InjuryNet
 
 STATE_KEY = "clinicfl-privacy"
+# The centre names the ledger a run charges; the id becomes part of a file name at the site.
+BUDGET_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+LOCK_TIMEOUT_S = 600.0  # another run may hold the ledger while it reserves its round
+
+
+class BadBudgetId(ValueError):
+    """The server sent a budget id that is not a plain identifier (e.g. a path)."""
+
+    code = "bad-budget-id"
+
+
+def check_budget_id(budget_id: str) -> str:
+    if not BUDGET_ID_PATTERN.fullmatch(budget_id):
+        raise BadBudgetId(f"budget-id {budget_id[:80]!r} is not 1-64 letters, digits, '-' or '_'")
+    return budget_id
+
+
+def secure_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on ``device`` seeded from OS entropy (64 bits, ``secrets``), fresh at
+    every call. Opacus' ``secure_mode`` needs torchcsprng, which has no build for this torch;
+    see docs/privacy.md for what this choice does and does not give."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 class BudgetExhausted(Exception):
@@ -70,8 +100,17 @@ class PrivacyLedger:
     # --- persistence: disk (survives a restart) and context.state (Flower's per-run state) ---
     @staticmethod
     def path(site: SiteConfig, budget_id: str) -> Path:
-        name = "site" if site.dp_budget_scope == "site" else f"run-{budget_id}"
+        name = "site" if site.dp_budget_scope == "site" else f"run-{check_budget_id(budget_id)}"
         return site.state_dir / "privacy" / f"{name}.json"
+
+    @staticmethod
+    @contextmanager
+    def locked(site: SiteConfig, budget_id: str):
+        """Hold the ledger's lock file (one writer at a time, across processes)."""
+        path = PrivacyLedger.path(site, budget_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path.with_suffix(".lock")), timeout=LOCK_TIMEOUT_S):
+            yield
 
     @classmethod
     def load(cls, site: SiteConfig, budget_id: str, accountant: str, state_json: str | None) -> "PrivacyLedger":
@@ -157,12 +196,24 @@ class PrivateRoundResult:
                 "dp-max-grad-norm": self.max_grad_norm, "dp-sample-rate": self.sample_rate, "dp-steps": self.steps}
 
 
-def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], config: RunConfig,
-                  budget: SitePrivacy, ledger: PrivacyLedger, device: torch.device,
-                  server_round: int) -> PrivateRoundResult:
-    """One round of DP-SGD on the trainable head; raises BudgetExhausted before touching data."""
+@dataclass(frozen=True)
+class RoundCharge:
+    """What one round of DP-SGD costs, reserved in the ledger before the round trains."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epsilon: float  # cumulative, this round included
+    total_steps: int  # cumulative, this round included
+
+
+def reserve_round(ledger: PrivacyLedger, config: RunConfig, budget: SitePrivacy, n_units: int) -> RoundCharge:
+    """Charge the ledger for one round, or raise BudgetExhausted and charge nothing.
+
+    Called under the ledger's lock, before any data is touched: a round that later fails has
+    still been paid for, which errs on the side of the patients."""
     train: TrainConfig = config.train
-    q, steps_per_epoch = sampling(len(units), train.batch_size)
+    q, steps_per_epoch = sampling(n_units, train.batch_size)
     round_steps = train.local_epochs * steps_per_epoch
     if ledger.noise_multiplier is None:
         ledger.noise_multiplier = config.privacy.dp_noise_multiplier or get_noise_multiplier(
@@ -173,23 +224,34 @@ def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], c
     would_reach = ledger.epsilon(budget.target_delta, (sigma, q, round_steps))
     if would_reach > budget.target_epsilon + 1e-9:
         raise BudgetExhausted(spent, would_reach, budget.target_epsilon)
+    ledger.history.append([sigma, q, round_steps])
+    return RoundCharge(sigma, q, round_steps, would_reach, ledger.steps)
 
-    keep_large_allocations_in_heap()
-    start = time.perf_counter()
+
+def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], config: RunConfig,
+                  budget: SitePrivacy, charge: RoundCharge, device: torch.device) -> PrivateRoundResult:
+    """One round of DP-SGD on the trainable head, exactly as ``charge`` reserved it."""
+    train: TrainConfig = config.train
     if not data.is_features:
         raise ValueError("DP training runs on cached backbone features (freeze = frozen)")
+    keep_large_allocations_in_heap()
+    start = time.perf_counter()
     head = copy.deepcopy(model.head).to(device).train()
     model.feature_norm.to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    loader = DataLoader(TensorDataset(torch.arange(len(units))), batch_size=train.batch_size)
-    engine = PrivacyEngine(accountant=budget.accountant)
-    engine.accountant.load_state_dict({"history": [(s, r, int(n)) for s, r, n in ledger.history],
-                                       "mechanism": engine.accountant.mechanism()})
-    generator = torch.Generator().manual_seed(train.seed * 100_003 + server_round)
+    # Poisson sampling draws from the loader's generator (CPU), the noise from one on the
+    # parameters' device; both are seeded from OS entropy, never from the run config.
+    loader = DataLoader(TensorDataset(torch.arange(len(units))), batch_size=train.batch_size,
+                        generator=secure_generator("cpu"))
+    with warnings.catch_warnings():
+        # Opacus warns whenever secure_mode is off; our generators are seeded from OS entropy
+        # (secure_generator), which is the point of that warning.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=budget.accountant)
     private_head, optimizer, loader = engine.make_private(
-        module=head, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-        max_grad_norm=budget.max_grad_norm, poisson_sampling=True, noise_generator=generator)
-    rng = np.random.default_rng([train.seed, server_round])
+        module=head, optimizer=optimizer, data_loader=loader, noise_multiplier=charge.noise_multiplier,
+        max_grad_norm=budget.max_grad_norm, poisson_sampling=True, noise_generator=secure_generator(device))
+    rng = np.random.default_rng(secrets.randbits(128))  # which study of a sampled patient
     total, seen = 0.0, 0
     for _ in range(train.local_epochs):
         for (unit_batch,) in loader:
@@ -211,7 +273,11 @@ def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], c
         for name, param in model.head.named_parameters():
             param.copy_(dict(private_head._module.named_parameters())[name])
     private_head._close()
-    ledger.history = [list(entry) for entry in engine.accountant.history]
+    ran = [(float(s), float(r), int(n)) for s, r, n in engine.accountant.history]
+    if ran != [(charge.noise_multiplier, charge.sample_rate, charge.steps)]:
+        # The reservation must be exactly what ran, or the ledger under-counts.
+        raise RuntimeError(f"DP round ran {ran}, but the ledger reserved "
+                           f"{(charge.noise_multiplier, charge.sample_rate, charge.steps)}")
     result = TrainResult(num_examples=len(units), loss=total / max(seen, 1), seconds=time.perf_counter() - start)
-    return PrivateRoundResult(result, float(engine.accountant.get_epsilon(budget.target_delta)), budget.target_delta,
-                              sigma, budget.max_grad_norm, q, ledger.steps)
+    return PrivateRoundResult(result, charge.epsilon, budget.target_delta, charge.noise_multiplier,
+                              budget.max_grad_norm, charge.sample_rate, charge.total_steps)

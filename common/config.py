@@ -117,10 +117,16 @@ class EvalConfig:
     fid_dim: int = 64  # FID feature width: the statistics grow with its square
     fid_inception_weights: str = ""  # a local torchvision InceptionV3 .pth; empty = the model's ResNet50
     server_val_path: str = ""  # a site-layout folder the server evaluates on centrally (optional)
+    # Score-histogram bins a site sends per label: 0 = by test size (about 2 studies per bin,
+    # 4..2048), else a fixed power of two. Fine bins on a small test split almost disclose each
+    # study's (score, label) pair; see docs/privacy.md.
+    eval_bins: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError("threshold must be in (0, 1)")
+        if self.eval_bins and (self.eval_bins < 4 or self.eval_bins > 2048 or self.eval_bins & (self.eval_bins - 1)):
+            raise ConfigError("eval-bins must be 0 (by test size) or a power of two in [4, 2048]")
         if self.fid_dim < 2 or self.fid_dim > 2048:
             raise ConfigError("fid-dim must be in [2, 2048]")
 
@@ -163,6 +169,13 @@ class FederationConfig:
     max_update_norm: float = 0.0  # reject a site's update whose L2 distance from the global model exceeds this (0: off)
     resume_from: str = ""  # a run directory: continue from its last finished round (clinicfl-server resume)
     control_poll: float = 2.0  # seconds between checks of the pause flag while a run is paused
+    # The centre's sites.json (clinicfl-server register-site): replies are filed under the name
+    # their authenticated node id is registered with. Empty in simulation: each node keeps the
+    # name it first reports.
+    site_registry: str = ""
+    # Simulation only (client/drills.py): a fault drill, and the sites that run it ("" = all).
+    drill: str = ""
+    drill_sites: str = ""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:

@@ -15,20 +15,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch import Tensor
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from common.config import EvalConfig
+from common.files import atomic_torch_save
 from common.data.site import SiteData
 from common.metrics.catalogue import EvaluationStats
-from common.metrics.classification import ClassificationStats
+from common.metrics.classification import ClassificationStats, histogram_bins
 from common.metrics.errors import ErrorStats
 from common.metrics.features import FidFeatureExtractor
 from common.metrics.images import GaussianMoments, ImageStats, InceptionStats, psnr, ssim
 from common.model import InjuryNet, InjuryOutput, frozen_backbone_hash, upsample_reconstruction
 
 log = logging.getLogger(__name__)
+LOCK_TIMEOUT_S = 3600.0  # another process may be encoding the same site
 
 
 def pick_device() -> torch.device:
@@ -77,24 +80,35 @@ def encode_cached(model: InjuryNet, site: SiteData, cache_dir: Path | None, devi
     key.update(frozen_backbone_hash(model).encode())
     key.update(site.images.tobytes())
     key.update(site.mask.tobytes())
-    path = cache_dir / f"features-{key.hexdigest()[:24]}.pt" if cache_dir else None
-    if path is not None and path.is_file():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a torn or foreign file: recompute, never trust it
-            log.warning("feature cache %s unreadable (%s); recomputing", path.name, type(exc).__name__)
-    features = encode(model, torch.from_numpy(site.images).unsqueeze(2), torch.from_numpy(site.mask), device,
+    def compute() -> Tensor:
+        return encode(model, torch.from_numpy(site.images).unsqueeze(2), torch.from_numpy(site.mask), device,
                       batch_size)
-    if path is not None:
+
+    if cache_dir is None:
+        return compute()
+    path = cache_dir / f"features-{key.hexdigest()[:24]}.pt"
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path.with_suffix(".lock")), timeout=LOCK_TIMEOUT_S)
+        lock.acquire()
+    except OSError as exc:  # a read-only state dir costs speed, not the round
+        log.warning("cannot use the feature cache in %s (%s); set node config state-dir to a writable folder",
+                    cache_dir, exc.strerror or type(exc).__name__)
+        return compute()
+    try:  # one process encodes; another one waits for its result instead of encoding again
+        if path.is_file():
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # a torn or foreign file: recompute, never trust it
+                log.warning("feature cache %s unreadable (%s); recomputing", path.name, type(exc).__name__)
+        features = compute()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(features, tmp)
-            tmp.replace(path)  # atomic: a crash never leaves a half-written cache entry
-        except OSError as exc:  # a read-only state dir costs speed, not the round
-            log.warning("cannot write the feature cache in %s (%s); set node config state-dir to a writable "
-                        "folder", cache_dir, exc.strerror or type(exc).__name__)
-    return features
+            atomic_torch_save(features, path)
+        except OSError as exc:
+            log.warning("cannot write the feature cache in %s (%s)", cache_dir, exc.strerror or type(exc).__name__)
+        return features
+    finally:
+        lock.release()
 
 
 @torch.no_grad()
@@ -180,7 +194,8 @@ def evaluate_local(model: InjuryNet, data: SiteInputs, test_index: np.ndarray, d
         images = ImageStats(len(real), float(psnr(fake, real).sum()), float(ssim(fake, real).sum()),
                             GaussianMoments.of(real_features), GaussianMoments.of(fid(fake.unsqueeze(1))))
     return EvaluationStats(
-        ClassificationStats.from_predictions(pred.probs.numpy(), labels.numpy(), loss_sum, config.threshold),
+        ClassificationStats.from_predictions(pred.probs.numpy(), labels.numpy(), loss_sum, config.threshold,
+                                          histogram_bins(len(test_index), config.eval_bins)),
         ErrorStats.from_predictions(pred.probs.numpy(), labels.numpy(), severity, targets),
         images,
         InceptionStats.from_probabilities(pred.probs.numpy()),

@@ -21,7 +21,7 @@ from urllib.error import URLError
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from opacus.grad_sample import register_grad_sampler
+from common.opacus_import import register_grad_sampler
 from torchvision.models import ResNet50_Weights, resnet50
 
 from common.config import ModelConfig, RunConfig

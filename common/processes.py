@@ -9,6 +9,10 @@ import socket
 import sys
 from pathlib import Path
 
+import tomli_w
+
+from common.files import atomic_write_bytes
+
 
 def bin_path(name: str) -> str:
     """Console scripts of the interpreter running us (the project's venv)."""
@@ -33,22 +37,38 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     env["FLWR_HOME"] = str(flwr_home)
     # The app's dependencies are already installed here; skip Flower's per-run env sync.
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # Ray's FutureWarning asks for this: do not override accelerator env vars when num_gpus = 0.
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # flower-supernode and flower-superlink start flower-superexec etc. by name: this venv first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
-def toml_value(value: object) -> str:
-    """A run-config override value as flwr's --run-config parses it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return "'" + str(value).replace("'", "") + "'"
+def write_config_file(values: dict[str, object], path: Path) -> Path:
+    """A run or node config as a TOML file, which ``flwr run --run-config`` and
+    ``flower-supernode --node-config`` both accept. The TOML writer quotes every value exactly
+    (an apostrophe, a quote or a space in a path survives); hand-built KEY=VALUE strings do not."""
+    atomic_write_bytes(path, tomli_w.dumps(dict(values)).encode())
+    return path
 
 
-def run_config_arg(values: dict[str, object]) -> str:
-    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+# Run-config keys that hold paths. The ServerApp and ClientApps run from Flower's app folder, so
+# a relative path must be made absolute where the user typed it.
+PATH_KEYS = ("run-dir", "data-root", "server-val-path", "resume-from", "site-registry", "fid-inception-weights",
+             "backbone-weights")
+
+
+def absolute_paths(values: dict[str, object], base: Path | None = None) -> dict[str, object]:
+    """Path values resolved against ``base`` (default: the working directory). ``backbone-weights``
+    also takes the words none and imagenet; empty strings mean 'not set' and stay empty."""
+    base = base or Path.cwd()
+    out = dict(values)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if not isinstance(value, str) or not value or (key == "backbone-weights" and value in ("none", "imagenet")):
+            continue
+        out[key] = str((base / Path(value).expanduser()).resolve())
+    return out
 
 
 def parse_assignments(pairs: list[str], option: str = "--set") -> dict[str, object]:

@@ -21,7 +21,9 @@ from common.exchange import to_array_record, trainable_spec
 from common.model import build_model, frozen_backbone_hash
 from common.metrics.features import FidFeatureExtractor
 from server.evaluation import CentralValidation, measure_efficiency
-from server.runs import RunDirectory, last_finished_round, load_checkpoint_arrays, print_rounds, round_record
+from common.runlog import round_line
+from server.runs import RunDirectory, last_finished_round, load_checkpoint_arrays, round_record
+from server.identities import SiteIdentities
 from server.strategy import ClinicFedAvg
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,9 @@ def main(grid: Grid, context: Context) -> None:
                             min_site_cases=config.eval.min_site_cases,
                             fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                             aggregation=fed.aggregation, trim_fraction=fed.trim_fraction,
-                            max_update_norm=fed.max_update_norm)
+                            max_update_norm=fed.max_update_norm,
+                            identities=SiteIdentities.from_registry(
+                                Path(fed.site_registry).expanduser() if fed.site_registry else None))
     efficiency = measure_efficiency(model, config)
     central = (CentralValidation(config, Path(config.eval.server_val_path).expanduser(), build_model(config.model))
                if config.eval.server_val_path else None)
@@ -76,7 +80,10 @@ def main(grid: Grid, context: Context) -> None:
         run.append_metrics(record)
         records.append(record)
         run.set_state("running", server_round)
-        print_rounds(records)
+        print(f"clinicfl: {round_line(record, fed.num_rounds)}", flush=True)
+        for rejected in record.get("rejected") or []:
+            print(f"clinicfl: round {server_round}: {rejected['phase']} reply from {rejected['site']} rejected: "
+                  f"{rejected['reason']}", flush=True)
         clock["start"] = time.perf_counter()
 
     def may_continue(server_round: int) -> bool:

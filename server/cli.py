@@ -27,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from common.processes import parse_assignments, run_config_arg
+from common.processes import absolute_paths, parse_assignments, write_config_file
 from server.centre import CONNECTION, PROJECT_ROOT, Centre, CentreError, flwr, key_fingerprint, parse_json_output, \
     running_superlink, start_superlink, stop_superlink
 from server.runs import print_rounds, read_metrics, read_run_state, write_control
@@ -132,7 +132,7 @@ def cmd_sites(args: argparse.Namespace) -> int:
 
 
 def run_overrides(args: argparse.Namespace, centre: Centre) -> dict[str, object]:
-    values: dict[str, object] = {"run-dir": str(centre.runs)}
+    values: dict[str, object] = {"run-dir": str(centre.runs), "site-registry": str(centre.registry)}
     for flag, key in (("rounds", "num-rounds"), ("min_sites", "min-sites"), ("local_epochs", "local-epochs"),
                       ("aggregation", "aggregation"), ("dp_epsilon", "dp-target-epsilon"),
                       ("round_timeout", "round-timeout")):
@@ -141,14 +141,14 @@ def run_overrides(args: argparse.Namespace, centre: Centre) -> dict[str, object]
     if getattr(args, "dp", False):
         values["dp-enabled"] = True
     values.update(parse_assignments(args.set))
-    return values
+    return absolute_paths(values)
 
 
 def submit_run(centre: Centre, values: dict[str, object]) -> int:
     if running_superlink(centre) is None:
         raise CentreError("the SuperLink is not running: clinicfl-server start")
     result = flwr(centre, "run", str(PROJECT_ROOT), CONNECTION, "--format", "json", "--run-config",
-                  run_config_arg(values), timeout=300)
+                  str(write_config_file(values, centre.flwr_home / f"run-config-{time.time_ns()}.toml")), timeout=300)
     payload = parse_json_output(result, "starting the run")
     return int(payload["run-id"])
 

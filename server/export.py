@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from common.config import RunConfig
+from common.files import atomic_torch_save
 from common.exchange import load_array_record
 from common.model import EXPORT_FORMAT, build_model, check_backbone_hash, frozen_backbone_hash
 from server.runs import last_finished_round, load_checkpoint_arrays
@@ -34,9 +34,7 @@ def export_model(run_dir: Path, server_round: int | None = None, out: Path | Non
     load_array_record(model, arrays)
     out = out or run_dir / "export" / f"model-round-{server_round:03d}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({"format": EXPORT_FORMAT, "state_dict": model.state_dict(), "config": payload["config"],
+    atomic_torch_save({"format": EXPORT_FORMAT, "state_dict": model.state_dict(), "config": payload["config"],
                 "backbone-hash": payload["backbone-hash"], "round": server_round,
-                "label-names": config.model.names(), "run": run_dir.name}, tmp)
-    tmp.replace(out)
+                "label-names": config.model.names(), "run": run_dir.name}, out)
     return out

@@ -13,14 +13,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flwr.app import Array, ArrayRecord  # noqa: E402
 
 from common.config import RunConfig  # noqa: E402
 from common.model import build_model, upsample_reconstruction  # noqa: E402
 from common.inference import predict  # noqa: E402
 from server.evaluation import CentralValidation  # noqa: E402
-from server.runs import CHECKPOINT_DIR, read_metrics  # noqa: E402
+from common.runlog import read_metrics  # noqa: E402
+from server.runs import last_finished_round, load_checkpoint_arrays  # noqa: E402
 
 CURVES = ["auc", "accuracy", "sensitivity", "specificity", "f1", "kappa", "mae", "rmse", "psnr", "ssim", "fid", "is"]
 
@@ -39,13 +38,16 @@ def write_report(run_dir: Path, out_dir: Path | None = None, studies: int = 4) -
     if not config.eval.server_val_path:
         reason = "not available: the run has no server validation set (server-val-path)"
         return done + [("attention.png", reason), ("reconstructions.png", reason)]
-    checkpoint = sorted((run_dir / CHECKPOINT_DIR).glob("round-*.pt"))[-1]
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    # The last finished round (checkpoint and metrics both written), loaded as data only.
+    last = last_finished_round(run_dir)
+    if last is None:
+        raise ValueError(f"{run_dir} has no finished round with a readable checkpoint")
+    arrays, _ = load_checkpoint_arrays(run_dir, last)
     central = CentralValidation(config, Path(config.eval.server_val_path), build_model(config.model))
-    central.evaluate(ArrayRecord({k: Array(v.numpy()) for k, v in state["trainable"].items()}))
+    central.evaluate(arrays)
     pred = predict(central.model, central.inputs, central.index, central.device)
     chosen = _pick_studies(central.site.labels[:, 0], studies)
-    done.append(("attention.png", _attention(central, pred, chosen, state["round"], out_dir / "attention.png")))
+    done.append(("attention.png", _attention(central, pred, chosen, last, out_dir / "attention.png")))
     if pred.reconstruction is None:
         done.append(("reconstructions.png", "not available: reconstruction head disabled"))
     else:

@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -32,11 +31,11 @@ from flwr.app import Array, ArrayRecord
 from rich.console import Console
 from rich.table import Table
 
-from common.files import atomic_write_bytes
+from common.files import atomic_torch_save, atomic_write_bytes
+from common.runlog import METRICS_FILE, append_record, read_metrics
 from common.metrics.catalogue import MetricValue
 from server.strategy import RoundReport
 
-METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -92,17 +91,11 @@ class RunDirectory:
             "config": self.config,
             "backbone-hash": self.backbone_hash,
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        atomic_torch_save(payload, path)
         return path
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        line = json.dumps(_json_safe(record)) + "\n"
-        with (self.path / METRICS_FILE).open("a") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_record(self.path, json.dumps(_json_safe(record)))
         write_csv(self.path, read_metrics(self.path))
 
 
@@ -204,13 +197,6 @@ def write_csv(run_dir: Path, records: list[dict[str, Any]]) -> None:
 
 def _csv_value(value: Any) -> str:
     return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else repr(value)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _json_safe(value: Any) -> Any:

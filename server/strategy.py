@@ -2,27 +2,34 @@
 
 Flower's FedAvg raises ``InconsistentMessageReplies`` (uncaught) when one reply differs from the
 others, and weight-averages every metric, which is wrong for AUC and counts. Here each reply
-is checked on its own; a bad one is excluded with a logged reason and the round goes on.
+is checked on its own; a bad one is excluded with a logged reason and the round goes on. No
+reply, however malformed, can raise out of the aggregation: whatever a check did not foresee is
+caught per reply and rejected with the exception's type.
+
+Replies are filed under the site their authenticated node id belongs to (``server/identities.py``),
+never under the name a reply reports.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.config import AGGREGATIONS
 from common.exchange import ARRAYS_KEY, METRICS_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_OK, ParamSpec, UpdateError, check_arrays, \
     payload_bytes, site_record
 from common.metrics.catalogue import EvaluationStats, MetricValue, compute_catalogue
 from common.metrics.classification import ClassificationStats, roc_curve_from_histograms
+from server.identities import SiteIdentities
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,7 @@ class RoundReport:
     global_eval: dict[str, float] = field(default_factory=dict)  # headline figures (loss, accuracy, auc, n)
     catalogue: dict[str, dict] = field(default_factory=dict)  # every metric: value, aggregation, per site
     rejected: list[dict[str, str]] = field(default_factory=list)  # {site, phase, reason}
+    mismatches: list[dict[str, str]] = field(default_factory=list)  # {site, phase, reason}: identity claims
     aggregated: bool = False
     traffic: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> payload bytes sent/received
     roc: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # label -> fpr, tpr (pooled)
@@ -55,6 +63,10 @@ class RoundReport:
         log.warning("round %d: %s reply from %s rejected: %s", self.server_round, phase, site, reason)
         self.rejected.append({"site": site, "phase": phase, "reason": reason})
 
+    def mismatch(self, site: str, phase: str, reason: str) -> None:
+        log.warning("round %d: %s reply filed under %s: %s", self.server_round, phase, site, reason)
+        self.mismatches.append({"site": site, "phase": phase, "reason": reason})
+
 
 class ClinicFedAvg(FedAvg):
     """FedAvg weighted by num-examples over validated replies only; FedMedian (coordinate-wise
@@ -63,7 +75,8 @@ class ClinicFedAvg(FedAvg):
     def __init__(self, *, spec: dict[str, ParamSpec], backbone_hash: str, label_names: list[str], min_sites: int,
                  fid_dim: int | None = None, fid_extractor: str = "", min_site_cases: int = 10,
                  fraction_train: float = 1.0, fraction_evaluate: float = 1.0, aggregation: str = "fedavg",
-                 trim_fraction: float = 0.2, max_update_norm: float = 0.0) -> None:
+                 trim_fraction: float = 0.2, max_update_norm: float = 0.0,
+                 identities: SiteIdentities | None = None) -> None:
         # Minimums come from our config: Flower's default of 2 would hang a one-site federation
         # and let a round of one site pass when three were required.
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
@@ -83,8 +96,9 @@ class ClinicFedAvg(FedAvg):
         self.trim_fraction = trim_fraction
         self.max_update_norm = max_update_norm  # 0: no bound
         self.reports: dict[int, RoundReport] = {}
+        self.pooled: dict[int, EvaluationStats] = {}  # round -> summed evaluation statistics (best round, calibration)
         self.epsilon: dict[str, float] = {}  # last cumulative epsilon reported by each site
-        self.node_names: dict[int, str] = {}  # node id -> site name, to name a site whose reply is an error
+        self.identities = identities or SiteIdentities()
         self._sent_bytes: dict[tuple[int, str], int] = {}
         self._sent_messages: dict[str, list[Message]] = {}
         self._round_start: tuple[int, dict[str, np.ndarray]] | None = None  # (round, model its updates start from)
@@ -117,92 +131,125 @@ class ClinicFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         report = self.report(server_round)
-        accepted: list[Message] = []
+        accepted: list[tuple[str, dict[str, np.ndarray], int]] = []  # (site, update, num-examples)
         for msg in replies:
-            site = self._site_name(msg)
-            report.count_traffic(site, self._sent_bytes.get((server_round, "train"), 0), payload_bytes(msg))
-            if not msg.has_error() and site_record(msg).get("status") == STATUS_BUDGET_EXHAUSTED:
-                spent = float(site_record(msg).get("dp-epsilon", float("nan")))
-                report.exhausted[site] = spent
-                self.epsilon[site] = spent
-                log.warning("round %d: %s did not train: privacy budget exhausted (epsilon %.3f)", server_round,
-                            site, spent)
-                continue
-            reason = self._train_problem(msg, server_round)
-            if reason:
+            site = self._site_of(msg, "train", report)
+            try:
+                report.count_traffic(site, self._sent_bytes.get((server_round, "train"), 0), payload_bytes(msg))
+                taken = self._take_train_reply(server_round, site, msg, report)
+            except Exception as exc:  # noqa: BLE001 - no reply may end the run; the checks missed this one
+                taken, reason = None, f"malformed reply ({type(exc).__name__})"
                 report.reject(site, "train", reason)
-                continue
-            metrics = msg.content[METRICS_KEY]
-            report.train[site] = {"num-examples": int(metrics["num-examples"]),
-                                  "loss": float(metrics["train-loss"]),
-                                  "seconds": float(metrics["train-seconds"])}
-            if "dp-epsilon" in metrics:
-                report.privacy[site] = {key.removeprefix("dp-"): float(metrics[key]) for key in DP_KEYS}
-                self.epsilon[site] = report.privacy[site]["epsilon"]
-            accepted.append(msg)
+            if taken is not None:
+                accepted.append((site, taken, report.train[site]["num-examples"]))
         if len(accepted) < self.min_sites:
             report.notes.append(f"only {len(accepted)} valid train replies (min-sites {self.min_sites}): "
                                 "global model unchanged")
             log.warning("round %d: %s", server_round, report.notes[-1])
             return None, None
-        arrays = self._aggregate([m.content for m in accepted])
+        arrays = self._aggregate([values for _, values, _ in accepted], [n for _, _, n in accepted])
+        if arrays is None:
+            report.notes.append("the aggregate is not finite in float32: global model unchanged")
+            log.warning("round %d: %s", server_round, report.notes[-1])
+            return None, None
         report.aggregated = True
-        weights = np.array([report.train[self._site_name(m)]["num-examples"] for m in accepted], dtype=float)
-        losses = np.array([report.train[self._site_name(m)]["loss"] for m in accepted])
+        weights = np.array([n for _, _, n in accepted], dtype=float)
+        losses = np.array([report.train[site]["loss"] for site, _, _ in accepted])
         return arrays, MetricRecord({"train-loss": float((weights * losses).sum() / weights.sum())})
 
-    def _aggregate(self, contents: list) -> ArrayRecord:
-        if self.aggregation == "fedavg":
-            return aggregate_arrayrecords(contents, self.weighted_by_key)
-        updates = [content[ARRAYS_KEY] for content in contents]
+    def _take_train_reply(self, server_round: int, site: str, msg: Message,
+                          report: RoundReport) -> dict[str, np.ndarray] | None:
+        """The reply's checked update, or None (rejected, or a site out of privacy budget)."""
+        if not msg.has_error() and site_record(msg).get("status") == STATUS_BUDGET_EXHAUSTED:
+            spent = _number(site_record(msg).get("dp-epsilon"))
+            report.exhausted[site] = spent
+            self.epsilon[site] = spent
+            log.warning("round %d: %s did not train: privacy budget exhausted (epsilon %.3f)", server_round,
+                        site, spent)
+            return None
+        problem, values = self._train_problem(msg, server_round)
+        if problem:
+            report.reject(site, "train", problem)
+            return None
+        metrics = msg.content[METRICS_KEY]
+        report.train[site] = {"num-examples": int(metrics["num-examples"]),
+                              "loss": float(metrics["train-loss"]),
+                              "seconds": float(metrics["train-seconds"])}
+        if "dp-epsilon" in metrics:
+            report.privacy[site] = {key.removeprefix("dp-"): float(metrics[key]) for key in DP_KEYS}
+            self.epsilon[site] = report.privacy[site]["epsilon"]
+        return values
+
+    def _aggregate(self, updates: list[dict[str, np.ndarray]], weights: list[int]) -> ArrayRecord | None:
+        """FedAvg (weighted by studies, in float64), FedMedian or trimmed mean; None when the result
+        does not fit the parameters' dtype (finite but huge updates)."""
         combined = ArrayRecord()
-        for name in updates[0].keys():
-            stacked = np.stack([u[name].numpy() for u in updates])
-            value = np.median(stacked, axis=0) if self.aggregation == "fedmedian" else trim_mean(stacked,
-                                                                                               self.trim_fraction)
-            combined[name] = Array(np.asarray(value, dtype=stacked.dtype))
+        w = np.asarray(weights, dtype=np.float64)
+        for name in updates[0]:
+            stacked = np.stack([u[name].astype(np.float64) for u in updates])
+            if self.aggregation == "fedavg":
+                value = np.tensordot(w / w.sum(), stacked, axes=1)
+            elif self.aggregation == "fedmedian":
+                value = np.median(stacked, axis=0)
+            else:
+                value = trim_mean(stacked, self.trim_fraction)
+            value = np.asarray(value).astype(updates[0][name].dtype)
+            if not np.all(np.isfinite(value)):
+                return None
+            combined[name] = Array(value)
         return combined
 
-    def _site_name(self, msg: Message) -> str:
+    def _site_of(self, msg: Message, phase: str, report: RoundReport) -> str:
+        """The site a reply is filed under: its node's name, whatever the reply claims."""
         node = msg.metadata.src_node_id
+        claimed = None
         if msg.has_error():
+            # The SuperLink answers for an unreachable node with an error naming only our message.
             for sent in (m for batch in self._sent_messages.values() for m in batch):
                 if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
                     node = sent.metadata.dst_node_id
-            return self.node_names.get(node, f"node-{node}")
-        name = str(site_record(msg).get("site-name", f"node-{node}"))
-        self.node_names.setdefault(node, name)
-        return name
+        else:
+            value = site_record(msg).get("site-name")
+            claimed = value if isinstance(value, str) else repr(value)
+        identity = self.identities.resolve(node, claimed)
+        if identity.mismatch:
+            report.mismatch(identity.name, phase, identity.mismatch)
+        return identity.name
 
-    def _train_problem(self, msg: Message, server_round: int = 0) -> str | None:
+    def _train_problem(self, msg: Message, server_round: int = 0) -> tuple[str | None, dict[str, np.ndarray]]:
+        """(why the reply cannot be used, or None; its checked update)."""
         problem = _common_problem(msg, self.backbone_hash)
         if problem:
-            return problem
+            return problem, {}
         content = msg.content
         if ARRAYS_KEY not in content.array_records or len(content.array_records) != 1:
-            return "reply has no parameter record"
+            return "reply has no parameter record", {}
         metrics = content.metric_records.get(METRICS_KEY)
         if metrics is None or not {"num-examples", "train-loss", "train-seconds"} <= set(metrics.keys()):
-            return "reply lacks num-examples/train-loss/train-seconds"
+            return "reply lacks num-examples/train-loss/train-seconds", {}
+        unexpected = sorted(set(metrics.keys()) - TRAIN_KEYS - set(DP_KEYS))
+        if unexpected:
+            return f"unexpected train metrics: {', '.join(unexpected[:3])}", {}
+        if any(not _is_scalar(metrics[key]) for key in metrics.keys()):
+            return "every train metric must be a single number", {}
         dp_keys = set(DP_KEYS) & set(metrics.keys())
         if dp_keys and (dp_keys != set(DP_KEYS) or not all(np.isfinite(float(metrics[k])) for k in DP_KEYS)):
-            return "incomplete or non-finite privacy report"
+            return "incomplete or non-finite privacy report", {}
         n = metrics["num-examples"]
-        if not isinstance(n, int) or n <= 0:
-            return f"num-examples must be a positive integer, got {n!r}"
-        if not np.isfinite(float(metrics["train-loss"])):
-            return "train-loss is not finite"
+        if not isinstance(n, int) or not 0 < n <= MAX_EXAMPLES:
+            return f"num-examples must be an integer in 1..{MAX_EXAMPLES}, got {_brief(n)}", {}
+        if not np.isfinite(float(metrics["train-loss"])) or not np.isfinite(float(metrics["train-seconds"])):
+            return "train-loss or train-seconds is not finite", {}
         try:
-            check_arrays(content[ARRAYS_KEY], self.spec)
+            values = check_arrays(content[ARRAYS_KEY], self.spec)
         except UpdateError as exc:
-            return f"malformed update: {exc}"
+            return f"malformed update: {exc}", {}
         start = self._round_start[1] if self._round_start and self._round_start[0] == server_round else None
         if self.max_update_norm > 0 and start is not None:
-            norm = float(np.sqrt(sum(float(((content[ARRAYS_KEY][k].numpy().astype(np.float64) - v) ** 2).sum())
-                                     for k, v in start.items())))
+            norm = float(np.sqrt(sum(float(((values[k].astype(np.float64) - v) ** 2).sum()) for k, v in start.items())))
             if norm > self.max_update_norm:
-                return f"update norm {norm:.3g} exceeds max-update-norm {self.max_update_norm:g}"
-        return None
+                return f"update norm {norm:.3g} exceeds max-update-norm {self.max_update_norm:g}", {}
+        return None, values
 
     # ---------------------------------------------------------------- evaluation
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -211,14 +258,20 @@ class ClinicFedAvg(FedAvg):
         total = EvaluationStats.empty(self.num_labels, self.fid_dim)
         per_site: dict[str, dict[str, MetricValue]] = {}
         for msg in replies:
-            site = self._site_name(msg)
-            report.count_traffic(site, self._sent_bytes.get((server_round, "evaluate"), 0), payload_bytes(msg))
-            problem = _common_problem(msg, self.backbone_hash)
-            if problem is None:
-                try:
-                    stats = EvaluationStats.from_record(dict(msg.content[METRICS_KEY]), self.num_labels, self.fid_dim)
-                except (KeyError, ValueError, TypeError) as exc:
-                    problem = f"malformed evaluation statistics: {exc}"
+            site = self._site_of(msg, "evaluate", report)
+            try:
+                report.count_traffic(site, self._sent_bytes.get((server_round, "evaluate"), 0), payload_bytes(msg))
+                problem = _common_problem(msg, self.backbone_hash)
+                if problem is None:
+                    if site in report.evaluation:
+                        raise ValueError("a second evaluation reply from the same site in one round")
+                    try:
+                        stats = EvaluationStats.from_record(dict(msg.content[METRICS_KEY]), self.num_labels,
+                                                            self.fid_dim)
+                    except (KeyError, ValueError, TypeError) as exc:
+                        problem = f"malformed evaluation statistics: {exc}"
+            except Exception as exc:  # noqa: BLE001 - no reply may end the run
+                problem = f"malformed reply ({type(exc).__name__}: {str(exc)[:120]})"
             if problem:
                 report.reject(site, "evaluate", problem)
                 continue
@@ -237,13 +290,16 @@ class ClinicFedAvg(FedAvg):
         report.catalogue = {name: value.to_json(name) for name, value in catalogue.items()}
         report.roc = roc_curves(total.classification, self.label_names)
         report.global_eval = {**headline_of(catalogue), "n": total.n}
+        self.pooled[server_round] = total
         return MetricRecord({k: float(v) for k, v in report.global_eval.items() if v is not None})
 
 
 def roc_curves(stats: ClassificationStats, label_names: list[str]) -> dict[str, dict[str, list[float]]]:
-    """ROC points per label from the pooled histograms, without repeated points."""
+    """ROC points per label from the pooled histograms (on the coarsest resolution any site
+    used: its bin edges are thresholds every site's histogram can answer), without repeats."""
     curves = {}
-    for label, pos, neg in zip(label_names, stats.hist_pos, stats.hist_neg):
+    hist_pos, hist_neg = stats.common_histograms()
+    for label, pos, neg in zip(label_names, hist_pos, hist_neg):
         if pos.sum() == 0 or neg.sum() == 0:
             continue
         fpr, tpr = roc_curve_from_histograms(pos, neg)
@@ -259,12 +315,48 @@ def headline_of(catalogue: dict[str, MetricValue]) -> dict[str, float | None]:
 DP_KEYS = ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-max-grad-norm", "dp-sample-rate", "dp-steps")
 
 
+TRAIN_KEYS = {"num-examples", "train-loss", "train-seconds"}
+MAX_EXAMPLES = 10_000_000  # studies at one site: a larger weight is forged or corrupt
+# Flower error codes whose reasons the SuperLink writes itself (fixed text, safe to record). The
+# others carry a ClientApp's exception text, which may name a patient's files: never recorded.
+_FLOWER_REASONS = {ErrorCode.MESSAGE_UNAVAILABLE: "message unavailable",
+                   ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply unavailable",
+                   ErrorCode.NODE_UNAVAILABLE: "Node Unavailable",
+                   ErrorCode.LOAD_CLIENT_APP_EXCEPTION: "the site could not load the ClientApp",
+                   ErrorCode.CLIENT_APP_RAISED_EXCEPTION: "the ClientApp raised an exception",
+                   ErrorCode.MOD_FAILED_PRECONDITION: "a ClientApp mod refused the message",
+                   ErrorCode.INVALID_FAB: "the site refused the app bundle",
+                   ErrorCode.CLIENT_APP_CRASHED: "the ClientApp process crashed"}
+_CODE_TEXT = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+
+
 def _common_problem(msg: Message, backbone_hash: str) -> str | None:
     if msg.has_error():
-        return f"site error: {msg.error.reason.splitlines()[0][:200] if msg.error.reason else 'unknown'}"
+        code = msg.error.code
+        return f"site error: {_FLOWER_REASONS.get(code, 'Flower error')} (Flower error code {code})"
     site = site_record(msg)
     if site.get("status") != STATUS_OK:
-        return f"site reported {site.get('status', 'no status')}: {site.get('reason', 'no reason given')}"
+        reason = site.get("reason", "no reason given")
+        # Sites send reason codes; anything else is shown by its type only, never as text.
+        reason = reason if isinstance(reason, str) and _CODE_TEXT.fullmatch(reason) else "unreadable reason"
+        exception = site.get("exception-type")
+        if isinstance(exception, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,79}", exception):
+            reason += f" ({exception})"
+        status = site.get("status", "no status")
+        return f"site reported {status if isinstance(status, str) and _CODE_TEXT.fullmatch(status) else 'a bad status'}: " \
+               f"{reason}"
     if site.get("backbone-hash") != backbone_hash:
         return "backbone hash differs from the server's"
     return None
+
+
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: object) -> float:
+    return float(value) if _is_scalar(value) else float("nan")
+
+
+def _brief(value: object) -> str:
+    return repr(value)[:40]

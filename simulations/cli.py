@@ -13,13 +13,16 @@ import logging
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
 
 from rich.console import Console
+from tqdm import tqdm
 
 from common.processes import parse_assignments
-from simulations.runner import PROJECT_ROOT, SimulationError, read_round_records, run_simulation
+from common.runlog import read_metrics, round_line
+from simulations.runner import PROJECT_ROOT, SimulationError, run_simulation
 from simulations.synthetic import SyntheticSpec, generate_clinics
 
 console = Console()
@@ -60,24 +63,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         overrides["num-rounds"] = args.rounds
     overrides.setdefault("min-sites", len(sites))
-    return _run_and_report(data_root, Path(args.run_root), len(sites), overrides)
+    return _run_and_report(data_root, Path(args.run_root), len(sites), overrides, verbose=args.verbose)
 
 
 def _run_and_report(data_root: Path, run_root: Path, num_sites: int, overrides: dict[str, object],
-                    plots: bool = False) -> int:
+                    plots: bool = False, verbose: bool = False) -> int:
     started = time.perf_counter()
+    rounds = int(overrides.get("num-rounds", _default_rounds()))
+    progress = tqdm(total=rounds + 1, desc="federated rounds", unit="round", disable=True if verbose else None, leave=False,
+                    bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining}")
+
+    def show(record: dict) -> None:
+        progress.update(1)
+        (console.print if verbose else progress.write)(round_line(record, rounds))
+
     try:
-        run_dir = run_simulation(data_root, run_root, num_sites, overrides)
+        run_dir = run_simulation(data_root, run_root, num_sites, overrides, stream=verbose, on_round=show)
     except SimulationError as exc:
+        progress.close()
         console.print(f"[red]error:[/] {exc}")
         return 1
+    progress.close()
     console.rule("results")
     # The coordinating centre's own commands show the run, as they would in a deployment.
     server_cli = [sys.executable, "-m", "server.cli"]
     subprocess.run([*server_cli, "status", str(run_dir)], check=False)
     if plots:
         subprocess.run([*server_cli, "report", str(run_dir)], check=False)
-    records = read_round_records(run_dir)
+    records = read_metrics(run_dir)
     first, last = records[0]["catalogue"], records[-1]["catalogue"]
     summary = {"run_dir": str(run_dir), "rounds": len(records) - 1,
                "wall_seconds": round(time.perf_counter() - started, 1),
@@ -87,8 +100,14 @@ def _run_and_report(data_root: Path, run_root: Path, num_sites: int, overrides: 
     console.print(f"AUC {summary['auc_round0']:.3f} (round 0) -> {summary['auc_final']:.3f} "
                   f"(round {summary['rounds']}); {summary['wall_seconds']} s")
     console.print(f"run directory: {run_dir}")
-    console.print("  metrics.jsonl, metrics.csv, checkpoints/, summary.json" + (", report/*.png" if plots else ""))
+    console.print("  metrics.jsonl, metrics.csv, checkpoints/, summary.json, simulation.log"
+                  + (", report/*.png" if plots else ""))
     return 0
+
+
+def _default_rounds() -> int:
+    with (PROJECT_ROOT / "pyproject.toml").open("rb") as handle:
+        return int(tomllib.load(handle)["tool"]["flwr"]["app"]["config"]["num-rounds"])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -103,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.rule("federated simulation (FedAvg)")
     overrides = {"num-rounds": args.rounds, "min-sites": spec.sites, "image-size": spec.image_size,
                  "seq-len": spec.slices_per_study, "server-val-path": str(server_val), **_overrides(args.set)}
-    return _run_and_report(root / "data", root / "runs", spec.sites, overrides, plots=True)
+    return _run_and_report(root / "data", root / "runs", spec.sites, overrides, plots=True, verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,13 +138,15 @@ def main(argv: list[str] | None = None) -> int:
 
     run = sub.add_parser("run", help="federated simulation over the sites in a folder")
     run.add_argument("--data-root", required=True)
-    run.add_argument("--run-root", default=str(PROJECT_ROOT / "runs"))
+    run.add_argument("--run-root", default="runs", help="where run directories go (default ./runs)")
+    run.add_argument("--verbose", action="store_true", help="show Flower's whole output instead of a progress bar")
     run.add_argument("--rounds", type=int)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="synthetic clinics + federated simulation")
-    demo.add_argument("--out", default=str(PROJECT_ROOT / "runs" / "demo"))
+    demo.add_argument("--out", default="runs/demo", help="data and runs go here (default ./runs/demo)")
+    demo.add_argument("--verbose", action="store_true", help="show Flower's whole output instead of a progress bar")
     demo.add_argument("--rounds", type=int, default=5)
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
     _add_spec_arguments(demo)

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from common.processes import bin_path, flower_env as base_flower_env, free_port, port_open, run_config_arg
+from common.runlog import read_metrics
+from common.processes import absolute_paths, bin_path, flower_env as base_flower_env, free_port, port_open, \
+    write_config_file
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -77,38 +83,76 @@ def _stop(process: subprocess.Popen) -> None:
         pass
 
 
+RUN_DIR_LINE = re.compile(r"clinicfl: run directory (\S.*)$")
+
+
 def run_simulation(data_root: Path, run_root: Path, num_sites: int, overrides: dict[str, object] | None = None,
                    flwr_home: Path | None = None, cpus_per_site: int = 1, timeout: float = 3600.0,
-                   stream: bool = True) -> Path:
-    """Run the app over the sites under ``data_root``; returns the run directory it wrote."""
-    run_root = run_root.resolve()
+                   stream: bool = False, on_round: Callable[[dict], None] | None = None) -> Path:
+    """Run the app over the sites under ``data_root``; returns the run directory it wrote.
+
+    Flower's whole output (ServerApp, SuperLink, the simulated sites' console lines) goes to
+    ``simulation.log`` in the run directory; ``stream`` also shows it here (--verbose).
+    ``on_round`` is called with each round's record as soon as the ServerApp has written it.
+    Paths in ``overrides`` (run-dir, server-val-path, ...) resolve against the working directory."""
+    overrides = absolute_paths(dict(overrides or {}))
+    run_root = Path(str(overrides.pop("run-dir", run_root))).expanduser().resolve()
     run_root.mkdir(parents=True, exist_ok=True)
     flwr_home = (flwr_home or PROJECT_ROOT / ".flwr").resolve()
-    before = {p for p in run_root.iterdir() if p.is_dir()}
-    config = {"data-root": str(data_root.resolve()), "run-dir": str(run_root), **(overrides or {})}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_path = flwr_home / "logs" / f"simulation-{stamp}-{os.getpid()}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    config = {"data-root": str(data_root.resolve()), "run-dir": str(run_root), **overrides}
     command = [bin_path("flwr"), "run", str(PROJECT_ROOT), "clinicfl-sim", "--stream",
                "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}",
-               "--run-config", run_config_arg(config)]
+               "--run-config", str(write_config_file(config, flwr_home / f"run-config-{time.time_ns()}.toml"))]
+    found: dict[str, Path] = {}
     with local_superlink(flwr_home) as _:
-        result = subprocess.run(command, env=flower_env(flwr_home), timeout=timeout,
-                                stdout=None if stream else subprocess.DEVNULL,
-                                stderr=None if stream else subprocess.DEVNULL)
-    created = sorted({p for p in run_root.iterdir() if p.is_dir()} - before)
-    if result.returncode != 0 or not created:
-        raise SimulationError(f"the simulation did not produce a run directory (flwr exit {result.returncode}); "
-                              f"see the log above and {flwr_home / 'superlink.log'}")
-    run_dir = created[-1]
+        process = subprocess.Popen(command, env=flower_env(flwr_home), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+        reader = threading.Thread(target=_copy_output, args=(process, log_path, stream, found), daemon=True)
+        reader.start()
+        seen, deadline = 0, time.monotonic() + timeout
+        while True:
+            finished = process.poll() is not None
+            if "run_dir" in found and on_round is not None:
+                records = read_metrics(found["run_dir"])
+                for record in records[seen:]:
+                    on_round(record)
+                seen = max(seen, len(records))
+            if finished:
+                break
+            if time.monotonic() > deadline:
+                process.kill()
+                raise SimulationError(f"the simulation did not finish within {timeout:.0f}s; log: {log_path}")
+            time.sleep(0.5)
+        reader.join(timeout=30)
+    run_dir = found.get("run_dir")
+    if run_dir is None or not run_dir.is_dir():
+        raise SimulationError(f"the simulation did not produce a run directory (flwr exit {process.returncode}); "
+                              f"log: {log_path}")
+    shutil.copy2(log_path, run_dir / "simulation.log")
     # `flwr run --stream` exits 0 even when the ServerApp crashed: trust only what was written.
-    records = read_round_records(run_dir)
+    records = read_metrics(run_dir)
     expected = json.loads((run_dir / "config.json").read_text())["config"]["num-rounds"]
-    if not records or (records[-1]["round"] != expected and not records[-1].get("stopped")):
-        raise SimulationError(f"the run stopped early: {len(records)} round record(s) in {run_dir}")
+    state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").is_file() else {}
+    if not records or (records[-1]["round"] != expected and state.get("state") != "stopped"):
+        raise SimulationError(f"the run stopped early: {len(records)} round record(s) in {run_dir}; "
+                              f"log: {run_dir / 'simulation.log'}")
     return run_dir
 
 
-def read_round_records(run_dir: Path) -> list[dict]:
-    """The run's metrics.jsonl records (the server's run-directory format), oldest first."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return []
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+def _copy_output(process: subprocess.Popen, log_path: Path, stream: bool, found: dict[str, Path]) -> None:
+    """Flower's output -> the log file (and the console when streaming); spots the run directory."""
+    with log_path.open("w", encoding="utf-8") as log_file:
+        for line in process.stdout:
+            log_file.write(line)
+            log_file.flush()
+            if stream:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            if "run_dir" not in found and (match := RUN_DIR_LINE.search(ANSI.sub("", line).rstrip())):
+                found["run_dir"] = Path(match.group(1).strip())
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -108,3 +108,38 @@ def test_check_data_cli_summarises_a_good_site(tiny_clinics):
     assert result.returncode == 0, result.stderr
     assert "usable studies" in result.stdout and "16" in result.stdout
     assert "ZZFAKE" not in result.stdout + result.stderr, "no header values on screen"
+
+
+def _spreadsheet_export(site: Path, delimiter: str, bom: bool, line_end: str) -> list[tuple[str, str]]:
+    rows = [line.split(",") for line in (site / "labels.csv").read_text().splitlines()]
+    text = line_end.join(delimiter.join(row) for row in rows) + line_end
+    (site / "labels.csv").write_bytes(("\ufeff" if bom else "").encode() + text.encode())
+    return rows
+
+
+@pytest.mark.parametrize("delimiter, bom, line_end", [(",", True, "\r\n"), (";", True, "\r\n"), ("\t", False, "\n"),
+                                                      (";", False, "\r\n")])
+def test_labels_csv_as_spreadsheets_export_it(site, delimiter, bom, line_end):
+    """Excel's 'CSV UTF-8' (byte-order mark, CRLF), and semicolon- or tab-separated exports."""
+    reference, names = read_labels(site)
+    _spreadsheet_export(site, delimiter, bom, line_end)
+    records, again = read_labels(site)
+    assert records == reference and again == names
+
+
+def test_a_decimal_comma_in_a_semicolon_file_is_read(site):
+    rows = [line.split(",") for line in (site / "labels.csv").read_text().splitlines()]
+    header = rows[0] + ["target"]
+    body = [row + ["2,5"] for row in rows[1:]]
+    (site / "labels.csv").write_text("\n".join(";".join(r) for r in [header, *body]) + "\n")
+    records, _ = read_labels(site)
+    assert {r.target for r in records} == {2.5}
+
+
+def test_an_ambiguous_or_foreign_labels_file_gets_one_clear_error(site):
+    (site / "labels.csv").write_text("study,label;split\na,1;train\nb,0;test\n")
+    with pytest.raises(DataError, match="cannot tell the column separator"):
+        read_labels(site)
+    (site / "labels.csv").write_bytes("study;label\nm\xfcller;1\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_labels(site)

@@ -17,8 +17,11 @@ from common.data.dicom import FileProblem, read_header, read_pixels
 from common.data.site import load_site
 
 MR_VARIANTS = ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"]
-GOOD = MR_VARIANTS + ["CT_small.dcm", "JPEG2000.dcm", "rtdose.dcm", "SC_rgb_rle_2frame.dcm"]
-BAD = {"MR_truncated.dcm": "truncated-pixel-data", "no_meta.dcm": "missing-meta", "rtplan.dcm": "no-pixel-data",
+GOOD = MR_VARIANTS + ["CT_small.dcm", "JPEG2000.dcm", "emri_small.dcm", "SC_rgb_rle_2frame.dcm"]
+BAD = {"MR_truncated.dcm": "truncated-pixel-data", "no_meta.dcm": "missing-meta",
+       # Not images of the patient, though a SEG and an RT dose carry pixel data.
+       "rtplan.dcm": "non-image-object", "rtdose.dcm": "non-image-object", "liver_1frame.dcm": "non-image-object",
+       "test-SR.dcm": "non-image-object",
        "random.dcm": "not-dicom", "empty.dcm": "empty-file",
        # Its 12-bit JPEG stream has a misplaced marker: libjpeg refuses it and Pillow has no 12-bit
        # JPEG Extended. Both decoders are installed, so this is a broken file, not a missing decoder.
@@ -57,8 +60,8 @@ def test_lossless_variants_of_mr_small_decode_to_the_same_image(tmp_path):
 
 
 def test_multi_frame_and_colour_files(tmp_path):
-    dose = read_pixels(read_header(_file("rtdose.dcm", tmp_path)).path)
-    assert dose.shape == (15, 10, 10), "a multi-frame file is a sequence of frames"
+    mr = read_pixels(read_header(_file("emri_small.dcm", tmp_path)).path)
+    assert mr.shape == (10, 64, 64), "a multi-frame file is a sequence of frames"
     rgb = read_pixels(read_header(_file("SC_rgb_rle_2frame.dcm", tmp_path)).path)
     ds = pydicom.dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
     luma = (ds.pixel_array.astype(np.float64) / 255.0) @ np.array([0.299, 0.587, 0.114])
@@ -79,7 +82,7 @@ def test_a_site_of_real_files_keeps_the_good_and_quarantines_the_bad(tmp_path):
     (site / "labels.csv").write_text("study,label\n" + "".join(f"s{i:02d},{i % 2}\n" for i in range(len(names))))
     data = load_site(site, DataConfig(image_size=32, seq_len=4), num_labels=1, progress=False)
     assert len(data.studies) == len(GOOD)
-    assert data.mask.sum(1).tolist() == [1, 1, 1, 1, 1, 1, 4, 2], "rtdose: 15 frames sampled to 4; RGB: 2"
+    assert data.mask.sum(1).tolist() == [1, 1, 1, 1, 1, 1, 4, 2], "emri: 10 frames sampled to 4; RGB: 2"
     reasons = dict(data.quarantine)
     for i, name in enumerate(names):
         if name in BAD:
@@ -140,3 +143,35 @@ def test_bit_depths_sign_rescale_window_and_monochrome1(tmp_path, bits, signed, 
         expected = 1.0 - expected
     (frame,) = read_pixels(read_header(path).path)
     assert np.allclose(frame, expected, atol=1e-6)
+
+
+def test_voi_lut_sequence_is_applied_as_pydicom_documents(tmp_path):
+    """pydicom's VOI LUT test file: modality LUT first, then the VOI LUT on integer values, with no
+    warning; the result equals pydicom's own apply_voi_lut output scaled by the LUT's peak."""
+    import warnings
+
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    path = Path(get_testdata_file("vlut_04.dcm"))  # from pydicom-data (a dev dependency): no network
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Applying a VOI LUT on a float input array ..." would fail here
+        (frame,) = read_pixels(read_header(path).path)
+    ds = pydicom.dcmread(path)
+    reference = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
+    peak = max(ds.VOILUTSequence[0].LUTData)
+    assert np.allclose(frame, reference / peak, atol=1e-6)
+    assert frame.min() == 0.0 and frame.max() == 1.0 and len(np.unique(frame)) > 100
+
+
+def test_hidden_files_are_ignored_and_broken_links_quarantined(site, tiny_data_config):
+    """macOS AppleDouble files and .DS_Store are not images; a dangling link is listed, not dropped."""
+    study = next(p for p in sorted((site / "studies").iterdir()) if p.is_dir())
+    dicom = next(study.rglob("*.dcm"))
+    (dicom.parent / f"._{dicom.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (site / "studies" / ".DS_Store").write_bytes(b"Bud1")
+    (site / "studies" / ".Trashes").mkdir()
+    (dicom.parent / "gone.dcm").symlink_to(dicom.parent / "missing-target.dcm")
+    data = load_site(site, tiny_data_config, num_labels=1, progress=False)
+    reasons = dict(data.quarantine)
+    assert reasons == {str((dicom.parent / "gone.dcm").relative_to(site)): "broken-link"}
+    assert len(data.studies) == 16

@@ -233,3 +233,85 @@ def test_server_ends_the_run_when_every_site_is_exhausted(tmp_path):
     assert last["stopped"] == "every site that replied has exhausted its privacy budget"
     assert all(v == 0.0 for v in last["exhausted"].values()), "nothing was spent"
     assert (run_dir / "checkpoints" / "round-001.pt").is_file()
+
+
+# ----------------------------------------------------------------- the noise is not the centre's to know
+def _train_message_with(run_config: dict, server_round: int, budget_id: str):
+    message = _train_message(run_config, server_round)
+    message.content["config"]["budget-id"] = budget_id
+    return message
+
+
+def test_identical_dp_runs_draw_different_noise_and_sampling(site, tmp_path):
+    """Same config, data, round and global model, and every seeded generator reset the same way
+    before each run: the updates still differ, so nothing in the run config (or any seed the
+    centre could know) reproduces the noise or the Poisson sampling."""
+    run = {**RUN, "dp-noise-multiplier": 1.0}
+    updates = []
+    for attempt in range(2):
+        open_session.cache_clear()
+        torch.manual_seed(0)
+        np.random.seed(0)
+        out = client_app.train(_train_message(run, 1), _context(site, tmp_path / f"state{attempt}", run))
+        assert out.content["site"]["status"] == "ok"
+        updates.append({k: v.numpy() for k, v in out.content["arrays"].items()})
+    assert any(not np.array_equal(updates[0][k], updates[1][k]) for k in updates[0])
+
+
+def test_the_noise_generator_is_seeded_from_os_entropy_not_the_run_config():
+    from client.privacy import secure_generator
+
+    draws = [secure_generator("cpu").initial_seed() for _ in range(3)]
+    assert len(set(draws)) == 3 and RunConfig.from_mapping(RUN).train.seed not in draws
+
+
+def test_a_budget_id_that_is_a_path_is_refused(site, tmp_path):
+    from client.privacy import BadBudgetId, check_budget_id
+
+    for bad in ("x/../../../../tmp/y", "..", "", "a b", "r" * 65):
+        with pytest.raises(BadBudgetId):
+            check_budget_id(bad)
+    assert check_budget_id("1234567890123456789") == "1234567890123456789"
+    open_session.cache_clear()
+    escaped = tmp_path / "escaped"
+    out = client_app.train(_train_message_with(RUN, 1, f"x/../../../../{escaped}"), _context(site, tmp_path / "s", RUN))
+    assert out.content["site"]["status"] == "error" and out.content["site"]["reason"] == "bad-budget-id"
+    assert not list(tmp_path.rglob("*escaped*")), "nothing was written outside the state folder"
+
+
+def _charge_many(state_dir: str, rounds: int, barrier) -> None:
+    """One process charging the shared site ledger ``rounds`` times (dp-budget-scope = site)."""
+    from client.privacy import PrivacyLedger, SitePrivacy, reserve_round
+    from common.config import SiteConfig
+
+    site = SiteConfig(Path(state_dir), Path(state_dir), "site-a", dp_budget_scope="site")
+    config = RunConfig.from_mapping({**RUN, "dp-noise-multiplier": 1.5, "dp-target-epsilon": 1e6})
+    budget = SitePrivacy.resolve(config.privacy, site, 40)
+    barrier.wait()
+    for _ in range(rounds):
+        with PrivacyLedger.locked(site, "run-x"):
+            ledger = PrivacyLedger.load(site, "run-x", "rdp", None)
+            reserve_round(ledger, config, budget, 40)
+            ledger.save(site, "run-x")
+
+
+def test_two_processes_charging_one_ledger_lose_no_update(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    workers = [context.Process(target=_charge_many, args=(str(tmp_path), 15, barrier)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+        assert worker.exitcode == 0
+    from common.config import SiteConfig
+
+    site = SiteConfig(tmp_path, tmp_path, "site-a", dp_budget_scope="site")
+    ledger = PrivacyLedger.load(site, "run-x", "rdp", None)
+    q, steps = sampling(40, RUN["batch-size"])
+    assert len(ledger.history) == 30 and ledger.steps == 30 * steps
+    delta = 1e-5
+    assert ledger.epsilon(delta) == pytest.approx(_fresh_accountant_epsilon([(1.5, q, steps)] * 30, delta), rel=1e-9)
+    assert not list(tmp_path.rglob("*.tmp")), "no temporary file is left behind"

@@ -51,3 +51,57 @@ def test_control_flag_round_trip(tmp_path):
     assert read_control(run.path) == "paused"
     (run.path / "control.json").write_text("{not json")
     assert run.control() == "running", "a damaged flag never stops a federation"
+
+
+def test_a_torn_last_line_of_metrics_jsonl_breaks_nothing(tmp_path):
+    run = _run(tmp_path, rounds=3)
+    with (run.path / "metrics.jsonl").open("a") as handle:
+        handle.write('{"round": 3, "catalo')  # the process died mid-write
+    assert [r["round"] for r in read_metrics(run.path)] == [0, 1, 2]
+    assert last_finished_round(run.path) == 2
+    run.save_checkpoint(3, ArrayRecord({"w": Array(np.zeros(3, np.float32))}))
+    run.append_metrics({"round": 3, "catalogue": {}})  # the next append cuts the torn line off
+    assert [r["round"] for r in read_metrics(run.path)] == [0, 1, 2, 3]
+    assert all(json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines())
+
+
+class _Planted:
+    """A pickle that runs code when loaded with weights_only=False."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_report_uses_the_last_finished_round_and_never_unpickles_code(tmp_path, tiny_clinics):
+    import torch
+
+    from common.config import RunConfig
+    from common.exchange import to_array_record
+    from common.model import build_model, frozen_backbone_hash
+    from server.report import write_report
+
+    values = {"image-size": 32, "seq-len": 4, "proj-dim": 16, "gru-hidden": 8, "attn-dim": 8, "fid-dim": 8,
+              "server-val-path": str(tiny_clinics[1])}
+    model = build_model(RunConfig.from_mapping(values).model)
+    run = RunDirectory(tmp_path / "run", values, frozen_backbone_hash(model), budget_id="1")
+    for r in range(2):
+        run.save_checkpoint(r, to_array_record(model))
+        run.append_metrics({"round": r, "catalogue": {}, "roc": {}})
+    marker = tmp_path / "code-ran"
+    torch.save({"round": 2, "trainable": _Planted(str(marker))}, run.checkpoint_path(2))  # no metrics: unfinished
+    results = dict(write_report(run.path, tmp_path / "report"))
+    assert results["attention.png"].endswith("attention.png") and not marker.exists()
+
+
+def test_config_files_keep_every_value_exactly(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from common.processes import write_config_file
+
+    values = {"data-root": "/data/O'Neill \"sports\" clinic/a b", "lr": 0.002, "num-rounds": 3, "dp-enabled": True,
+              "label-names": "acl,meniscus"}
+    path = write_config_file(values, tmp_path / "run-config.toml")
+    assert parse_config_args([str(path)]) == values, "what flwr reads is what we wrote"

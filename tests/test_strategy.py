@@ -54,7 +54,10 @@ BAD_REPLIES = {
     "dtype": (lambda: _train_content(0, 5, site="bad", arrays={"head.w": np.zeros((2, 3), np.float64),
                                                                 "head.b": np.zeros(2, np.float32)}), "dtype"),
     "metrics": (lambda: _train_content(0, 5, site="bad", metrics={"num-examples": 5}), "lacks"),
-    "zero-examples": (lambda: _train_content(0, 0, site="bad"), "positive integer"),
+    "zero-examples": (lambda: _train_content(0, 0, site="bad"), "integer in 1.."),
+    "list-metric": (lambda: _train_content(0, 5, site="bad", metrics={"num-examples": 5, "train-loss": [0.5, 1.0],
+                                                                      "train-seconds": 1.0}), "single number"),
+    "huge-weight": (lambda: _train_content(0, 2 ** 62, site="bad"), "integer in 1.."),
     "hash": (lambda: _train_content(0, 5, site="bad", backbone_hash="frozen:zzz"), "backbone hash"),
     "site-error": (lambda: RecordDict({"site": ConfigRecord({"status": "error", "reason": "no-usable-studies",
                                                              "site-name": "bad"})}), "no-usable-studies"),
@@ -130,4 +133,139 @@ def test_an_error_reply_is_named_after_the_site_that_node_was():
     strategy.aggregate_train(2, [reply(Error(code=5, reason="node unavailable"), 7),
                                  reply(_train_content(1.0, 10, site="hospital-b"), 8)])
     (rejected,) = strategy.reports[2].rejected
-    assert rejected["site"] == "hospital-a" and "node unavailable" in rejected["reason"]
+    assert rejected["site"] == "hospital-a" and "Node Unavailable" in rejected["reason"]
+
+
+# --------------------------------------------------------------------------- who sent a reply
+def test_two_sites_with_the_same_name_do_not_overwrite_each_other():
+    strategy = _strategy()
+    strategy.aggregate_train(1, [reply(_train_content(1.0, 10, site="clinic"), 1),
+                                 reply(_train_content(3.0, 30, site="clinic"), 2)])
+    report = strategy.reports[1]
+    assert set(report.train) == {"clinic", "clinic@node-2"}
+    assert report.train["clinic"]["num-examples"] == 10 and report.train["clinic@node-2"]["num-examples"] == 30
+    (mismatch,) = report.mismatches
+    assert mismatch["site"] == "clinic@node-2" and "node 1 already holds" in mismatch["reason"]
+    # The next round files the node under the same name again, and records the clash again.
+    strategy.aggregate_train(2, [reply(_train_content(1.0, 10, site="clinic"), 2)])
+    assert set(strategy.reports[2].train) == {"clinic@node-2"}
+    assert [m["site"] for m in strategy.reports[2].mismatches] == ["clinic@node-2"]
+
+
+def test_a_registered_site_cannot_report_under_another_sites_name(tmp_path):
+    import json
+
+    from server.identities import SiteIdentities
+
+    registry = tmp_path / "sites.json"
+    registry.write_text(json.dumps({"hospital-a": {"node-id": "101"}, "hospital-b": {"node-id": "202"}}))
+    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1,
+                            identities=SiteIdentities.from_registry(registry))
+    # node 202 (hospital-b's key) claims to be hospital-a, and sends 10x the weight
+    strategy.aggregate_train(1, [reply(_train_content(1.0, 10, site="hospital-a"), 101),
+                                 reply(_train_content(3.0, 100, site="hospital-a"), 202)])
+    report = strategy.reports[1]
+    assert report.train["hospital-a"]["num-examples"] == 10, "hospital-a's record is its own"
+    assert report.train["hospital-b"]["num-examples"] == 100
+    (mismatch,) = report.mismatches
+    assert mismatch["site"] == "hospital-b" and "reports site name 'hospital-a'" in mismatch["reason"]
+
+
+def test_exception_text_in_an_error_reply_is_never_recorded():
+    """Flower's runtime puts a ClientApp's exception text in the error reason; it may hold PHI."""
+    strategy = _strategy()
+    phi = "/data/ortho/DOE^JOHN/19750315/IM0001.dcm"
+    strategy.aggregate_train(1, [reply(Error(code=2, reason=f"<class 'OSError'>:{phi}"), 1),
+                                 reply(RecordDict({"site": ConfigRecord({"status": "error", "reason": f"bad {phi}",
+                                                                         "site-name": "b"})}), 2)])
+    reasons = " ".join(r["reason"] for r in strategy.reports[1].rejected)
+    assert "DOE" not in reasons and "ortho" not in reasons and "ClientApp raised an exception" in reasons
+
+
+# --------------------------------------------------------------------------- fuzzing the reply handling
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from common.metrics.catalogue import EvaluationStats  # noqa: E402
+from common.metrics.classification import ClassificationStats  # noqa: E402
+from common.metrics.errors import ErrorStats  # noqa: E402
+from common.metrics.images import InceptionStats  # noqa: E402
+
+_numbers = st.one_of(st.integers(min_value=-2 ** 63, max_value=2 ** 63 - 1),
+                     st.floats(allow_nan=True, allow_infinity=True),
+                     st.sampled_from([0, 1, -1, 1e308, -1e308, 3.5, 2 ** 62]))
+_values = st.one_of(_numbers, st.lists(_numbers, max_size=12), st.lists(st.integers(0, 3), min_size=4, max_size=4))
+
+
+def _good_eval_record(n: int = 6) -> dict:
+    probs = np.linspace(0.05, 0.95, n)
+    labels = (np.arange(n) % 2).astype(float)
+    stats = EvaluationStats(ClassificationStats.from_predictions(probs[:, None], labels[:, None], 2.0, bins=4),
+                            ErrorStats.from_predictions(probs[:, None], labels[:, None], None, np.full(n, np.nan)),
+                            None, InceptionStats.from_probabilities(probs[:, None]))
+    return {"num-examples": n, **stats.to_record()}
+
+
+def _eval_reply(record: dict, node: int, site: str) -> object:
+    return reply(RecordDict({"metrics": MetricRecord(record),
+                             "site": ConfigRecord({"status": "ok", "site-name": site, "backbone-hash": HASH})}),
+                 node, message_type="evaluate")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes=st.dictionaries(st.sampled_from(sorted(_good_eval_record()) + ["extra", "n", "bins"]), _values,
+                               min_size=1, max_size=4),
+       drop=st.sets(st.sampled_from(sorted(_good_eval_record())), max_size=2))
+def test_fuzzed_evaluation_replies_are_rejected_with_a_reason_and_never_skew_the_pool(changes, drop):
+    record = {k: v for k, v in {**_good_eval_record(), **changes}.items() if k not in drop}
+    strategy = _strategy()
+    try:
+        MetricRecord(record)
+    except Exception:  # Flower itself refuses this record: it could never arrive
+        return
+    strategy.aggregate_evaluate(1, [_eval_reply(_good_eval_record(), 1, "good"), _eval_reply(record, 2, "fuzz")])
+    report = strategy.reports[1]
+    assert "good" in report.evaluation
+    if report.rejected:
+        (rejected,) = report.rejected
+        assert rejected["site"] == "fuzz" and rejected["reason"]
+    else:  # accepted: then it was internally consistent, and the pool is the exact sum
+        assert strategy.pooled[1].n == 6 + int(record["n"])
+    auc = report.catalogue["auc"]["value"]
+    assert auc is None or 0.0 <= auc <= 1.0
+
+
+def _update(shape_w: tuple[int, ...], value: float, dtype: str) -> dict[str, np.ndarray]:
+    with np.errstate(over="ignore"):  # 3e38 does not fit float16: inf, which is the point
+        return {"head.w": np.full(shape_w, value).astype(dtype), "head.b": np.full((2,), value).astype(dtype)}
+
+
+_arrays = st.builds(
+    _update,
+    st.sampled_from([(2, 3), (3, 3), (6,), (2, 3, 1)]),
+    st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([3e38, -3e38, 1e30, 0.0])),
+    st.sampled_from(["float32", "float64", "float16"]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrays=_arrays, metrics=st.dictionaries(st.sampled_from(["num-examples", "train-loss", "train-seconds",
+                                                                "dp-epsilon", "other"]), _numbers, max_size=5),
+       site=st.one_of(st.text(max_size=12), st.integers()), status=st.sampled_from(["ok", "error", 3, "budget-exhausted"]))
+def test_fuzzed_train_replies_never_crash_and_the_global_model_stays_finite(arrays, metrics, site, status):
+    strategy = _strategy(min_sites=1)
+    try:
+        fuzz = reply(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                 "metrics": MetricRecord(metrics),
+                                 "site": ConfigRecord({"status": status, "site-name": site, "backbone-hash": HASH})}), 9)
+    except Exception:  # Flower itself refuses to build this message
+        return
+    good = [reply(_train_content(1.0, 10, site="a"), 1), reply(_train_content(3.0, 30, site="b"), 2)]
+    new, _ = strategy.aggregate_train(1, [good[0], fuzz, good[1]])
+    report = strategy.reports[1]
+    assert {"a", "b"} <= set(report.train)
+    if new is not None:
+        assert all(np.all(np.isfinite(new[name].numpy())) for name in SPEC)
+    fuzz_site = next(name for name in [*report.train, *[r["site"] for r in report.rejected], *report.exhausted]
+                     if name not in ("a", "b"))
+    assert fuzz_site in report.train or any(r["site"] == fuzz_site and r["reason"] for r in report.rejected) \
+        or fuzz_site in report.exhausted

@@ -12,10 +12,12 @@ import hashlib
 import io
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from common.data.errors import StudyError
 from common.data.study import Quarantine, StudyImages, StudySource
@@ -90,6 +92,15 @@ class PreprocessCache:
             atomic_write_bytes(path, buffer.getvalue())
         except OSError as exc:  # a read-only state dir costs speed, not the run
             log.warning("cannot write the preprocess cache in %s (%s)", self.folder, exc.strerror or exc)
+
+    def locked(self, timeout: float = 3600.0) -> FileLock:
+        """The cache's lock: two processes reading one site decode it once (the second waits, then
+        hits). A state dir that cannot hold a lock file gets a no-op lock."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return FileLock(str(self.folder / ".lock"), timeout=timeout)
+        except OSError:
+            return nullcontext()
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.npz"

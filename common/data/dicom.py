@@ -16,10 +16,14 @@ import pydicom
 import torch
 import torch.nn.functional as F
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from common.data.errors import StudyError
+from common.data.listing import list_files
 from common.data.study import StudyImages
+
+
+DICOM_SUFFIXES = {".dcm"}  # matched case-insensitively (.DCM from many PACS exports)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ def read_header(path: Path) -> SliceHeader:
         raise FileProblem(_why_not_dicom(path)) from None
     except (OSError, EOFError, ValueError, TypeError, KeyError) as exc:
         raise FileProblem("corrupt-header", type(exc).__name__) from exc
+    if is_non_image_object(ds):
+        raise FileProblem("non-image-object", str(ds.get("Modality", "")))
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise FileProblem("no-pixel-data", str(ds.get("Modality", "")))
     photometric = str(ds.get("PhotometricInterpretation", ""))
@@ -69,6 +75,29 @@ def read_header(path: Path) -> SliceHeader:
         modality=str(ds.get("Modality", "") or "unknown"),
         size=f"{ds.get('Rows', '?')}x{ds.get('Columns', '?')}",
     )
+
+
+# Objects that are not images of the patient, though some carry pixel data (a SEG's masks, an RT
+# dose grid): segmentations, RT objects, presentation states, structured reports, key objects,
+# registrations, encapsulated documents, waveforms, raw data, parametric maps.
+NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTDOSE", "RTPLAN", "RTRECORD", "PR", "SR", "KO", "REG", "FID", "DOC",
+                        "PLAN", "RWV", "ECG", "HD", "AU", "RESP"}
+NON_IMAGE_SOP_CLASS_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, segmentation, spatial registration, fiducials, ...
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports and key object selection
+    "1.2.840.10008.5.1.4.1.1.481.2", "1.2.840.10008.5.1.4.1.1.481.3",  # RT dose, RT structure set
+    "1.2.840.10008.5.1.4.1.1.481.4", "1.2.840.10008.5.1.4.1.1.481.5",  # RT beams record, RT plan
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF, CDA, STL, ...
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
+    "1.2.840.10008.5.1.4.1.1.30",  # parametric map
+)
+
+
+def is_non_image_object(ds: pydicom.Dataset) -> bool:
+    sop_class = str(ds.get("SOPClassUID", ""))
+    return str(ds.get("Modality", "")).upper() in NON_IMAGE_MODALITIES or sop_class.startswith(
+        NON_IMAGE_SOP_CLASS_PREFIXES)
 
 
 SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT",
@@ -158,22 +187,43 @@ def read_pixels(path: Path) -> np.ndarray:
         rgb = stored.astype(np.float64) / peak
         values = np.clip(rgb @ np.array([0.299, 0.587, 0.114]), 0.0, 1.0)
         return values.astype(np.float32)
-    return np.stack([_window(apply_rescale(frame, ds).astype(np.float64), ds) for frame in stored]).astype(np.float32)
+    return np.stack([_grey_levels(frame, ds) for frame in stored]).astype(np.float32)
 
 
-def _window(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
-    if "WindowCenter" in ds and "WindowWidth" in ds:
+def _grey_levels(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """One frame's stored values -> [0, 1], in the order pydicom documents: the modality LUT
+    (rescale slope/intercept or a Modality LUT Sequence) first, then the VOI transform on its
+    output. pydicom prefers a VOI LUT Sequence over the window when both are present, and so do
+    we. A VOI LUT is indexed by integer modality values, so it gets integers (pydicom warns, and
+    may index wrongly, when it gets floats)."""
+    modality = apply_modality_lut(stored, ds)
+    if "VOILUTSequence" in ds:
+        lut_input = modality if np.issubdtype(modality.dtype, np.integer) else np.rint(modality).astype(np.int64)
+        output = apply_voi_lut(lut_input, ds, index=0).astype(np.float64)
+        # The LUT's own largest entry is its white (many 16-bit LUTs only use 12 bits).
+        peak = float(np.max(_lut_data(ds.VOILUTSequence[0])))
+        values = np.clip(output / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(output)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        values = modality.astype(np.float64)
         center, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
         # DICOM PS3.3 C.11.2.1.2 linear window, mapped to [0, 1].
         values = np.clip((values - (center - 0.5)) / (width - 1.0 if width > 1 else 1.0) + 0.5, 0.0, 1.0)
     else:
-        if "VOILUTSequence" in ds:
-            values = apply_voi_lut(values, ds).astype(np.float64)
+        values = modality.astype(np.float64)
         lo, hi = np.percentile(values, [0.5, 99.5])
         values = np.clip((values - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(values)
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         values = 1.0 - values
     return values
+
+
+def _lut_data(item: pydicom.Dataset) -> np.ndarray:
+    """The entries of a VOI LUT item, as pydicom reads them (US/SS/OW LUT Data)."""
+    data = item.LUTData
+    if isinstance(data, bytes):
+        bits = int(item.LUTDescriptor[2])
+        return np.frombuffer(data, dtype=np.uint8 if bits <= 8 else "<u2")
+    return np.asarray(data)
 
 
 def _first(value: object) -> float:
@@ -208,7 +258,7 @@ def load_dicom_study(study_dir: Path, image_size: int, seq_len: int, series_desc
     Files that cannot be used are appended to ``quarantine`` as (path, reason code) and the study
     goes on without them; a study with nothing usable left is a StudyError."""
     quarantine = quarantine if quarantine is not None else []
-    files = sorted(p for p in study_dir.rglob("*.dcm") if p.is_file())
+    files, _ = list_files(study_dir, DICOM_SUFFIXES)  # broken links are the layout's quarantine entries
     if not files:
         raise StudyError("no-dicom-files", "no .dcm files in the study folder")
     headers = []

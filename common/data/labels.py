@@ -4,6 +4,7 @@ Every problem is a one-line DataError naming the file and row."""
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from common.data.errors import DataError
@@ -23,10 +24,11 @@ def read_labels(site_dir: Path) -> tuple[list[StudyLabel], list[str]]:
     path = site_dir / LABELS_FILE
     if not path.is_file():
         raise DataError("missing-labels", f"{path} not found: a site needs {LABELS_FILE} and {STUDIES_DIR}/")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = list(reader)
+    text = read_text_table(path)
+    delimiter = detect_delimiter(text, path)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    rows = list(reader)
     if "study" not in columns:
         raise DataError("bad-labels", f"{path} has no 'study' column (columns: {', '.join(columns) or 'none'})")
     label_columns = ["label"] if "label" in columns else sorted(c for c in columns if c.startswith("label_"))
@@ -53,8 +55,8 @@ def read_labels(site_dir: Path) -> tuple[list[StudyLabel], list[str]]:
             raise DataError("bad-labels", f"{path}:{line}: split must be train or test, got {split!r}")
         target = None
         if row.get("target"):
-            try:
-                target = float(row["target"])
+            try:  # a decimal comma, as semicolon- and tab-separated exports write it
+                target = float(row["target"].replace(",", ".") if delimiter != "," else row["target"])
             except ValueError:
                 raise DataError("bad-labels", f"{path}:{line}: target must be a number") from None
         records.append(StudyLabel(study, tuple(labels), split, row.get("patient") or None, target))
@@ -62,14 +64,49 @@ def read_labels(site_dir: Path) -> tuple[list[StudyLabel], list[str]]:
     return records, names
 
 
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}
+
+
+def read_text_table(path: Path) -> str:
+    """A CSV file's text: UTF-8 with or without Excel's byte-order mark, any line ends."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError("bad-labels", f"{path} is not UTF-8 text: save it as 'CSV UTF-8' from the spreadsheet") from None
+
+
+def detect_delimiter(text: str, path: Path) -> str:
+    """The field separator of a table with a header, as spreadsheets export it: comma, semicolon
+    or tab. A separator qualifies when it splits the header into 2+ columns and every row into
+    as many; one qualifying separator is taken, none or several is a one-line error."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ","
+    qualifying = []
+    for delimiter in DELIMITERS:
+        widths = {len(row) for row in csv.reader(lines, delimiter=delimiter)}
+        if len(widths) == 1 and widths.pop() >= 2:
+            qualifying.append(delimiter)
+    if len(qualifying) == 1:
+        return qualifying[0]
+    def has_columns(delimiter: str) -> bool:
+        columns = [c.strip() for c in next(csv.reader([lines[0]], delimiter=delimiter))]
+        return "study" in columns and any(c == "label" or c.startswith("label_") for c in columns)
+    named = [d for d in qualifying if has_columns(d)]
+    if len(named) == 1:
+        return named[0]
+    found = ", ".join(DELIMITERS[d] for d in qualifying) or "none that gives every row the same columns"
+    raise DataError("bad-labels", f"{path}: cannot tell the column separator (candidates: {found}); "
+                                  "export it as comma-separated 'CSV UTF-8'")
+
+
 def read_binary_csv(path: Path) -> dict[str, float]:
     """A header-less ``key,0|1`` CSV as used by MURA and MRNet."""
     values: dict[str, float] = {}
-    with path.open(newline="") as handle:
-        for line, row in enumerate(csv.reader(handle), start=1):
-            if not row or not row[0].strip():
-                continue
-            if len(row) < 2 or row[1].strip() not in ("0", "1"):
-                raise DataError("bad-labels", f"{path}:{line}: expected 'key,0' or 'key,1'")
-            values[row[0].strip()] = float(row[1].strip())
+    for line, row in enumerate(csv.reader(io.StringIO(read_text_table(path), newline="")), start=1):
+        if not row or not row[0].strip():
+            continue
+        if len(row) < 2 or row[1].strip() not in ("0", "1"):
+            raise DataError("bad-labels", f"{path}:{line}: expected 'key,0' or 'key,1'")
+        values[row[0].strip()] = float(row[1].strip())
     return values

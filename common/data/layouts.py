@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.config import SITE_LAYOUTS, DataConfig
-from common.data.dicom import load_dicom_study
+from common.data.dicom import DICOM_SUFFIXES, load_dicom_study
+from common.data.listing import list_files, list_folders
 from common.data.errors import DataError
 from common.data.labels import LABELS_FILE, STUDIES_DIR, read_labels
 from common.data.mrnet import discover_mrnet
@@ -59,7 +60,7 @@ def discover_dicom(site_dir: Path, config: DataConfig) -> Discovery:
     studies_dir = site_dir / STUDIES_DIR
     if not studies_dir.is_dir():
         raise DataError("missing-studies", f"{studies_dir} does not exist")
-    on_disk = {p.name for p in studies_dir.iterdir() if p.is_dir()}
+    on_disk = {p.name for p in list_folders(studies_dir)}
     labelled = {r.study for r in records}
     quarantine = [(f"{STUDIES_DIR}/{r.study}", "label-without-study") for r in records if r.study not in on_disk]
     quarantine += [(f"{STUDIES_DIR}/{name}", "study-without-label") for name in sorted(on_disk - labelled)]
@@ -72,6 +73,7 @@ def discover_dicom(site_dir: Path, config: DataConfig) -> Discovery:
     for record in records:
         folder = studies_dir / record.study
         if record.study in on_disk:
-            files = tuple(sorted(p for p in folder.rglob("*.dcm") if p.is_file()))
-            sources.append(StudySource(record, files, reader(folder), location=f"{STUDIES_DIR}/{record.study}"))
+            files, broken = list_files(folder, DICOM_SUFFIXES)
+            quarantine += [(str(path.relative_to(site_dir)), "broken-link") for path in broken]
+            sources.append(StudySource(record, tuple(files), reader(folder), location=f"{STUDIES_DIR}/{record.study}"))
     return Discovery("dicom", sources, label_names, quarantine)

@@ -21,6 +21,7 @@ from common.config import DataConfig
 from common.data.dicom import resize_square, sample_indices
 from common.data.errors import DataError, StudyError
 from common.data.labels import read_binary_csv
+from common.data.listing import list_files
 from common.data.study import Discovery, StudyImages, StudyLabel, StudySource
 
 SPLITS = {"train": "train", "valid": "test"}
@@ -40,7 +41,9 @@ def discover_mrnet(site_dir: Path, config: DataConfig) -> Discovery:
                 raise DataError("missing-labels", f"{path} not found: MRNet needs {split}-<task>.csv for every task "
                                                   f"in mrnet-labels ({', '.join(tasks)})")
             tables[task] = read_binary_csv(path)
-        volumes = {p.stem: p for p in root.glob("*.npy")} if root.is_dir() else {}
+        found, broken = list_files(root, {".npy"}, recursive=False)
+        volumes = {p.stem: p for p in found}
+        quarantine += [(str(path.relative_to(site_dir)), "broken-link") for path in broken]
         exam_ids = sorted(set().union(*(t.keys() for t in tables.values())))
         for exam in exam_ids:
             key = f"{split}/{config.mrnet_plane}/{exam}.npy"

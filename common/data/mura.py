@@ -22,6 +22,7 @@ from common.config import DataConfig
 from common.data.dicom import resize_square, sample_indices
 from common.data.errors import DataError, StudyError
 from common.data.labels import read_binary_csv
+from common.data.listing import list_files, list_folders
 from common.data.study import Discovery, StudyImages, StudyLabel, StudySource
 
 SPLITS = {"train": "train", "valid": "test"}
@@ -37,7 +38,7 @@ def discover_mura(site_dir: Path, config: DataConfig) -> Discovery:
             continue
         csv_path = site_dir / f"{split}_labeled_studies.csv"
         csv_labels = {_study_key(k): v for k, v in read_binary_csv(csv_path).items()} if csv_path.is_file() else {}
-        on_disk = sorted(p for p in root.glob("XR_*/*/*") if p.is_dir())
+        on_disk = list_folders(root, "XR_*/*/*")
         keys = {str(p.relative_to(site_dir)) for p in on_disk}
         quarantine += [(key, "label-without-study") for key in sorted(set(csv_labels) - keys)
                        if key.startswith(f"{split}/")]
@@ -49,8 +50,9 @@ def discover_mura(site_dir: Path, config: DataConfig) -> Discovery:
             if label is None:
                 quarantine.append((key, "study-without-label"))
                 continue
-            files = tuple(sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
-                                 key=_image_number))
+            images, broken = list_files(folder, IMAGE_SUFFIXES, recursive=False)
+            quarantine += [(str(path.relative_to(site_dir)), "broken-link") for path in broken]
+            files = tuple(sorted(images, key=_image_number))
             part = folder.parents[1].name.removeprefix("XR_").lower()
             record = StudyLabel(key, (label,), our_split, patient=f"{split}/{folder.parent.name}")
             sources.append(StudySource(record, files, _reader(files, site_dir, config), (("body-part", part),)))

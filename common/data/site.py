@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,9 +97,11 @@ def load_site(site_dir: Path, config: DataConfig, num_labels: int | None, progre
     quarantine: Quarantine = list(found.quarantine)
     kept: list[tuple[StudySource, np.ndarray, np.ndarray | None]] = []
     skipped: list[tuple[str, str]] = []
-    for source in tqdm(found.sources, desc=f"reading {site_dir.name}", unit="study",
-                       disable=None if progress else True, leave=False):
-        result = _read_study(source, site_dir, cache)
+    with cache.locked() if cache is not None else nullcontext():
+        results = [_read_study(source, site_dir, cache)
+                   for source in tqdm(found.sources, desc=f"reading {site_dir.name}", unit="study",
+                                      disable=None if progress else True, leave=False)]
+    for source, result in zip(found.sources, results):
         quarantine += result.quarantine
         try:
             if result.error is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from common.metrics.classification import ClassificationStats, per_label_figures
+from common.metrics.classification import ClassificationStats, per_label_figures, pooled_auc
 from common.metrics.errors import ErrorStats, error_figures
 from common.metrics.images import ImageStats, InceptionStats, frechet_distance, safe_mean
 
@@ -63,6 +63,9 @@ _SPECS = [
     MetricSpec("epsilon", "privacy", MAX_OVER_SITES, "", False),
 ]
 REGISTRY: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
+# The keys of a site's evaluation record (the image keys only with the reconstruction head).
+RECORD_KEYS = {"n", "loss-sum", "bins", "tp", "fp", "tn", "fn", "hist-pos", "hist-neg", "err", "is"}
+IMAGE_KEYS = {"img", "fid-real", "fid-fake"}
 assert len(REGISTRY) == len(_SPECS), "one name per metric"
 
 
@@ -73,10 +76,11 @@ class MetricValue:
     per_label: dict[str, float | None] | None = None
     note: str | None = None  # basis, extractor, device ...
     per_site: dict[str, float | None] = field(default_factory=dict)
+    error_bound: float | None = None  # the value is within this of the exact figure (e.g. AUC from bins)
 
     def to_json(self, name: str) -> dict[str, Any]:
         out: dict[str, Any] = {"value": self.value, "aggregation": REGISTRY[name].aggregation}
-        for key in ("reason", "per_label", "note"):
+        for key in ("reason", "per_label", "note", "error_bound"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.per_site:
@@ -121,14 +125,22 @@ class EvaluationStats:
 
     @classmethod
     def from_record(cls, record: dict, num_labels: int, fid_dim: int | None) -> "EvaluationStats":
-        """fid_dim None: the reconstruction head is off and no image statistics are expected."""
-        images = None
-        if fid_dim is not None:
-            images = ImageStats.from_record(record, fid_dim)
-        elif any(key in record for key in ("img", "fid-real", "fid-fake")):
+        """A site's statistics, checked on their own and against each other; ValueError says what
+        is wrong. fid_dim None: the reconstruction head is off and no image statistics are expected."""
+        if fid_dim is None and any(key in record for key in IMAGE_KEYS):
             raise ValueError("image statistics sent but the reconstruction head is disabled")
-        return cls(ClassificationStats.from_record(record, num_labels), ErrorStats.from_record(record), images,
-                   InceptionStats.from_record(record, num_labels))
+        unexpected = sorted(set(record) - RECORD_KEYS - IMAGE_KEYS - {"num-examples"})
+        if unexpected:
+            raise ValueError(f"unexpected statistics: {', '.join(unexpected[:5])}")
+        images = ImageStats.from_record(record, fid_dim) if fid_dim is not None else None
+        stats = cls(ClassificationStats.from_record(record, num_labels), ErrorStats.from_record(record), images,
+                    InceptionStats.from_record(record, num_labels))
+        n = stats.n
+        if stats.inception.n != n or stats.errors.n_probability != n * num_labels or stats.errors.n_severity > n:
+            raise ValueError("the statistics disagree on the number of test studies")
+        if record.get("num-examples", n) != n:
+            raise ValueError("num-examples differs from n")
+        return stats
 
     @classmethod
     def empty(cls, num_labels: int, fid_dim: int | None) -> "EvaluationStats":
@@ -153,6 +165,14 @@ def compute_catalogue(stats: EvaluationStats, label_names: list[str], fid_extrac
                                         note="macro mean over labels" if len(label_names) > 1 else None)
             else:
                 out[name] = not_available(_why_undefined(name))
+        if out["auc"].value is not None:
+            bounds = [pooled_auc(cls_stats.histograms, j).bound for j in range(len(label_names))]
+            bound = max(b for b in bounds if np.isfinite(b))
+            resolutions = ", ".join(str(b) for b in sorted(cls_stats.histograms))
+            out["auc"].error_bound = bound
+            out["auc"].note = "; ".join(filter(None, [
+                out["auc"].note, f"histogram AUC, within {bound:.4f} of the exact pooled AUC "
+                                 f"(score pairs sharing a bin; bins per site: {resolutions})"]))
     values, basis, reasons = error_figures(stats.errors)
     for name, value in values.items():
         out[name] = MetricValue(_finite(value), note=basis) if name not in reasons else not_available(reasons[name])
@@ -170,9 +190,14 @@ def compute_catalogue(stats: EvaluationStats, label_names: list[str], fid_extrac
         if min(img.real.n, img.fake.n) < 2:
             out["fid"] = not_available("fewer than 2 images")
         else:
-            out["fid"] = MetricValue(_finite(frechet_distance(img.real, img.fake)),
-                                     note=f"real vs reconstructed; extractor: {fid_extractor} "
-                                          "(values comparable only within one extractor)")
+            try:
+                fid = _finite(frechet_distance(img.real, img.fake))
+            except (ValueError, np.linalg.LinAlgError) as exc:  # degenerate covariances
+                fid = None
+                out["fid"] = not_available(f"the Frechet distance could not be computed ({type(exc).__name__})")
+            if fid is not None or "fid" not in out:
+                out["fid"] = MetricValue(fid, note=f"real vs reconstructed; extractor: {fid_extractor} "
+                                                   "(values comparable only within one extractor)")
     scores = stats.inception.scores()
     if stats.inception.n == 0:
         out["is"] = not_available("no test studies")

@@ -55,12 +55,18 @@ class ErrorStats:
 
     @classmethod
     def from_record(cls, record: dict) -> "ErrorStats":
-        values = np.asarray(record["err"], dtype=np.float64)
-        if values.shape != (8,) or not np.all(np.isfinite(values)) or (values < 0).any():
+        value = record["err"]
+        if not isinstance(value, list) or len(value) != 8:
+            raise ValueError("err: expected a list of 8 sums")
+        values = np.asarray(value, dtype=np.float64)
+        if not np.all(np.isfinite(values)) or (values < 0).any():
             raise ValueError("err: expected 8 finite non-negative sums")
         counts = values[[0, 3, 5]]
         if (counts % 1).any() or values[3] > values[0]:
             raise ValueError("err: counts must be integers and non-zero targets <= targets")
+        # Probabilities and 0/1 labels: each absolute and squared error is at most 1.
+        if values[6] > values[5] or values[7] > values[5]:
+            raise ValueError("err: probability error sums exceed their count")
         return cls(int(values[0]), values[1], values[2], int(values[3]), values[4], int(values[5]), values[6],
                    values[7])
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 
 SSIM_K1, SSIM_K2, SSIM_SIGMA, SSIM_WINDOW = 0.01, 0.03, 1.5, 11
 PSNR_CAP_DB = 100.0  # a perfect reconstruction has infinite PSNR; cap it so sums stay finite
@@ -84,14 +83,19 @@ class GaussianMoments:
 
 
 def frechet_distance(a: GaussianMoments, b: GaussianMoments) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+    tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2),
+    a symmetric PSD matrix: symmetric eigensolvers give it without a general matrix square root
+    (scipy's sqrtm, whose error estimate and ``disp`` flag are deprecated) and without the
+    complex round-off that the product S1 S2 needs an epsilon offset for."""
     mu1, s1 = a.mean_cov()
     mu2, s2 = b.mean_cov()
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.all(np.isfinite(covmean)):  # singular product: the usual epsilon offset
-        offset = np.eye(len(s1)) * 1e-6
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    values, vectors = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    middle = root1 @ s2 @ root1
+    trace_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum())
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_covmean)
 
 
 @dataclass
@@ -119,16 +123,38 @@ class ImageStats:
 
     @classmethod
     def from_record(cls, record: dict, dim: int) -> "ImageStats":
-        img = np.asarray(record["img"], np.float64)
-        if img.shape != (3,) or not np.all(np.isfinite(img)) or img[0] < 0 or img[0] % 1:
+        """Parse and check a site's image statistics (ValueError when malformed or implausible)."""
+        img = _vector(record["img"], 3, "img")
+        n = img[0]
+        if n < 0 or n % 1:
             raise ValueError("img: expected [n, psnr sum, ssim sum]")
+        # PSNR of [0, 1] images is in [0, PSNR_CAP_DB]; SSIM in [-1, 1].
+        if not (0 <= img[1] <= PSNR_CAP_DB * n + 1e-6 and -n - 1e-6 <= img[2] <= n + 1e-6):
+            raise ValueError("img: PSNR or SSIM sums out of range for n images")
 
         def moments(key: str) -> GaussianMoments:
-            v = np.asarray(record[key], np.float64)
-            if v.shape != (1 + dim + dim * dim,) or not np.all(np.isfinite(v)) or v[0] < 0 or v[0] % 1:
-                raise ValueError(f"{key}: expected n, {dim} sums and a {dim}x{dim} matrix")
-            return GaussianMoments(int(v[0]), v[1:1 + dim], v[1 + dim:].reshape(dim, dim))
-        return cls(int(img[0]), float(img[1]), float(img[2]), moments("fid-real"), moments("fid-fake"))
+            v = _vector(record[key], 1 + dim + dim * dim, key)
+            m = GaussianMoments(int(v[0]), v[1:1 + dim], v[1 + dim:].reshape(dim, dim))
+            if v[0] != n or np.abs(m.total).max(initial=0) > n * FEATURE_BOUND \
+                    or np.abs(m.outer).max(initial=0) > n * FEATURE_BOUND ** 2 \
+                    or (np.diag(m.outer) < 0).any() or not np.allclose(m.outer, m.outer.T, rtol=1e-6, atol=1e-6):
+                raise ValueError(f"{key}: expected n images, bounded sums and a symmetric {dim}x{dim} matrix")
+            return m
+        return cls(int(n), float(img[1]), float(img[2]), moments("fid-real"), moments("fid-fake"))
+
+
+# Image features are standardised and orthonormally projected: real values stay far inside this.
+FEATURE_BOUND = 1e4
+
+
+def _vector(value: object, size: int, key: str) -> np.ndarray:
+    """A list of ``size`` finite numbers from a MetricRecord value."""
+    if not isinstance(value, list) or len(value) != size:
+        raise ValueError(f"{key}: expected a list of {size} numbers")
+    array = np.asarray(value, np.float64)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{key}: values must be finite")
+    return array
 
 
 @dataclass
@@ -158,10 +184,14 @@ class InceptionStats:
 
     @classmethod
     def from_record(cls, record: dict, num_labels: int) -> "InceptionStats":
-        v = np.asarray(record["is"], np.float64)
-        if v.shape != (1 + 3 * num_labels,) or not np.all(np.isfinite(v)) or v[0] < 0 or v[0] % 1:
-            raise ValueError("is: expected n, the p(y) sums and the p log p sums")
-        return cls(int(v[0]), v[1:1 + 2 * num_labels].reshape(num_labels, 2), v[1 + 2 * num_labels:])
+        v = _vector(record["is"], 1 + 3 * num_labels, "is")
+        n = v[0]
+        p_sum, plogp = v[1:1 + 2 * num_labels].reshape(num_labels, 2), v[1 + 2 * num_labels:]
+        # Each study adds a distribution [1 - p, p] (sums to 1) and sum p log p in [-log 2, 0].
+        if n < 0 or n % 1 or (p_sum < -1e-9).any() or not np.allclose(p_sum.sum(1), n, atol=1e-6 * (n + 1)) \
+                or (plogp > 1e-9).any() or (plogp < -math.log(2) * n - 1e-6).any():
+            raise ValueError("is: expected n, the p(y) sums and the p log p sums of n distributions")
+        return cls(int(n), p_sum, plogp)
 
     def scores(self) -> np.ndarray:
         """IS per label: exp(mean_x sum_y p log p - sum_y p_bar log p_bar)."""

@@ -1,0 +1,25 @@
+"""Opacus, imported without its side effect on logging.
+
+``opacus/utils/module_utils.py`` calls ``logging.basicConfig()`` when it is imported. That gives
+the root logger a console handler, and Flower's logger propagates to the root: every Flower log
+line then appears twice (coloured, then plain with a timestamp), DEBUG lines included, and every
+library's warnings reach the screen in that format. Every clinicfl module imports Opacus from
+here, so the handler it adds is removed once, right after the first import.
+"""
+
+from __future__ import annotations
+
+import logging
+
+_root = logging.getLogger()
+_before = list(_root.handlers)
+
+from opacus import PrivacyEngine  # noqa: E402
+from opacus.accountants import create_accountant  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.grad_sample import register_grad_sampler  # noqa: E402
+
+for _handler in [h for h in _root.handlers if h not in _before]:
+    _root.removeHandler(_handler)
+
+__all__ = ["PrivacyEngine", "create_accountant", "get_noise_multiplier", "register_grad_sampler"]

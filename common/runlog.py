@@ -1,0 +1,82 @@
+"""metrics.jsonl, the run directory's round log: one JSON record per finished round.
+
+Shared by the centre (which writes it) and the simulation runner and studies (which read it).
+A crash in the middle of an append leaves a torn last line; readers skip it and the next append
+cuts it off, so ``status``, ``resume`` and ``report`` keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete record, oldest first; a torn or damaged line is skipped with a warning."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s line %d is torn or damaged; skipped", path, number)
+            continue
+        if isinstance(record, dict) and isinstance(record.get("round"), int):
+            records.append(record)
+    return records
+
+
+def append_record(run_dir: Path, line: str) -> None:
+    """Append one JSON line durably, first cutting off a torn last line left by a crash."""
+    path = Path(run_dir) / METRICS_FILE
+    with path.open("a+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        if size:
+            handle.seek(max(0, size - 1))
+            if handle.read(1) != b"\n":
+                handle.seek(0)
+                data = handle.read()
+                handle.truncate(data.rfind(b"\n") + 1)
+        handle.seek(0, os.SEEK_END)
+        handle.write(line.encode() + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _value(record: dict[str, Any], name: str) -> Any:
+    return ((record.get("catalogue") or {}).get(name) or {}).get("value")
+
+
+def round_line(record: dict[str, Any], num_rounds: int | None = None) -> str:
+    """One line per finished round, for logs and progress displays."""
+    def fmt(value: Any, digits: int = 3) -> str:
+        return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+
+    train = record.get("train") or {}
+    evaluated = record.get("evaluation") or {}
+    parts = [f"round {record['round']}" + (f"/{num_rounds}" if num_rounds else ""),
+             f"AUC {fmt(_value(record, 'auc'))}", f"loss {fmt(_value(record, 'loss'))}",
+             f"acc {fmt(_value(record, 'accuracy'))}",
+             f"sites trained {len(train)} evaluated {len(evaluated)}"]
+    if record.get("rejected"):
+        parts.append(f"rejected {len(record['rejected'])}")
+    if (epsilon := _value(record, "epsilon")) is not None:
+        parts.append(f"eps {fmt(epsilon, 2)}")
+    server_val = ((record.get("server_validation") or {}).get("auc") or {}).get("value")
+    if server_val is not None:
+        parts.append(f"server-val AUC {fmt(server_val)}")
+    if isinstance(record.get("seconds"), (int, float)):
+        parts.append(f"{record['seconds']:.1f} s")
+    return "  ".join(parts)
