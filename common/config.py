@@ -15,6 +15,8 @@ FREEZE_POLICIES = ("frozen", "layer4", "full")
 FEATURE_NORMS = ("site", "none")
 AGGREGATIONS = ("fedavg", "fedmedian", "trimmed-mean")
 SITE_LAYOUTS = ("auto", "dicom", "mura", "mrnet")
+TRACKERS = ("none", "mlflow", "tensorboard")
+BEST_METRICS = ("loss", "auc", "server-val-loss", "server-val-auc")  # common/runlog.py SELECTION_METRICS
 MRNET_PLANES = ("axial", "coronal", "sagittal")
 MRNET_TASKS = ("abnormal", "acl", "meniscus")
 
@@ -117,7 +119,7 @@ class EvalConfig:
     fid_dim: int = 64  # FID feature width: the statistics grow with its square
     fid_inception_weights: str = ""  # a local torchvision InceptionV3 .pth; empty = the model's ResNet50
     server_val_path: str = ""  # a site-layout folder the server evaluates on centrally (optional)
-    # Score-histogram bins a site sends per label: 0 = by test size (about 2 studies per bin,
+    # Score-histogram bins a site sends per label: 0 = by test size (about 1 study per bin,
     # 4..2048), else a fixed power of two. Fine bins on a small test split almost disclose each
     # study's (score, label) pair; see docs/privacy.md.
     eval_bins: int = 0
@@ -173,6 +175,15 @@ class FederationConfig:
     # their authenticated node id is registered with. Empty in simulation: each node keeps the
     # name it first reports.
     site_registry: str = ""
+    # The best global model: the round with the best pooled test loss (default), pooled AUC, or the
+    # centre's own validation loss/AUC. export takes it by default. patience > 0 ends the run after
+    # that many rounds without improvement.
+    best_metric: str = "loss"
+    patience: int = 0
+    # Experiment tracking at the centre (server/tracking.py): none, mlflow or tensorboard.
+    tracking: str = "none"
+    tracking_uri: str = ""  # MLflow tracking URI; empty = a SQLite store beside the run directories
+    tracking_experiment: str = "clinicfl"
     # Simulation only (client/drills.py): a fault drill, and the sites that run it ("" = all).
     drill: str = ""
     drill_sites: str = ""
@@ -188,6 +199,12 @@ class FederationConfig:
             raise ConfigError("trim-fraction must be in [0, 0.5)")
         if self.max_update_norm < 0 or self.control_poll <= 0:
             raise ConfigError("max-update-norm must be >= 0 and control-poll > 0")
+        if self.best_metric not in BEST_METRICS:
+            raise ConfigError(f"best-metric must be one of {BEST_METRICS}, got {self.best_metric!r}")
+        if self.patience < 0:
+            raise ConfigError("patience must be >= 0 (0: no early stopping)")
+        if self.tracking not in TRACKERS:
+            raise ConfigError(f"tracking must be one of {TRACKERS}, got {self.tracking!r}")
 
 
 # Which run-config key feeds which field. Keys shared by several sections (image-size, seed)
@@ -216,6 +233,9 @@ class RunConfig:
     federation: FederationConfig
 
     def __post_init__(self) -> None:
+        if self.federation.best_metric.startswith("server-val") and not self.eval.server_val_path:
+            raise ConfigError(f"best-metric = {self.federation.best_metric} needs a server validation set "
+                              "(server-val-path)")
         if self.privacy.dp_enabled and self.model.freeze != "frozen":
             raise ConfigError("dp-enabled needs freeze = frozen: the backbone's BatchNorm layers cannot be trained "
                               "with per-sample gradients")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -80,3 +81,30 @@ def round_line(record: dict[str, Any], num_rounds: int | None = None) -> str:
     if isinstance(record.get("seconds"), (int, float)):
         parts.append(f"{record['seconds']:.1f} s")
     return "  ".join(parts)
+
+
+# Best-round criteria: (where the value is, lower is better). "Pooled" figures come from the sums
+# of the sites' evaluation statistics; "server-val" from the centre's own validation set.
+SELECTION_METRICS = {"loss": ("catalogue", "loss", True), "auc": ("catalogue", "auc", False),
+                     "server-val-loss": ("server_validation", "loss", True),
+                     "server-val-auc": ("server_validation", "auc", False)}
+
+
+def selection_value(record: dict[str, Any], metric: str) -> float | None:
+    section, name, _ = SELECTION_METRICS[metric]
+    value = ((record.get(section) or {}).get(name) or {}).get("value")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def select_best(records: list[dict[str, Any]], metric: str) -> tuple[int, float] | None:
+    """(round, value) of the best round by ``metric``; the earliest round wins a tie. None when no
+    round has the figure."""
+    lower_is_better = SELECTION_METRICS[metric][2]
+    best: tuple[int, float] | None = None
+    for record in sorted(records, key=lambda r: r["round"]):
+        value = selection_value(record, metric)
+        if value is None:
+            continue
+        if best is None or (value < best[1] if lower_is_better else value > best[1]):
+            best = (int(record["round"]), value)
+    return best

@@ -1,19 +1,17 @@
 """clinicfl ServerApp: FedAvg over the sites' trainable parameters, evaluated and checkpointed
-every round (round 0 = the initial model).
+every round (round 0 = the initial model); the round loop is ``server/federation.py``.
 
-Between rounds it honours the centre's control flag (pause / continue / stop). With run config
-``resume-from`` it continues another run's directory from its last finished round, with the same
-round numbering, metric history and privacy budget id.
+With run config ``resume-from`` it continues another run's directory from its last finished
+round, with the same round numbering, metric history and privacy budget id.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
@@ -21,10 +19,11 @@ from common.exchange import to_array_record, trainable_spec
 from common.model import build_model, frozen_backbone_hash
 from common.metrics.features import FidFeatureExtractor
 from server.evaluation import CentralValidation, measure_efficiency
-from common.runlog import round_line
-from server.runs import RunDirectory, last_finished_round, load_checkpoint_arrays, round_record
+from server.federation import FederatedRun
 from server.identities import SiteIdentities
+from server.runs import RunDirectory, last_finished_round, load_checkpoint_arrays
 from server.strategy import ClinicFedAvg
+from server.tracking import GuardedTracker, open_tracker
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -61,80 +60,32 @@ def main(grid: Grid, context: Context) -> None:
                             max_update_norm=fed.max_update_norm,
                             identities=SiteIdentities.from_registry(
                                 Path(fed.site_registry).expanduser() if fed.site_registry else None))
-    efficiency = measure_efficiency(model, config)
     central = (CentralValidation(config, Path(config.eval.server_val_path).expanduser(), build_model(config.model))
                if config.eval.server_val_path else None)
-    # The hash travels with every message so a site can refuse a backbone it does not have; the
-    # budget id names the privacy ledger a DP site charges (a resumed run keeps its id).
-    train_config = ConfigRecord({"backbone-hash": backbone_hash, "budget-id": budget_id})
-    evaluate_config = ConfigRecord({"backbone-hash": backbone_hash})
-    clock = {"start": time.perf_counter()}
-    dp = config.privacy.dp_enabled
+    tracker = GuardedTracker(open_tracker(fed.tracking, run.path, config.to_mapping(), fed.tracking_uri,
+                                          fed.tracking_experiment))
+    federation = FederatedRun(config, grid, run, strategy, measure_efficiency(model, config), central, tracker,
+                              backbone_hash, budget_id, records)
+    state = "failed"
+    try:
+        state = federation.execute(arrays, first_round)
+    finally:
+        if fed.tracking != "none" and run.path.joinpath("metrics.jsonl").is_file():
+            tracker.log_artifacts(_report_pngs(run.path))
+        tracker.finish(state)
 
-    def finish_round(server_round: int, round_arrays: ArrayRecord) -> None:
-        checkpoint = run.save_checkpoint(server_round, round_arrays)
-        report = strategy.report(server_round)
-        record = round_record(report, time.perf_counter() - clock["start"], checkpoint, efficiency,
-                              central.evaluate(round_arrays) if central else None,
-                              dict(strategy.epsilon) if dp else None)
-        run.append_metrics(record)
-        records.append(record)
-        run.set_state("running", server_round)
-        print(f"clinicfl: {round_line(record, fed.num_rounds)}", flush=True)
-        for rejected in record.get("rejected") or []:
-            print(f"clinicfl: round {server_round}: {rejected['phase']} reply from {rejected['site']} rejected: "
-                  f"{rejected['reason']}", flush=True)
-        clock["start"] = time.perf_counter()
 
-    def may_continue(server_round: int) -> bool:
-        """Between rounds: wait while the centre has paused the run; False when it asked to stop."""
-        if run.control() == "paused":
-            run.set_state("paused", server_round, "clinicfl-server continue RUN resumes it")
-            print(f"clinicfl: paused after round {server_round}; waiting for continue or stop", flush=True)
-            while run.control() == "paused":
-                time.sleep(fed.control_poll)
-            print(f"clinicfl: {run.control()} requested after round {server_round}", flush=True)
-        if run.control() == "stop":
-            run.set_state("stopped", server_round, "stopped by the coordinating centre")
-            print(f"clinicfl: stopped by the coordinating centre after round {server_round}", flush=True)
-            return False
-        return True
+def _report_pngs(run_dir: Path) -> list[Path]:
+    """The report's plots, for the tracker; a plot that cannot be drawn is left out with its reason."""
+    from server.report import write_report  # matplotlib only when plotting
 
-    def evaluate_round(server_round: int, round_arrays: ArrayRecord) -> None:
-        messages = strategy.configure_evaluate(server_round, round_arrays, ConfigRecord(dict(evaluate_config)), grid)
-        strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=fed.round_timeout))
-
-    if previous is None:
-        # Round 0: the initial global model, scored by the sites, so every curve has a baseline.
-        evaluate_round(0, arrays)
-        finish_round(0, arrays)
-        if not strategy.report(0).evaluation:
-            reasons = "; ".join(f"{r['site']}: {r['reason']}" for r in strategy.report(0).rejected) or "no site replied"
-            print(f"clinicfl: stopping, no site could take part in round 0 ({reasons})", flush=True)
-            run.set_state("stopped", 0, f"no site could take part in round 0 ({reasons})")
-            return
-
-    # Our own round loop over FedAvg's configure/aggregate steps (Strategy.start cannot stop early).
-    for server_round in range(first_round, fed.num_rounds + 1):
-        if not may_continue(server_round - 1):
-            return
-        log.info("[ROUND %d/%d]", server_round, fed.num_rounds)
-        messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
-        new_arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages,
-                                                                                      timeout=fed.round_timeout))
-        arrays = new_arrays if new_arrays is not None else arrays
-        evaluate_round(server_round, arrays)
-        report = strategy.report(server_round)
-        if report.exhausted and not report.train:
-            report.stopped = "every site that replied has exhausted its privacy budget"
-        finish_round(server_round, arrays)
-        if report.stopped:
-            print(f"clinicfl: run ended after round {server_round}: {report.stopped} "
-                  f"(epsilon {', '.join(f'{k} {v:.2f}' for k, v in sorted(report.exhausted.items()))})", flush=True)
-            run.set_state("stopped", server_round, report.stopped)
-            return
-    run.set_state("finished", fed.num_rounds)
-    print(f"clinicfl: finished {fed.num_rounds} rounds; results in {run.path}", flush=True)
+    written = []
+    for name, outcome in write_report(run_dir):
+        if outcome.endswith(".png"):
+            written.append(Path(outcome))
+        else:
+            log.info("report %s: %s", name, outcome)
+    return written
 
 
 def _resume_point(previous: Path, backbone_hash: str) -> tuple[int, ArrayRecord, str]:

@@ -30,7 +30,8 @@ from rich.table import Table
 from common.processes import absolute_paths, parse_assignments, write_config_file
 from server.centre import CONNECTION, PROJECT_ROOT, Centre, CentreError, flwr, key_fingerprint, parse_json_output, \
     running_superlink, start_superlink, stop_superlink
-from server.runs import print_rounds, read_metrics, read_run_state, write_control
+from common.runlog import read_metrics
+from server.runs import best_round, print_rounds, read_run_state, write_control
 
 
 def _centre(args: argparse.Namespace) -> Centre:
@@ -185,6 +186,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not records:
         print("no finished round yet")
         return 0
+    best = best_round(run_dir)
+    if best is not None:
+        print(f"best round {best['round']} by {best['metric']} ({best['value']:.4f}); last round "
+              f"{records[-1]['round']}; clinicfl-server export exports the best round unless --round is given")
     print_rounds(records)
     table = Table(title="sites per round")
     for column in ("round", "trained", "evaluated", "rejected (reason)", "eps max"):
@@ -196,6 +201,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                       ", ".join(sorted(record.get("evaluation") or {})) or "-", rejected or "-",
                       f"{eps:.2f}" if isinstance(eps, (int, float)) else "n/a")
     _console().print(table)
+    mismatches = [(r["round"], m) for r in records for m in r.get("mismatches") or []]
+    for rnd, mismatch in mismatches:
+        print(f"round {rnd}: {mismatch['phase']} reply filed under {mismatch['site']}: {mismatch['reason']}")
     return 0
 
 
@@ -321,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=func)
     p = sub.add_parser("export", help="write the global model as one self-contained file")
     p.add_argument("run", help="run id or run directory")
-    p.add_argument("--round", type=int, help="default: the last finished round")
+    p.add_argument("--round", type=int, help="default: the best finished round (run config best-metric)")
     p.add_argument("--out")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("report", help="write PNG plots of a run")

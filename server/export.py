@@ -16,18 +16,13 @@ from common.config import RunConfig
 from common.files import atomic_torch_save
 from common.exchange import load_array_record
 from common.model import EXPORT_FORMAT, build_model, check_backbone_hash, frozen_backbone_hash
-from server.runs import last_finished_round, load_checkpoint_arrays
+from server.runs import best_round, chosen_round, finished_rounds, load_checkpoint_arrays
 
 
 def export_model(run_dir: Path, server_round: int | None = None, out: Path | None = None) -> Path:
-    if server_round is None:
-        server_round = last_finished_round(run_dir)
-        if server_round is None:
-            raise ValueError(f"{run_dir} has no finished round to export")
-    try:
-        arrays, payload = load_checkpoint_arrays(run_dir, server_round)
-    except FileNotFoundError:
-        raise ValueError(f"{run_dir} has no checkpoint for round {server_round}") from None
+    """Export ``server_round``, or by default the run's best round (``best-metric``)."""
+    server_round = chosen_round(run_dir, server_round)
+    arrays, payload = load_checkpoint_arrays(run_dir, server_round)
     config = RunConfig.from_mapping(payload["config"])
     model = build_model(config.model)  # the backbone weights the run config names, loaded here
     check_backbone_hash(payload["backbone-hash"], frozen_backbone_hash(model))
@@ -36,5 +31,6 @@ def export_model(run_dir: Path, server_round: int | None = None, out: Path | Non
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"format": EXPORT_FORMAT, "state_dict": model.state_dict(), "config": payload["config"],
                 "backbone-hash": payload["backbone-hash"], "round": server_round,
-                "label-names": config.model.names(), "run": run_dir.name}, out)
+                "label-names": config.model.names(), "run": run_dir.name, "best-round": best_round(run_dir),
+                "last-round": finished_rounds(run_dir)[-1]}, out)
     return out

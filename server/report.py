@@ -19,7 +19,7 @@ from common.model import build_model, upsample_reconstruction  # noqa: E402
 from common.inference import predict  # noqa: E402
 from server.evaluation import CentralValidation  # noqa: E402
 from common.runlog import read_metrics  # noqa: E402
-from server.runs import last_finished_round, load_checkpoint_arrays  # noqa: E402
+from server.runs import chosen_round, load_checkpoint_arrays  # noqa: E402
 
 CURVES = ["auc", "accuracy", "sensitivity", "specificity", "f1", "kappa", "mae", "rmse", "psnr", "ssim", "fid", "is"]
 
@@ -38,10 +38,9 @@ def write_report(run_dir: Path, out_dir: Path | None = None, studies: int = 4) -
     if not config.eval.server_val_path:
         reason = "not available: the run has no server validation set (server-val-path)"
         return done + [("attention.png", reason), ("reconstructions.png", reason)]
-    # The last finished round (checkpoint and metrics both written), loaded as data only.
-    last = last_finished_round(run_dir)
-    if last is None:
-        raise ValueError(f"{run_dir} has no finished round with a readable checkpoint")
+    # The best finished round (checkpoint and metrics both written; as export takes it), loaded as
+    # data only.
+    last = chosen_round(run_dir)
     arrays, _ = load_checkpoint_arrays(run_dir, last)
     central = CentralValidation(config, Path(config.eval.server_val_path), build_model(config.model))
     central.evaluate(arrays)

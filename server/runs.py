@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.files import atomic_torch_save, atomic_write_bytes
-from common.runlog import METRICS_FILE, append_record, read_metrics
+from common.runlog import METRICS_FILE, append_record, read_metrics, select_best
 from common.metrics.catalogue import MetricValue
 from server.strategy import RoundReport
 
@@ -76,20 +76,30 @@ class RunDirectory:
         """What the coordinating centre asked for: running, paused or stop."""
         return read_control(self.path)
 
-    def set_state(self, state: str, last_round: int, detail: str = "") -> None:
+    def set_state(self, state: str, last_round: int, detail: str = "", best: dict[str, Any] | None = None) -> None:
+        """state.json: running / paused / finished / stopped, the last finished round, why, and the
+        best round so far ({"round", "metric", "value"})."""
         atomic_write_bytes(self.path / "state.json", json.dumps(
-            {"state": state, "last-round": last_round, "detail": detail, "updated": time.time()}).encode())
+            {"state": state, "last-round": last_round, "detail": detail, "best": best,
+             "updated": time.time()}).encode())
 
     def checkpoint_path(self, server_round: int) -> Path:
         return self.path / CHECKPOINT_DIR / f"round-{server_round:03d}.pt"
 
-    def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> Path:
+    def save_checkpoint(self, server_round: int, arrays: ArrayRecord,
+                        histograms: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+        """Trainable parameters, config and backbone hash; with ``histograms``, the round's pooled
+        score histograms (resolution -> positives, negatives per label), which the export's
+        probability calibration is fitted on."""
         path = self.checkpoint_path(server_round)
         payload = {
             "round": server_round,
             "trainable": {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()},
             "config": self.config,
             "backbone-hash": self.backbone_hash,
+            "pooled-histograms": {int(bins): (torch.from_numpy(np.asarray(pos, np.int64)),
+                                              torch.from_numpy(np.asarray(neg, np.int64)))
+                                  for bins, (pos, neg) in (histograms or {}).items()},
         }
         atomic_torch_save(payload, path)
         return path
@@ -123,14 +133,49 @@ def read_run_state(run_dir: Path) -> dict[str, Any]:
 
 def last_finished_round(run_dir: Path) -> int | None:
     """The last round with both a metrics record and a readable checkpoint."""
-    for record in sorted(read_metrics(run_dir), key=lambda r: r["round"], reverse=True):
+    finished = finished_rounds(run_dir)
+    return finished[-1] if finished else None
+
+
+def finished_rounds(run_dir: Path) -> list[int]:
+    """Rounds with both a metrics record and a readable checkpoint, in order."""
+    rounds = []
+    for record in read_metrics(run_dir):
         path = run_dir / CHECKPOINT_DIR / f"round-{record['round']:03d}.pt"
         try:
             torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # missing or torn: an earlier round is the last finished one
+        except Exception:  # missing or torn
             continue
-        return int(record["round"])
-    return None
+        rounds.append(int(record["round"]))
+    return sorted(set(rounds))
+
+
+def best_round(run_dir: Path) -> dict[str, Any] | None:
+    """The best finished round by the run's own best-metric: {"round", "metric", "value"}."""
+    metric = run_config(run_dir).get("best-metric", "loss")
+    finished = set(finished_rounds(run_dir))
+    found = select_best([r for r in read_metrics(run_dir) if r["round"] in finished], metric)
+    return None if found is None else {"round": found[0], "metric": metric, "value": found[1]}
+
+
+def chosen_round(run_dir: Path, requested: int | None = None) -> int:
+    """The round a command works on: the one asked for (it must be finished), else the best
+    finished round, else the last finished one."""
+    finished = finished_rounds(run_dir)
+    if not finished:
+        raise ValueError(f"{run_dir} has no finished round (a checkpoint and its metrics record)")
+    if requested is not None:
+        if requested not in finished:
+            raise ValueError(f"round {requested} of {run_dir.name} is not finished; finished rounds: "
+                             f"{', '.join(map(str, finished))}")
+        return requested
+    best = best_round(run_dir)
+    return best["round"] if best is not None else finished[-1]
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    return json.loads(path.read_text()).get("config", {}) if path.is_file() else {}
 
 
 def load_checkpoint_arrays(run_dir: Path, server_round: int) -> tuple[ArrayRecord, dict[str, Any]]:

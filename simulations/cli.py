@@ -92,13 +92,18 @@ def _run_and_report(data_root: Path, run_root: Path, num_sites: int, overrides: 
         subprocess.run([*server_cli, "report", str(run_dir)], check=False)
     records = read_metrics(run_dir)
     first, last = records[0]["catalogue"], records[-1]["catalogue"]
-    summary = {"run_dir": str(run_dir), "rounds": len(records) - 1,
-               "wall_seconds": round(time.perf_counter() - started, 1),
+    state = json.loads((run_dir / "state.json").read_text())
+    best = state.get("best") or {}
+    best_record = next((r for r in records if r["round"] == best.get("round")), records[-1])
+    summary = {"run_dir": str(run_dir), "rounds": records[-1]["round"], "state": state.get("state"),
+               "detail": state.get("detail"), "wall_seconds": round(time.perf_counter() - started, 1),
                "auc_round0": first["auc"]["value"], "auc_final": last["auc"]["value"],
+               "best": {**best, "auc": best_record["catalogue"]["auc"]["value"]},
                "final": {name: entry.get("value") for name, entry in last.items()}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"AUC {summary['auc_round0']:.3f} (round 0) -> {summary['auc_final']:.3f} "
-                  f"(round {summary['rounds']}); {summary['wall_seconds']} s")
+                  f"(round {summary['rounds']}); best round {best.get('round', '-')} by {best.get('metric', '-')} "
+                  f"(AUC {summary['best']['auc']:.3f}); {summary['wall_seconds']} s")
     console.print(f"run directory: {run_dir}")
     console.print("  metrics.jsonl, metrics.csv, checkpoints/, summary.json, simulation.log"
                   + (", report/*.png" if plots else ""))

@@ -230,10 +230,12 @@ def test_federation_survives_a_dead_site_and_pauses(deployment):
     logs = deployment.server("logs", str(run_id)).stdout
     assert "paused after round 2" in logs and "finished 3 rounds" in logs
 
-    exported = Path(deployment.server("export", str(run_id)).stdout.strip())
+    exported = Path(deployment.server("export", str(run_id), "--round", "3").stdout.strip())
     model, meta = load_exported(exported)
     assert meta["round"] == 3 and meta["backbone-hash"] == json.loads((run_dir / "config.json").read_text())[
         "backbone-hash"]
+    _, best = load_exported(Path(deployment.server("export", str(run_id)).stdout.strip()))
+    assert best["round"] == best["best-round"]["round"] and best["last-round"] == 3, "export takes the best round"
     checkpoint = torch.load(run_dir / "checkpoints/round-003.pt", weights_only=True)["trainable"]
     params = dict(model.named_parameters())
     assert all(torch.equal(params[k], v) for k, v in checkpoint.items())

@@ -26,7 +26,7 @@ def test_histogram_auc_matches_sklearn(seed):
 
 
 def test_resolution_follows_the_test_size():
-    assert [histogram_bins(n) for n in (0, 3, 10, 12, 40, 100, 1000, 10_000)] == [4, 4, 4, 4, 16, 32, 256, 2048]
+    assert [histogram_bins(n) for n in (0, 3, 10, 12, 40, 100, 1000, 10_000)] == [4, 4, 8, 8, 32, 64, 512, 2048]
     assert histogram_bins(10, fixed=64) == 64
     with pytest.raises(ValueError):
         histogram_bins(10, fixed=100)
@@ -47,17 +47,17 @@ def test_coarse_histogram_auc_is_within_its_stated_bound_of_sklearn(n):
 
 
 def test_sites_with_different_resolutions_pool_within_the_bound():
-    """A 10-study site (4 bins) and a 400-study site (128 bins) pool; each pair of sites is compared
+    """A 10-study site (8 bins) and a 400-study site (256 bins) pool; each pair of sites is compared
     on the coarser grid, and the pooled AUC is within the stated bound of sklearn's on all scores."""
     small, big = _scores(5, 10), _scores(6, 400)
     parts = [ClassificationStats.from_predictions(p[:, None], y[:, None], 0.0, bins=histogram_bins(len(p)))
              for p, y in (small, big)]
     total = parts[0] + parts[1]
-    assert sorted(total.histograms) == [4, 128]
+    assert sorted(total.histograms) == [8, 256]
     figure = pooled_auc(total.histograms, 0)
     probs, labels = np.concatenate([small[0], big[0]]), np.concatenate([small[1], big[1]])
     assert abs(figure.value - roc_auc_score(labels, probs)) <= figure.bound + 1e-12
-    coarse_everywhere = pooled_auc({4: total.common_histograms()}, 0)
+    coarse_everywhere = pooled_auc({8: total.common_histograms()}, 0)
     assert figure.bound <= coarse_everywhere.bound, "finer pairs are not coarsened for a small site"
 
 

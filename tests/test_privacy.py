@@ -198,9 +198,10 @@ def dp_run(tmp_path_factory):
     generate_clinics(root / "data", spec, progress=False)
     overrides = {"num-rounds": 3, "min-sites": 2, "image-size": 48, "seq-len": 6, "local-epochs": 3,
                  "batch-size": 32, "test-fraction": 0.3, "lr": 0.003, "dp-enabled": True,
-                 "dp-target-epsilon": 8.0, "recon-head": False}
+                 "dp-target-epsilon": 8.0, "recon-head": False,
+                 "eval-bins": 256}  # the centre owns every site here: fine score histograms measure learning
     return run_simulation(root / "data", root / "runs", num_sites=2, overrides=overrides,
-                          flwr_home=root / "flwr-home", stream=False, timeout=900)
+                          flwr_home=root / "flwr-home", timeout=900)
 
 
 def test_dp_federation_learns_within_the_budget(dp_run):
@@ -225,7 +226,7 @@ def test_server_ends_the_run_when_every_site_is_exhausted(tmp_path):
     overrides = {"num-rounds": 3, "min-sites": 2, "image-size": 32, "seq-len": 3, "dp-enabled": True,
                  "dp-noise-multiplier": 0.3, "dp-target-epsilon": 1.0, "recon-head": False}
     run_dir = run_simulation(tmp_path / "data", tmp_path / "runs", num_sites=2, overrides=overrides,
-                             flwr_home=tmp_path / "flwr-home", stream=False, timeout=600)
+                             flwr_home=tmp_path / "flwr-home", timeout=600)
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [0, 1], "the run ends after the round in which all were exhausted"
     last = records[-1]

@@ -105,3 +105,44 @@ def test_config_files_keep_every_value_exactly(tmp_path):
               "label-names": "acl,meniscus"}
     path = write_config_file(values, tmp_path / "run-config.toml")
     assert parse_config_args([str(path)]) == values, "what flwr reads is what we wrote"
+
+
+def _record(rnd: int, loss: float, auc: float) -> dict:
+    return {"round": rnd, "catalogue": {"loss": {"value": loss}, "auc": {"value": auc}}}
+
+
+def test_best_round_by_pooled_loss_or_auc_and_export_defaults_to_it(tmp_path):
+    from common.runlog import select_best
+    from server.runs import best_round, chosen_round
+
+    records = [_record(0, 0.70, 0.50), _record(1, 0.30, 0.90), _record(2, 0.45, 0.95), _record(3, 0.60, 0.93)]
+    assert select_best(records, "loss") == (1, 0.30) and select_best(records, "auc") == (2, 0.95)
+    run = RunDirectory(tmp_path / "r", {"best-metric": "loss"}, "frozen:abc", budget_id="1")
+    for record in records:
+        run.save_checkpoint(record["round"], ArrayRecord({"w": Array(np.full(3, float(record["round"]), np.float32))}))
+        run.append_metrics(record)
+    assert best_round(run.path) == {"round": 1, "metric": "loss", "value": 0.30}
+    assert chosen_round(run.path) == 1 and chosen_round(run.path, 3) == 3
+    (run.path / "checkpoints/round-001.pt").write_bytes(b"torn")  # the best is only best if it can be loaded
+    assert chosen_round(run.path) == 2
+    import pytest
+
+    with pytest.raises(ValueError, match="not finished"):
+        chosen_round(run.path, 7)
+
+
+def test_patience_ends_the_run_after_rounds_without_improvement():
+    from common.config import RunConfig
+    from server.federation import FederatedRun
+
+    run = FederatedRun.__new__(FederatedRun)  # only the selection state is needed here
+    run.fed = RunConfig.from_mapping({"patience": 2, "best-metric": "loss"}).federation
+    run.records = [_record(0, 0.7, 0.5), _record(1, 0.3, 0.9)]
+    assert run.early_stop_reason(1) is None
+    run.records.append(_record(2, 0.35, 0.92))
+    assert run.early_stop_reason(2) is None, "one round without improvement"
+    run.records.append(_record(3, 0.50, 0.93))
+    reason = run.early_stop_reason(3)
+    assert reason == "early stop: loss has not improved for 2 rounds (patience 2; best round 1)"
+    run.fed = RunConfig.from_mapping({"patience": 0}).federation
+    assert run.early_stop_reason(3) is None, "patience 0: never"

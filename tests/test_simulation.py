@@ -6,6 +6,7 @@ be rejected with its reason code every round while the federation learns from th
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -35,9 +36,10 @@ def finished_run(tmp_path_factory):
     (server_val,) = generate_clinics(root / "server", SyntheticSpec(sites=1, studies_per_site=12, image_size=48,
                                                                     slices_per_study=6, seed=99), progress=False)
     overrides = {"num-rounds": ROUNDS, "min-sites": 2, "image-size": 48, "seq-len": 6, "local-epochs": 4,
-                 "test-fraction": 0.4, "lr": 0.002, "server-val-path": str(server_val), "fid-dim": 16}
+                 "test-fraction": 0.4, "lr": 0.002, "server-val-path": str(server_val), "fid-dim": 16,
+                 "tracking": "tensorboard"}
     run_dir = run_simulation(root / "data", root / "runs", num_sites=3, overrides=overrides,
-                             flwr_home=root / "flwr-home", stream=False, timeout=900)
+                             flwr_home=root / "flwr-home", timeout=900)
     return run_dir, overrides
 
 
@@ -119,3 +121,47 @@ def test_report_writes_the_plots(finished_run, tmp_path):
         with Image.open(tmp_path / name) as image:
             assert image.size[0] > 300 and image.size[1] > 200, name
         assert results[name] == str(tmp_path / name)
+
+
+def test_tensorboard_holds_every_rounds_figures(finished_run):
+    """The ServerApp logged the catalogue per round; read back with TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = finished_run
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    records = read_metrics(run_dir)
+    for name, key in (("global/auc", "auc"), ("global/loss", "loss"), ("global/bytes_received", "bytes_received")):
+        logged = {e.step: e.value for e in events.Scalars(name)}
+        assert logged == pytest.approx({r["round"]: r["catalogue"][key]["value"] for r in records}, rel=1e-6)
+    assert {e.step for e in events.Scalars("site/site-01/auc")} == {0, 1, 2}
+    assert {e.step for e in events.Scalars("server-validation/auc")} == {0, 1, 2}
+    assert "report/curves" in events.Tags()["images"], "the report PNGs went in at the end"
+
+
+def test_mlflow_holds_the_run_config_figures_and_plots(finished_run, tmp_path):
+    """The MLflow tracker on this run's records, read back through MLflow's client API."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from server.tracking import open_tracker
+
+    run_dir, _ = finished_run
+    copy = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    config = RunConfig.from_mapping(json.loads((copy / "config.json").read_text())["config"]).to_mapping()
+    tracker = open_tracker("mlflow", copy, config)
+    records = read_metrics(copy)
+    for record in records:
+        tracker.log_round(record)
+    pngs = sorted((copy / "report").glob("*.png")) or sorted(p for p in copy.rglob("*.png"))
+    tracker.log_artifacts(pngs)
+    tracker.finish("finished")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("clinicfl").experiment_id])
+    assert run.info.run_name == copy.name and run.info.status == "FINISHED"
+    assert run.data.params["lr"] == str(config["lr"]) and run.data.params["num-rounds"] == str(ROUNDS)
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "global/auc")}
+    assert history == pytest.approx({r["round"]: r["catalogue"]["auc"]["value"] for r in records}, rel=1e-6)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "site/site-02/bytes_sent")] == [0, 1, 2]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} == {f"report/{p.name}" for p in pngs}

@@ -6,7 +6,7 @@ loss. The server adds the statistics of all sites and computes the global figure
 the counts exactly, the AUC up to ties inside a bin.
 
 The histogram resolution is a power of two chosen by the site from the size of its test split
-(``histogram_bins``): a site with 10 test studies sends 4 bins, not 2000 bins that would pin down
+(``histogram_bins``): a site with 10 test studies sends 8 bins, not 2048 bins that would pin down
 almost every study's (score, label) pair. Resolutions nest (every edge of a coarse grid is an
 edge of every finer one), so statistics of different resolutions still pool: each (positive,
 negative) pair of sites is compared on the coarser of their two grids. Pairs whose scores share
@@ -22,12 +22,12 @@ import numpy as np
 
 MAX_BINS = 2048  # the finest resolution (2^11)
 MIN_BINS = 4
-STUDIES_PER_BIN = 2  # adaptive rule: about this many test studies per bin on average
+STUDIES_PER_BIN = 1  # adaptive rule: about this many test studies per bin on average (n <= bins < 2n)
 
 
 def histogram_bins(n_test: int, fixed: int = 0) -> int:
     """The resolution a site uses: ``fixed`` (a power of two) or, with 0, the largest power of
-    two <= n_test / STUDIES_PER_BIN, between MIN_BINS and MAX_BINS."""
+    two <= n_test / STUDIES_PER_BIN (about one study per bin), between MIN_BINS and MAX_BINS."""
     if fixed:
         if not is_resolution(fixed):
             raise ValueError(f"eval-bins must be 0 or a power of two in [{MIN_BINS}, {MAX_BINS}], got {fixed}")

@@ -1,0 +1,146 @@
+"""One federated run at the centre: round 0 (the initial model, scored by the sites), then train,
+aggregate, evaluate and checkpoint every round, until the last round, an early stop or the
+centre's stop.
+
+Between rounds the run honours the centre's control flag (pause / continue / stop), keeps the
+best round by the configured criterion (``best-metric``), stops early after ``patience`` rounds
+without improvement, and logs every round to the experiment tracker. Every early end is recorded
+with its reason in ``state.json`` and the round's record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from common.config import RunConfig
+from common.runlog import round_line, select_best
+from server.evaluation import CentralValidation
+from server.runs import RunDirectory, round_record
+from server.strategy import ClinicFedAvg
+from server.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class FederatedRun:
+    def __init__(self, config: RunConfig, grid: Grid, run: RunDirectory, strategy: ClinicFedAvg,
+                 efficiency: dict, central: CentralValidation | None, tracker: Tracker, backbone_hash: str,
+                 budget_id: str, records: list[dict[str, Any]] | None = None) -> None:
+        self.config = config
+        self.fed = config.federation
+        self.grid = grid
+        self.run = run
+        self.strategy = strategy
+        self.efficiency = efficiency
+        self.central = central
+        self.tracker = tracker
+        self.records = list(records or [])  # adopted rounds of a resumed run come first
+        # The hash travels with every message so a site can refuse a backbone it does not have;
+        # the budget id names the privacy ledger a DP site charges (a resumed run keeps its id).
+        self.train_config = {"backbone-hash": backbone_hash, "budget-id": budget_id}
+        self.evaluate_config = {"backbone-hash": backbone_hash}
+        self.started = time.perf_counter()
+
+    # ------------------------------------------------------------------ the loop
+    def execute(self, arrays: ArrayRecord, first_round: int) -> str:
+        """Run rounds ``first_round``..num-rounds from ``arrays``; returns the final state."""
+        for record in self.records:
+            self.tracker.log_round(record)
+        if first_round == 1:
+            self.evaluate(0, arrays)
+            self.finish_round(0, arrays)
+            if not self.strategy.report(0).evaluation:
+                rejected = self.strategy.report(0).rejected
+                reasons = "; ".join(f"{r['site']}: {r['reason']}" for r in rejected) or "no site replied"
+                return self.end("stopped", 0, f"no site could take part in round 0 ({reasons})")
+        for server_round in range(first_round, self.fed.num_rounds + 1):
+            control = self.wait_while_paused(server_round - 1)
+            if control == "stop":
+                return self.end("stopped", server_round - 1, "stopped by the coordinating centre")
+            log.info("[ROUND %d/%d]", server_round, self.fed.num_rounds)
+            arrays = self.train(server_round, arrays)
+            self.evaluate(server_round, arrays)
+            report = self.strategy.report(server_round)
+            if report.exhausted and not report.train:
+                report.stopped = "every site that replied has exhausted its privacy budget"
+            stopped = self.finish_round(server_round, arrays)
+            if stopped:
+                return self.end("stopped", server_round, stopped)
+        return self.end("finished", self.fed.num_rounds, f"finished {self.fed.num_rounds} rounds")
+
+    def train(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        messages = self.strategy.configure_train(server_round, arrays, ConfigRecord(dict(self.train_config)), self.grid)
+        replies = self.grid.send_and_receive(messages, timeout=self.fed.round_timeout)
+        new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
+        return new_arrays if new_arrays is not None else arrays
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> None:
+        messages = self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(self.evaluate_config)),
+                                                    self.grid)
+        self.strategy.aggregate_evaluate(server_round, self.grid.send_and_receive(messages,
+                                                                                  timeout=self.fed.round_timeout))
+
+    def finish_round(self, server_round: int, arrays: ArrayRecord) -> str | None:
+        """Checkpoint, record, track and report one round; returns why the run ends after it."""
+        pooled = self.strategy.pooled.get(server_round)
+        checkpoint = self.run.save_checkpoint(server_round, arrays,
+                                              pooled.classification.histograms if pooled is not None else None)
+        report = self.strategy.report(server_round)
+        record = round_record(report, time.perf_counter() - self.started, checkpoint, self.efficiency,
+                              self.central.evaluate(arrays) if self.central else None,
+                              dict(self.strategy.epsilon) if self.config.privacy.dp_enabled else None)
+        self.records.append(record)
+        if not record.get("stopped") and (why := self.early_stop_reason(server_round)):
+            record["stopped"] = report.stopped = why
+        self.run.append_metrics(record)
+        self.run.set_state("running", server_round, best=self.best())
+        self.tracker.log_round(record)
+        print(f"clinicfl: {round_line(record, self.fed.num_rounds)}", flush=True)
+        for rejected in record.get("rejected") or []:
+            print(f"clinicfl: round {server_round}: {rejected['phase']} reply from {rejected['site']} rejected: "
+                  f"{rejected['reason']}", flush=True)
+        self.started = time.perf_counter()
+        return record.get("stopped")
+
+    # ------------------------------------------------------------------ between rounds
+    def best(self) -> dict[str, Any] | None:
+        found = select_best(self.records, self.fed.best_metric)
+        return None if found is None else {"round": found[0], "metric": self.fed.best_metric, "value": found[1]}
+
+    def early_stop_reason(self, server_round: int) -> str | None:
+        """Patience: ``patience`` rounds since the best one (this round recorded)."""
+        if self.fed.patience <= 0:
+            return None
+        best = select_best(self.records, self.fed.best_metric)
+        if best is None or server_round - best[0] < self.fed.patience:
+            return None
+        return (f"early stop: {self.fed.best_metric} has not improved for {server_round - best[0]} rounds "
+                f"(patience {self.fed.patience}; best round {best[0]})")
+
+    def wait_while_paused(self, server_round: int) -> str:
+        """Between rounds: wait while the centre has paused the run; returns running or stop."""
+        if self.run.control() == "paused":
+            self.run.set_state("paused", server_round, "clinicfl-server continue RUN resumes it", best=self.best())
+            print(f"clinicfl: paused after round {server_round}; waiting for continue or stop", flush=True)
+            while self.run.control() == "paused":
+                time.sleep(self.fed.control_poll)
+            print(f"clinicfl: {self.run.control()} requested after round {server_round}", flush=True)
+        return "stop" if self.run.control() == "stop" else "running"
+
+    def end(self, state: str, last_round: int, detail: str) -> str:
+        best = self.best()
+        self.run.set_state(state, last_round, detail if state != "finished" else "", best=best)
+        if best is not None:
+            print(f"clinicfl: best round {best['round']} ({best['metric']} {best['value']:.4f}); "
+                  f"last round {last_round}", flush=True)
+        if state == "finished":
+            print(f"clinicfl: finished {self.fed.num_rounds} rounds; results in {self.run.path}", flush=True)
+        else:
+            print(f"clinicfl: run ended after round {last_round}: {detail}", flush=True)
+        return state
