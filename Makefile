@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench bench-dp clean
+.PHONY: install demo test bench bench-dp clean browser
 
 install: $(STAMP)
 
@@ -20,8 +20,14 @@ $(STAMP): pyproject.toml install/overrides.txt install/constraints.txt
 demo: $(STAMP)
 	$(BIN)/clinicfl-sim demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/pytest
+
+# The predict tests open the generated web page in headless Chromium (Debian's packages).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver) || \
+		echo "warning: install chromium and chromium-driver (the predict page test needs them)"
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.skeleton

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.training import train_local
+from common.training import train_local
 from benchmarks import write_result
 from common.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from common.inference import SiteInputs, encode, evaluate_local, fit_feature_norm

@@ -16,7 +16,7 @@ from client.audit import audit_outgoing
 from client.drills import fault_drill, raise_phi_drill
 from client.sitelog import console, site_logging
 from client.session import SiteSession, open_session
-from client.training import train_local
+from common.training import train_local
 from common.inference import evaluate_local
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.data.errors import DataError
@@ -47,7 +47,7 @@ def _train(session: SiteSession, msg: Message, context: Context) -> RecordDict:
     if session.config.privacy.dp_enabled:
         return _train_private(session, msg, context, server_round)
     result = train_local(session.model, session.inputs, session.data.train_index, session.config.train,
-                         session.device, server_round)
+                         session.device, server_round, proximal_mu(msg))
     session.refresh_feature_norm()
     return RecordDict({
         ARRAYS_KEY: to_array_record(session.model),
@@ -79,13 +79,22 @@ def _train_private(session: SiteSession, msg: Message, context: Context, server_
         finally:
             text = ledger.save(session.site, budget_id)  # a calibrated noise multiplier is kept even unspent
             context.state[PRIVACY_STATE_KEY] = ConfigRecord({"ledger": text})
-    result = train_private(session.model, session.inputs, units, config, budget, charge, session.device)
+    result = train_private(session.model, session.inputs, units, config, budget, charge, session.device,
+                           proximal_mu(msg), server_round)
     return RecordDict({
         ARRAYS_KEY: to_array_record(session.model),
         METRICS_KEY: MetricRecord({"num-examples": result.train.num_examples, "train-loss": result.train.loss,
                                    "train-seconds": result.train.seconds, **result.metrics()}),
         SITE_KEY: _site_status(session, STATUS_OK),
     })
+
+
+def proximal_mu(msg: Message) -> float:
+    """FedProx's mu, as Flower's FedProx strategy sends it (0: plain FedAvg)."""
+    value = msg.content["config"].get("proximal-mu", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1e6:
+        raise ConfigError(f"proximal-mu must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 def _evaluate(session: SiteSession, msg: Message, context: Context) -> RecordDict:

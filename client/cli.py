@@ -3,6 +3,7 @@
     clinicfl-client check-data SITE_DIR [--layout auto] [--image-size 64 --seq-len 8] [--json]
     clinicfl-client start --superlink HOST:PORT --data-path SITE_DIR --ca-cert ca.crt --key site.key
                           [--state-dir DIR] [--site-name NAME] [--port 9094] [--node-config k=v ...]
+    clinicfl-client predict MODEL INPUT [--out DIR] [--state-dir DIR | --stats-from SITE_DIR] [--dicom-out]
     clinicfl-client stop --state-dir DIR
 
 check-data reads the site exactly as training would and prints what it found, on this screen
@@ -18,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,9 @@ from rich.table import Table
 
 from client.daemon import SupernodeDaemon, SupernodeSettings, check_key_files
 from client.datacheck import check_site
-from common.processes import parse_assignments
+from common.processes import console_logging, parse_assignments
 from common.config import SITE_LAYOUTS, ConfigError, DataConfig, FederationConfig, SiteConfig
+from common.data.errors import DataError
 
 
 def _data_config(args: argparse.Namespace) -> DataConfig:
@@ -104,6 +107,39 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from client.predict import ModelRefused, run_prediction
+
+    input_path = Path(args.input)
+    out = Path(args.out) if args.out else Path("predictions") / f"{input_path.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        run = run_prediction(Path(args.model), input_path, out, Path(args.state_dir) if args.state_dir else None,
+                             Path(args.stats_from) if args.stats_from else None, args.layout, args.device,
+                             args.dicom_out, progress=sys.stderr.isatty())
+    except ModelRefused as exc:
+        print(f"error: model refused: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    console = Console()
+    table = Table(title=f"{len(run.studies)} studies scored ({run.studies_per_second:.2f} studies/s on {run.device})")
+    for column in ("study", *[f"{label} p" for label in run.labels], "decision", "top image"):
+        table.add_column(column)
+    for s in run.studies[:50]:
+        table.add_row(s.study, *[f"{p:.3f}" for p in s.calibrated],
+                      ", ".join("positive" if d else "negative" for d in s.decision), f"#{s.attention.index(max(s.attention)) + 1}")
+    console.print(table)
+    if len(run.studies) > 50:
+        console.print(f"... {len(run.studies) - 50} more in predictions.csv")
+    if run.quarantine:
+        console.print(f"{len(run.quarantine)} quarantine entries (quarantine.csv): "
+                      + ", ".join(sorted({reason for _, reason in run.quarantine})))
+    console.print(f"{run.studies_per_second:.2f} studies/s; results in {out.resolve()} (index.html, predictions.csv"
+                  + (", dicom/" if args.dicom_out else "") + ")")
+    return 0
+
+
 def print_summary(summary: dict[str, Any], console: Console) -> None:
     table = Table(title=f"site {summary['site']} ({summary['layout']} layout)")
     table.add_column("what")
@@ -144,7 +180,7 @@ def _distribution(counts: dict[str, int], top: int = 4) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    console_logging("%(levelname)s: %(message)s")
     parser = argparse.ArgumentParser(prog="clinicfl-client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--no-restart", action="store_true", help="exit when the SuperNode exits")
     add_data_arguments(start)
     start.set_defaults(func=cmd_start)
+    pred = sub.add_parser("predict", help="score new studies with an exported model (nothing is sent anywhere)")
+    pred.add_argument("model", help="a file written by clinicfl-server export")
+    pred.add_argument("input", help="a site folder (any layout), a studies/ folder, or one study's DICOM folder")
+    pred.add_argument("--out", help="output folder (default ./predictions/<input>-<time>)")
+    pred.add_argument("--state-dir", help="this site's state dir: its feature standardisation statistics")
+    pred.add_argument("--stats-from", help="fit the standardisation statistics on this labelled site folder instead")
+    pred.add_argument("--layout", choices=SITE_LAYOUTS, default="auto")
+    pred.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    pred.add_argument("--dicom-out", action="store_true", help="also write a DICOM Secondary Capture per study")
+    pred.set_defaults(func=cmd_predict)
     stop = sub.add_parser("stop", help="stop the site daemon started with this state dir")
     stop.add_argument("--state-dir", required=True)
     stop.set_defaults(func=cmd_stop)

@@ -36,7 +36,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.training import TrainResult, per_study_loss
+from common.training import TrainResult, per_study_loss
 from common.config import PrivacyConfig, RunConfig, SiteConfig, TrainConfig
 from common.files import atomic_write_bytes
 from common.opacus_import import PrivacyEngine, create_accountant, get_noise_multiplier
@@ -47,6 +47,14 @@ STATE_KEY = "clinicfl-privacy"
 # The centre names the ledger a run charges; the id becomes part of a file name at the site.
 BUDGET_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 LOCK_TIMEOUT_S = 600.0  # another run may hold the ledger while it reserves its round
+# RDP orders searched for the conversion to (epsilon, delta). Opacus' default stops at 63; with
+# little noise the best order is then the largest one (Opacus warns "Optimal order is the largest
+# alpha") and the bound is looser than it need be. Any set of orders gives a valid bound.
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(range(64, 513, 8))
+
+
+def epsilon_options(accountant: str) -> dict:
+    return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
 
 
 class BadBudgetId(ValueError):
@@ -95,7 +103,7 @@ class PrivacyLedger:
             return 0.0
         accountant = create_accountant(self.accountant)
         accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
-        return float(accountant.get_epsilon(delta))
+        return float(accountant.get_epsilon(delta, **epsilon_options(self.accountant)))
 
     # --- persistence: disk (survives a restart) and context.state (Flower's per-run state) ---
     @staticmethod
@@ -218,7 +226,8 @@ def reserve_round(ledger: PrivacyLedger, config: RunConfig, budget: SitePrivacy,
     if ledger.noise_multiplier is None:
         ledger.noise_multiplier = config.privacy.dp_noise_multiplier or get_noise_multiplier(
             target_epsilon=budget.target_epsilon, target_delta=budget.target_delta, sample_rate=q,
-            steps=config.federation.num_rounds * round_steps, accountant=budget.accountant)
+            steps=config.federation.num_rounds * round_steps, accountant=budget.accountant,
+            **epsilon_options(budget.accountant))
     sigma = float(ledger.noise_multiplier)
     spent = ledger.epsilon(budget.target_delta)
     would_reach = ledger.epsilon(budget.target_delta, (sigma, q, round_steps))
@@ -229,8 +238,13 @@ def reserve_round(ledger: PrivacyLedger, config: RunConfig, budget: SitePrivacy,
 
 
 def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], config: RunConfig,
-                  budget: SitePrivacy, charge: RoundCharge, device: torch.device) -> PrivateRoundResult:
-    """One round of DP-SGD on the trainable head, exactly as ``charge`` reserved it."""
+                  budget: SitePrivacy, charge: RoundCharge, device: torch.device,
+                  proximal_mu: float = 0.0, server_round: int = 1) -> PrivateRoundResult:
+    """One round of DP-SGD on the trainable head, exactly as ``charge`` reserved it.
+
+    FedProx's proximal term mu/2 ||w - w_global||^2 depends on no data: its gradient mu (w - w_global)
+    is added after Opacus has clipped and noised the data gradient (post-processing, no privacy
+    cost), instead of being clipped with each study's gradient."""
     train: TrainConfig = config.train
     if not data.is_features:
         raise ValueError("DP training runs on cached backbone features (freeze = frozen)")
@@ -238,7 +252,7 @@ def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], c
     start = time.perf_counter()
     head = copy.deepcopy(model.head).to(device).train()
     model.feature_norm.to(device)
-    optimizer = torch.optim.Adam(head.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = torch.optim.Adam(head.parameters(), lr=train.lr_at(server_round), weight_decay=train.weight_decay)
     # Poisson sampling draws from the loader's generator (CPU), the noise from one on the
     # parameters' device; both are seeded from OS entropy, never from the run config.
     loader = DataLoader(TensorDataset(torch.arange(len(units))), batch_size=train.batch_size,
@@ -252,7 +266,13 @@ def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], c
         module=head, optimizer=optimizer, data_loader=loader, noise_multiplier=charge.noise_multiplier,
         max_grad_norm=budget.max_grad_norm, poisson_sampling=True, noise_generator=secure_generator(device))
     rng = np.random.default_rng(secrets.randbits(128))  # which study of a sampled patient
+    params = [p for p in private_head.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     total, seen = 0.0, 0
+    # Opacus records per-sample activations with full backward hooks; the head's input (cached
+    # features) needs no gradient, and torch warns about exactly that on every step.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                              "respect to module outputs since no inputs require gradients")
     for _ in range(train.local_epochs):
         for (unit_batch,) in loader:
             # One study per sampled unit: a batch row is the privacy unit.
@@ -266,7 +286,11 @@ def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], c
             loss = losses.sum() / max(len(batch), 1)  # the mean, and 0 (not NaN) for an empty Poisson batch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            if optimizer.pre_step():  # clip, noise, account: Opacus' DPOptimizer.step, in two halves
+                if anchor is not None:
+                    for p, a in zip(params, anchor):
+                        p.grad.add_(p.detach() - a, alpha=proximal_mu)
+                optimizer.original_optimizer.step()
             total += float(losses.detach().sum())
             seen += len(batch)
     with torch.no_grad():

@@ -16,6 +16,7 @@ from common.inference import SiteInputs, fit_feature_norm, pick_device, prepare_
 from common.config import RunConfig, SiteConfig
 from common.data.site import SiteData, load_site
 from common.metrics.features import FidFeatureExtractor
+from client.site_stats import save_stats
 from common.model import InjuryNet, build_model, frozen_backbone_hash
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,17 @@ class SiteSession:
         """Frozen backbone: the statistics were fitted once. Otherwise the backbone moved, refit."""
         if self.config.model.freeze != "frozen":
             fit_feature_norm(self.model, self.inputs, self.data.train_index, self.device)
+            self.keep_stats()
+
+    def keep_stats(self) -> None:
+        """Keep the standardisation statistics in the state folder, for ``predict`` at this site."""
+        if self.config.model.feature_norm != "site":
+            return
+        try:
+            save_stats(self.model, self.site.state_dir, self.backbone_hash, self.config.data, len(self.data.train_index))
+        except OSError as exc:
+            log.warning("cannot keep the standardisation statistics in %s (%s)", self.site.state_dir,
+                        exc.strerror or type(exc).__name__)
 
 
 @lru_cache(maxsize=2)
@@ -49,4 +61,6 @@ def open_session(config: RunConfig, site: SiteConfig) -> SiteSession:
     inputs = prepare_inputs(model, data, site.state_dir / "cache", device)
     fit_feature_norm(model, inputs, data.train_index, device)
     fid = FidFeatureExtractor(model, config.eval.fid_dim, config.eval.fid_inception_weights)
-    return SiteSession(config, site, data, model, inputs, device, frozen_backbone_hash(model), fid)
+    session = SiteSession(config, site, data, model, inputs, device, frozen_backbone_hash(model), fid)
+    session.keep_stats()
+    return session

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 FREEZE_POLICIES = ("frozen", "layer4", "full")
 FEATURE_NORMS = ("site", "none")
-AGGREGATIONS = ("fedavg", "fedmedian", "trimmed-mean")
+AGGREGATIONS = ("fedavg", "fedprox", "fedmedian", "trimmed-mean")
 SITE_LAYOUTS = ("auto", "dicom", "mura", "mrnet")
 TRACKERS = ("none", "mlflow", "tensorboard")
 BEST_METRICS = ("loss", "auc", "server-val-loss", "server-val-auc")  # common/runlog.py SELECTION_METRICS
@@ -103,9 +103,17 @@ class TrainConfig:
     batch_size: int = 8
     severity_weight: float = 0.02  # targets are on a 0-10 scale: keep the MSE term below the BCE
     recon_weight: float = 1.0
+    # The learning rate of round r is lr * lr-decay^(r - 1): a per-round schedule every site
+    # follows (1.0: constant).
+    lr_decay: float = 1.0
     seed: int = 0
 
+    def lr_at(self, server_round: int) -> float:
+        return self.lr * self.lr_decay ** max(server_round - 1, 0)
+
     def __post_init__(self) -> None:
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ConfigError("lr-decay must be in (0, 1]")
         if self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("local-epochs and batch-size must be >= 1 and lr > 0")
         if self.severity_weight < 0 or self.recon_weight < 0:
@@ -123,10 +131,14 @@ class EvalConfig:
     # 4..2048), else a fixed power of two. Fine bins on a small test split almost disclose each
     # study's (score, label) pair; see docs/privacy.md.
     eval_bins: int = 0
+    # The exported model's operating threshold reaches this sensitivity on the pooled statistics.
+    target_sensitivity: float = 0.9
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError("threshold must be in (0, 1)")
+        if not 0.0 < self.target_sensitivity <= 1.0:
+            raise ConfigError("target-sensitivity must be in (0, 1]")
         if self.eval_bins and (self.eval_bins < 4 or self.eval_bins > 2048 or self.eval_bins & (self.eval_bins - 1)):
             raise ConfigError("eval-bins must be 0 (by test size) or a power of two in [4, 2048]")
         if self.fid_dim < 2 or self.fid_dim > 2048:
@@ -168,6 +180,7 @@ class FederationConfig:
     audit_outgoing: bool = False  # sites keep a byte-exact copy of every reply (client/audit.py)
     aggregation: str = "fedavg"  # fedavg (weighted by studies), fedmedian, trimmed-mean
     trim_fraction: float = 0.2  # trimmed-mean: the fraction cut at each end, per coordinate
+    proximal_mu: float = 0.01  # fedprox: the weight of mu/2 ||w - w_global||^2 in each site's local loss
     max_update_norm: float = 0.0  # reject a site's update whose L2 distance from the global model exceeds this (0: off)
     resume_from: str = ""  # a run directory: continue from its last finished round (clinicfl-server resume)
     control_poll: float = 2.0  # seconds between checks of the pause flag while a run is paused
@@ -195,6 +208,8 @@ class FederationConfig:
             raise ConfigError("min-sites must be >= 1")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.proximal_mu < 0:
+            raise ConfigError("proximal-mu must be >= 0")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError("trim-fraction must be in [0, 0.5)")
         if self.max_update_norm < 0 or self.control_poll <= 0:

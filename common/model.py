@@ -83,11 +83,13 @@ class ResNetTrunk(nn.Module):
             images = images.expand(-1, 3, -1, -1)
         x = (images - self.mean) / self.std
         n = self.net
-        # The frozen stages need no autograd graph: saves memory and time.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.freeze == "full"):
+        # The frozen stages need no autograd graph (saves memory and time), unless the caller wants
+        # gradients with respect to the images themselves (saliency maps).
+        to_input = torch.is_grad_enabled() and images.requires_grad
+        with torch.set_grad_enabled(to_input or (torch.is_grad_enabled() and self.freeze == "full")):
             x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
             x = n.layer3(n.layer2(n.layer1(x)))
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.freeze != "frozen"):
+        with torch.set_grad_enabled(to_input or (torch.is_grad_enabled() and self.freeze != "frozen")):
             x = n.layer4(x)
         return torch.flatten(n.avgpool(x), 1)
 

@@ -3,6 +3,7 @@ of this interpreter, loopback ports, the environment for the flwr CLI, run-confi
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -91,3 +92,17 @@ def _typed(raw: str) -> object:
         except ValueError:
             pass
     return raw.strip("'\"")
+
+
+def console_logging(fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:
+    """Warnings and errors of every logger on stderr, once. The level is set on the handler, not
+    only on the root logger: Flower's logger has its own level (DEBUG) and its own console
+    handler, and records that propagate are filtered by the handlers they reach, so a root
+    handler without a level would print every Flower INFO and DEBUG line a second time."""
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("flwr").propagate = False  # it prints through its own handler

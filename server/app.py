@@ -22,7 +22,7 @@ from server.evaluation import CentralValidation, measure_efficiency
 from server.federation import FederatedRun
 from server.identities import SiteIdentities
 from server.runs import RunDirectory, last_finished_round, load_checkpoint_arrays
-from server.strategy import ClinicFedAvg
+from server.strategy import make_strategy
 from server.tracking import GuardedTracker, open_tracker
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,14 @@ def main(grid: Grid, context: Context) -> None:
         records = run.adopt(previous, first_round - 1)
         print(f"clinicfl: resuming {previous.name} after round {first_round - 1} (budget id {budget_id})", flush=True)
 
-    strategy = ClinicFedAvg(spec=trainable_spec(model), backbone_hash=backbone_hash,
+    strategy = make_strategy(fed.aggregation, fed.proximal_mu, spec=trainable_spec(model), backbone_hash=backbone_hash,
                             label_names=config.model.names(), min_sites=fed.min_sites,
                             fid_dim=config.eval.fid_dim if config.model.recon_head else None,
                             fid_extractor=FidFeatureExtractor.describe(config.eval.fid_dim,
                                                                        config.eval.fid_inception_weights),
                             min_site_cases=config.eval.min_site_cases,
                             fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
-                            aggregation=fed.aggregation, trim_fraction=fed.trim_fraction,
+                            trim_fraction=fed.trim_fraction,
                             max_update_norm=fed.max_update_norm,
                             identities=SiteIdentities.from_registry(
                                 Path(fed.site_registry).expanduser() if fed.site_registry else None))

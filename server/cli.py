@@ -27,6 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from common.config import AGGREGATIONS
 from common.processes import absolute_paths, parse_assignments, write_config_file
 from server.centre import CONNECTION, PROJECT_ROOT, Centre, CentreError, flwr, key_fingerprint, parse_json_output, \
     running_superlink, start_superlink, stop_superlink
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--rounds", type=int, help="num-rounds (total, counting the rounds already done)")
         p.add_argument("--min-sites", type=int)
         p.add_argument("--local-epochs", type=int)
-        p.add_argument("--aggregation", choices=("fedavg", "fedmedian", "trimmed-mean"))
+        p.add_argument("--aggregation", choices=AGGREGATIONS)
         p.add_argument("--round-timeout", type=float)
         p.add_argument("--dp", action="store_true", help="DP-SGD at every site")
         p.add_argument("--dp-epsilon", type=float, help="dp-target-epsilon for the whole run")

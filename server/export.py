@@ -13,10 +13,32 @@ from pathlib import Path
 
 
 from common.config import RunConfig
+from common.metrics.calibration import Calibration, expected_calibration_error, fit_platt, operating_point
 from common.files import atomic_torch_save
 from common.exchange import load_array_record
 from common.model import EXPORT_FORMAT, build_model, check_backbone_hash, frozen_backbone_hash
 from server.runs import best_round, chosen_round, finished_rounds, load_checkpoint_arrays
+
+
+def calibrations(payload: dict, config: RunConfig) -> dict[str, dict]:
+    """Per label: Platt scaling fitted on the exported round's pooled evaluation statistics, the
+    operating threshold for the target sensitivity, and the ECE before and after."""
+    histograms = {int(bins): (pos.numpy(), neg.numpy()) for bins, (pos, neg) in
+                  (payload.get("pooled-histograms") or {}).items()}
+    out = {}
+    for label, name in enumerate(config.model.names()):
+        if not histograms:
+            out[name] = {"calibration": Calibration(method="identity", note="not fitted: the checkpoint holds no "
+                                                                            "pooled evaluation statistics").to_json(),
+                         "operating-point": None, "ece-before": None, "ece-after": None}
+            continue
+        calibration = fit_platt(histograms, label)
+        point = operating_point(histograms, config.eval.target_sensitivity, label, calibration)
+        out[name] = {"calibration": calibration.to_json(),
+                     "operating-point": point.to_json() if point is not None else None,
+                     "ece-before": expected_calibration_error(histograms, label),
+                     "ece-after": expected_calibration_error(histograms, label, calibration)}
+    return out
 
 
 def export_model(run_dir: Path, server_round: int | None = None, out: Path | None = None) -> Path:
@@ -30,7 +52,8 @@ def export_model(run_dir: Path, server_round: int | None = None, out: Path | Non
     out = out or run_dir / "export" / f"model-round-{server_round:03d}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"format": EXPORT_FORMAT, "state_dict": model.state_dict(), "config": payload["config"],
-                "backbone-hash": payload["backbone-hash"], "round": server_round,
-                "label-names": config.model.names(), "run": run_dir.name, "best-round": best_round(run_dir),
-                "last-round": finished_rounds(run_dir)[-1]}, out)
+                       "backbone-hash": payload["backbone-hash"], "round": server_round,
+                       "label-names": config.model.names(), "run": run_dir.name, "best-round": best_round(run_dir),
+                       "last-round": finished_rounds(run_dir)[-1],
+                       "calibration": calibrations(payload, config)}, out)
     return out

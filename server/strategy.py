@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from common.config import AGGREGATIONS
@@ -76,12 +76,12 @@ class ClinicFedAvg(FedAvg):
                  fid_dim: int | None = None, fid_extractor: str = "", min_site_cases: int = 10,
                  fraction_train: float = 1.0, fraction_evaluate: float = 1.0, aggregation: str = "fedavg",
                  trim_fraction: float = 0.2, max_update_norm: float = 0.0,
-                 identities: SiteIdentities | None = None) -> None:
+                 identities: SiteIdentities | None = None, **flower_kwargs: object) -> None:
         # Minimums come from our config: Flower's default of 2 would hang a one-site federation
         # and let a round of one site pass when three were required.
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites,
-                         arrayrecord_key=ARRAYS_KEY)
+                         arrayrecord_key=ARRAYS_KEY, **flower_kwargs)
         self.spec = spec
         self.backbone_hash = backbone_hash
         self.label_names = label_names
@@ -187,7 +187,7 @@ class ClinicFedAvg(FedAvg):
         w = np.asarray(weights, dtype=np.float64)
         for name in updates[0]:
             stacked = np.stack([u[name].astype(np.float64) for u in updates])
-            if self.aggregation == "fedavg":
+            if self.aggregation in ("fedavg", "fedprox"):
                 value = np.tensordot(w / w.sum(), stacked, axes=1)
             elif self.aggregation == "fedmedian":
                 value = np.median(stacked, axis=0)
@@ -292,6 +292,20 @@ class ClinicFedAvg(FedAvg):
         report.global_eval = {**headline_of(catalogue), "n": total.n}
         self.pooled[server_round] = total
         return MetricRecord({k: float(v) for k, v in report.global_eval.items() if v is not None})
+
+
+class ClinicFedProx(ClinicFedAvg, FedProx):
+    """Flower's FedProx (every train message carries ``proximal-mu``, which the sites add to their
+    local loss), with ClinicFedAvg's reply validation and weighted averaging."""
+
+    def __init__(self, *, proximal_mu: float, **kwargs: object) -> None:
+        super().__init__(proximal_mu=proximal_mu, **kwargs)
+
+
+def make_strategy(aggregation: str, proximal_mu: float = 0.0, **kwargs: object) -> ClinicFedAvg:
+    if aggregation == "fedprox":
+        return ClinicFedProx(aggregation=aggregation, proximal_mu=proximal_mu, **kwargs)
+    return ClinicFedAvg(aggregation=aggregation, **kwargs)
 
 
 def roc_curves(stats: ClassificationStats, label_names: list[str]) -> dict[str, dict[str, list[float]]]:

@@ -3,6 +3,8 @@
     clinicfl-sim generate DIR [--sites 3 --studies 48 ...]
     clinicfl-sim run --data-root DIR [--rounds 3] [--set key=value ...]
     clinicfl-sim demo            generate 3 clinics and run a federated simulation
+    clinicfl-sim study NAME [--quick]   a study: federation-vs-local, privacy-utility, heterogeneity,
+                                        hyperparameter-search, local-training
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from tqdm import tqdm
 
-from common.processes import parse_assignments
+from common.processes import console_logging, parse_assignments
 from common.runlog import read_metrics, round_line
 from simulations.runner import PROJECT_ROOT, SimulationError, run_simulation
 from simulations.synthetic import SyntheticSpec, generate_clinics
@@ -130,8 +132,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_and_report(root / "data", root / "runs", spec.sites, overrides, plots=True, verbose=args.verbose)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    import shutil
+
+    from flwr.common.logger import update_console_handler
+    from rich.table import Table
+
+    from simulations.studies import registry
+
+    studies = registry()
+    if args.name not in studies:
+        console.print(f"[red]error:[/] no study {args.name!r}; studies: {', '.join(studies)}")
+        return 2
+    # Flower's INFO lines (one per sampled round) would bury the study's own progress lines.
+    update_console_handler(level=logging.WARNING)
+    started = time.strftime("%H:%M:%S")
+    out, results = studies[args.name].run(quick=args.quick, seeds=args.seeds,
+                                          progress=lambda text: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {text}"))
+    table = Table(title=f"{args.name}{' (quick size)' if args.quick else ''}: mean ± std over {results['seeds']} seeds")
+    for column in results["headline_columns"]:
+        table.add_column(column)
+    for row in results["headline"]:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"started {started}; report, results.json and plots in {out.folder}")
+    if args.publish:
+        from simulations.studies.publish import publish
+
+        console.print(f"published to {publish(out.folder, args.name)} and the README's Results section")
+    if not args.keep_runs:  # the run directories and synthetic clinics are large; the figures are in results.json
+        for folder in (out.runs, out.folder / "data"):
+            shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console_logging()
     parser = argparse.ArgumentParser(prog="clinicfl-sim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
     _add_spec_arguments(demo)
     demo.set_defaults(func=cmd_demo)
+
+    study = sub.add_parser("study", help="run a study: federation-vs-local, privacy-utility, heterogeneity, "
+                                         "hyperparameter-search, local-training")
+    study.add_argument("name")
+    study.add_argument("--quick", action="store_true", help="the small size the tests use (a few minutes)")
+    study.add_argument("--seeds", type=int, help="seeds per setting (default 3)")
+    study.add_argument("--keep-runs", action="store_true", help="keep every run directory and the synthetic data")
+    study.add_argument("--publish", action="store_true",
+                       help="copy the results into docs/results/NAME and regenerate the README's Results section")
+    study.set_defaults(func=cmd_study)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -34,6 +34,7 @@ class SyntheticSpec:
     prevalence: float = 0.4  # mean fraction of injured studies
     dirichlet_alpha: float = 0.0  # 0 = IID prevalence; small alpha = very different sites
     scanner_shift: float = 0.3  # spread of per-site gain/offset (0 = identical scanners)
+    size_spread: float = 0.0  # 0 = equal sites; > 0: lognormal site sizes (sigma), mean near studies-per-site
     lesion_contrast: float = 4.5  # lesion brightness (phantom units; tissue is 3, noise sigma 0.35)
     lesion_size: float = 0.35  # lesion length as a fraction of the image half-width
     lesion_fraction: float = 0.4  # fraction of a study's slices that show the lesion
@@ -63,21 +64,32 @@ def site_prevalences(spec: SyntheticSpec) -> np.ndarray:
     return np.clip(rng.beta(a * spec.prevalence, a * (1 - spec.prevalence), size=spec.sites), 0.05, 0.95)
 
 
+def site_sizes(spec: SyntheticSpec) -> np.ndarray:
+    """Studies per site: equal, or lognormal with sigma ``size-spread`` around studies-per-site
+    (at least 12, so every site keeps a train and a test split)."""
+    if spec.size_spread <= 0:
+        return np.full(spec.sites, spec.studies_per_site)
+    rng = np.random.default_rng([spec.seed, 3])
+    factors = np.exp(spec.size_spread * rng.standard_normal(spec.sites))
+    return np.maximum(12, np.round(spec.studies_per_site * factors / factors.mean())).astype(int)
+
+
 def generate_clinics(out_dir: Path, spec: SyntheticSpec, progress: bool = True) -> list[Path]:
     """Write ``out_dir/site-XX`` for every site; returns the site folders. Existing sites are replaced."""
     out_dir.mkdir(parents=True, exist_ok=True)
     prevalences = site_prevalences(spec)
+    sizes = site_sizes(spec)
     sites = []
     for k in range(spec.sites):
         site_dir = out_dir / f"site-{k + 1:02d}"
         if site_dir.exists():
             shutil.rmtree(site_dir)
-        _write_site(site_dir, k, float(prevalences[k]), spec, progress)
+        _write_site(site_dir, k, float(prevalences[k]), int(sizes[k]), spec, progress)
         sites.append(site_dir)
     return sites
 
 
-def _write_site(site_dir: Path, k: int, prevalence: float, spec: SyntheticSpec, progress: bool) -> None:
+def _write_site(site_dir: Path, k: int, prevalence: float, n: int, spec: SyntheticSpec, progress: bool) -> None:
     rng = np.random.default_rng([spec.seed, 2, k])
     scanner = {
         "gain": 1.0 + spec.scanner_shift * (rng.random() - 0.5),
@@ -86,7 +98,6 @@ def _write_site(site_dir: Path, k: int, prevalence: float, spec: SyntheticSpec, 
         "slope": [1.0, 0.5, 2.0][k % 3],
         "intercept": [0.0, -100.0, 50.0][k % 3],
     }
-    n = spec.studies_per_site
     n_injured = int(round(prevalence * n))
     injured = np.zeros(n, dtype=bool)
     injured[rng.choice(n, size=n_injured, replace=False)] = True
@@ -103,13 +114,14 @@ def _write_site(site_dir: Path, k: int, prevalence: float, spec: SyntheticSpec, 
         study = f"study-{i + 1:04d}"
         patient_id = f"{FAKE_PHI_MARKER}-PID-S{k + 1:02d}-P{patients[i]:04d}"
         severity = float(rng.uniform(2.0, 10.0)) if injured[i] else 0.0
-        _write_study(site_dir / "studies" / study, rng, spec, scanner, k, i, patient_id, severity)
+        lesion = _write_study(site_dir / "studies" / study, rng, spec, scanner, k, i, patient_id, severity)
+        # lesion_slices is the ground truth for attention tests; training reads only the label columns.
         rows.append({"study": study, "label": int(injured[i]), "patient": patient_id,
-                     "target": f"{severity:.3f}"})
+                     "target": f"{severity:.3f}", "lesion_slices": ";".join(map(str, sorted(lesion)))})
     if spec.biomech_features:
         _write_biomech(site_dir, k, injured, spec)
     with (site_dir / "labels.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["study", "label", "patient", "target"])
+        writer = csv.DictWriter(handle, fieldnames=["study", "label", "patient", "target", "lesion_slices"])
         writer.writeheader()
         writer.writerows(rows)
 
@@ -152,8 +164,9 @@ def _smooth_noise(rng: np.random.Generator, size: int, grid: int = 8) -> np.ndar
 
 
 def phantom_series(rng: np.random.Generator, spec: SyntheticSpec, scanner: dict, n_slices: int,
-                   severity: float) -> np.ndarray:
-    """(n_slices, S, S) modality values of one study; severity > 0 adds the lesion."""
+                   severity: float) -> tuple[np.ndarray, set[int]]:
+    """(n_slices, S, S) modality values of one study, and the slices (in anatomical order) that show
+    the lesion; severity > 0 adds the lesion."""
     size = spec.image_size
     ax = np.linspace(-1.0, 1.0, size)
     xx, yy = np.meshgrid(ax, ax)
@@ -188,14 +201,15 @@ def phantom_series(rng: np.random.Generator, spec: SyntheticSpec, scanner: dict,
             img[_ellipse(xx, yy, lx, ly, length / 2, 0.045, theta)] += spec.lesion_contrast * UNIT
         img += rng.normal(0.0, scanner["noise"] * UNIT, img.shape)
         series[z] = img * scanner["gain"] + scanner["offset"]
-    return series
+    return series, lesion_slices
 
 
 def _write_study(study_dir: Path, rng: np.random.Generator, spec: SyntheticSpec, scanner: dict, k: int, i: int,
-                 patient_id: str, severity: float) -> None:
+                 patient_id: str, severity: float) -> set[int]:
+    """Write one study; returns the slices (anatomical order, 0-based) that show the lesion."""
     lo = max(2, spec.slices_per_study - 2)
     n_slices = int(rng.integers(lo, spec.slices_per_study + 3))
-    values = phantom_series(rng, spec, scanner, n_slices, severity)
+    values, lesion_slices = phantom_series(rng, spec, scanner, n_slices, severity)
     study_uid = generate_uid(entropy_srcs=[str(spec.seed), str(k), str(i), "study"])
     common = {
         "PatientName": f"{FAKE_PHI_MARKER}^Patient^S{k + 1:02d}",
@@ -219,12 +233,13 @@ def _write_study(study_dir: Path, rng: np.random.Generator, spec: SyntheticSpec,
                      entropy=[study_uid, "main", str(z)])
     n_loc = min(3, n_slices - 1)  # a localiser in another plane, always smaller: must never be picked
     if rng.random() < 0.3 and n_loc >= 1:
-        loc = phantom_series(rng, spec, scanner, n_loc, 0.0)
+        loc, _ = phantom_series(rng, spec, scanner, n_loc, 0.0)
         for z in range(n_loc):
             _write_slice(study_dir / "localizer" / f"LOC{z}.dcm", loc[z], scanner, common, series_tag="loc",
                          description="LOCALIZER", series_number=1, instance=z + 1,
                          position=(-20.0 + 20.0 * z, -100.0, 100.0), orientation=(0, 1, 0, 0, 0, -1),
                          entropy=[study_uid, "loc", str(z)])
+    return lesion_slices
 
 
 def _write_slice(path: Path, values: np.ndarray, scanner: dict, common: dict, *, series_tag: str,

@@ -182,7 +182,7 @@ def test_biomech_features_reach_the_model_and_carry_signal(biomech_site):
     """The injury is only in biomech feature 0. With the image features blanked (so the head
     cannot memorise 60 studies by their images) the full train/predict path learns it on
     held-out studies, and predictions change when the series change."""
-    from client.training import train_local
+    from common.training import train_local
 
     config = DataConfig(image_size=32, seq_len=4, biomech_features=3)
     data = load_site(biomech_site, config, num_labels=1, progress=False)

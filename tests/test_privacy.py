@@ -54,7 +54,9 @@ def _fresh_accountant_epsilon(history: list[tuple[float, float, int]], delta: fl
     for sigma, q, steps in history:
         for _ in range(steps):
             accountant.step(noise_multiplier=sigma, sample_rate=q)
-    return accountant.get_epsilon(delta)
+    from client.privacy import RDP_ORDERS
+
+    return accountant.get_epsilon(delta, alphas=RDP_ORDERS)
 
 
 def test_epsilon_is_cumulative_and_survives_a_daemon_restart(site, tmp_path):

@@ -19,7 +19,7 @@ from common.data.errors import DataError
 from common.data.labels import LABELS_FILE, STUDIES_DIR, read_labels
 from common.data.mrnet import discover_mrnet
 from common.data.mura import discover_mura
-from common.data.study import Discovery, StudySource
+from common.data.study import Discovery, StudyLabel, StudySource
 
 
 def detect_layout(site_dir: Path) -> str:
@@ -65,15 +65,58 @@ def discover_dicom(site_dir: Path, config: DataConfig) -> Discovery:
     quarantine = [(f"{STUDIES_DIR}/{r.study}", "label-without-study") for r in records if r.study not in on_disk]
     quarantine += [(f"{STUDIES_DIR}/{name}", "study-without-label") for name in sorted(on_disk - labelled)]
 
-    def reader(folder: Path):
-        return lambda files: load_dicom_study(folder, config.image_size, config.seq_len, config.series_description,
-                                              files)
-
     sources = []
     for record in records:
         folder = studies_dir / record.study
         if record.study in on_disk:
             files, broken = list_files(folder, DICOM_SUFFIXES)
             quarantine += [(str(path.relative_to(site_dir)), "broken-link") for path in broken]
-            sources.append(StudySource(record, tuple(files), reader(folder), location=f"{STUDIES_DIR}/{record.study}"))
+            sources.append(StudySource(record, tuple(files), _dicom_reader(folder, config), location=f"{STUDIES_DIR}/{record.study}"))
     return Discovery("dicom", sources, label_names, quarantine)
+
+
+def discover_unlabelled(path: Path, layout: str, config: DataConfig, label_names: list[str]) -> Discovery:
+    """Studies to score, with or without labels: a site folder in any layout, a ``studies/`` folder
+    without labels.csv (one study per sub-folder), or one study's folder of DICOM files. Studies
+    without a label get NaN labels; a site whose labels name other tasks than the model's is an
+    error (``label-set``)."""
+    if not path.is_dir():
+        raise DataError("missing-site-dir", f"{path} does not exist or is not a folder")
+    unknown = tuple(float("nan") for _ in label_names)
+    if (path / LABELS_FILE).is_file() or layout in ("mura", "mrnet") or (
+            layout == "auto" and not (path / STUDIES_DIR).is_dir() and _is_mura_or_mrnet(path)):
+        found = discover(path, layout, config)
+        if found.label_names != label_names:
+            raise DataError("label-set", f"{path} labels {', '.join(found.label_names)} but the model predicts "
+                                         f"{', '.join(label_names)}: use a model trained on this task")
+        return found
+    if (path / STUDIES_DIR).is_dir():
+        folders = list_folders(path / STUDIES_DIR)
+        records = [StudyLabel(folder.name, unknown) for folder in folders]
+        location = STUDIES_DIR + "/"
+    else:
+        folders, records, location = [path], [StudyLabel(path.name, unknown)], ""
+    sources, quarantine = [], []
+    for folder, record in zip(folders, records):
+        files, broken = list_files(folder, DICOM_SUFFIXES)
+        quarantine += [(str(p.relative_to(path)), "broken-link") for p in broken]
+        if not files and not broken:
+            quarantine.append((f"{location}{folder.name}" if location else folder.name, "no-dicom-files"))
+            continue
+        sources.append(StudySource(record, tuple(files), _dicom_reader(folder, config),
+                                   location=f"{location}{folder.name}" if location else folder.name))
+    if not sources and not quarantine:
+        raise DataError("empty-site", f"{path} holds no study: give a site folder, a studies/ folder or one "
+                                      "study's folder of DICOM files")
+    return Discovery("dicom", sources, label_names, quarantine)
+
+
+def _is_mura_or_mrnet(path: Path) -> bool:
+    try:
+        return detect_layout(path) in ("mura", "mrnet")
+    except DataError:
+        return False
+
+
+def _dicom_reader(folder: Path, config: DataConfig):
+    return lambda files: load_dicom_study(folder, config.image_size, config.seq_len, config.series_description, files)

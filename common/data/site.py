@@ -22,8 +22,8 @@ from common.config import DataConfig
 from common.data.biomech import biomech_path, read_biomech, resample, standardise
 from common.data.cache import PreprocessCache, StudyResult
 from common.data.errors import DataError, StudyError
-from common.data.layouts import discover
-from common.data.study import Quarantine, StudyLabel, StudySource
+from common.data.layouts import discover, discover_unlabelled
+from common.data.study import Discovery, Quarantine, StudyLabel, StudySource
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class SiteData:
     quarantine: Quarantine = field(default_factory=list)  # (path relative to the site, reason code)
     biomech: np.ndarray | None = None  # (N, T, F) site-standardised, zero on padding
     profile: SiteProfile | None = None
+    source_files: list[Path | None] = field(default_factory=list)  # first input file of each study (DICOM reference)
 
     @property
     def train_index(self) -> np.ndarray:
@@ -89,6 +90,22 @@ def load_site(site_dir: Path, config: DataConfig, num_labels: int | None, progre
     if num_labels is not None and len(found.label_names) != num_labels:
         raise DataError("label-count", f"the site has {len(found.label_names)} label(s) ({', '.join(found.label_names)})"
                                        f" but the run config says num-labels = {num_labels}")
+    return assemble(found, site_dir, config, progress, cache_dir)
+
+
+def load_for_prediction(path: Path, config: DataConfig, label_names: list[str], layout: str = "auto",
+                        progress: bool = True) -> SiteData:
+    """Studies to score, read exactly as training reads them: a site folder in any layout (its
+    labels, if any, are kept for reference), a ``studies/`` folder without labels.csv, or one
+    study's folder of DICOM files. Every study is on the 'test' side; unknown labels are NaN."""
+    found = discover_unlabelled(path, layout, config, label_names)
+    return assemble(found, path, config, progress, cache_dir=None, split=False, require_usable=False)
+
+
+def assemble(found: Discovery, site_dir: Path, config: DataConfig, progress: bool = True,
+             cache_dir: Path | None = None, split: bool = True, require_usable: bool = True) -> SiteData:
+    """Read the discovered studies (through the preprocess cache) into aligned arrays. With
+    ``require_usable`` False a site with no usable study gives empty arrays and its quarantine."""
     # Without a cache folder nothing is hashed: the key costs a full read of every file.
     cache = PreprocessCache(cache_dir, site_dir, f"{found.layout}|{config.image_size}|{config.seq_len}|"
                                                  f"{config.series_description}|{config.mrnet_plane}"
@@ -124,8 +141,8 @@ def load_site(site_dir: Path, config: DataConfig, num_labels: int | None, progre
             profile.info.setdefault(name, Counter())[value] += 1
     if cache is not None:
         profile.cache_hits, profile.cache_misses = cache.hits, cache.misses
-    if not kept:
-        raise DataError("no-usable-studies", f"none of the {len(found.sources)} labelled studies in {site_dir} could "
+    if not kept and require_usable:
+        raise DataError("no-usable-studies", f"none of the {len(found.sources)} studies in {site_dir} could "
                                              f"be used ({len(quarantine)} quarantine entries; run clinicfl-client "
                                              f"check-data for the reasons)")
 
@@ -139,14 +156,14 @@ def load_site(site_dir: Path, config: DataConfig, num_labels: int | None, progre
         mask[row, : len(array)] = True
         if biomech is not None:
             biomech[row, : len(array)] = series
-    is_test = assign_split(records, config.test_fraction, config.seed)
-    if biomech is not None:
+    is_test = assign_split(records, config.test_fraction, config.seed) if split else np.ones(n, dtype=bool)
+    if biomech is not None and split:
         biomech = standardise(biomech, mask, np.flatnonzero(~is_test))
     return SiteData(
         studies=[r.study for r in records],
         images=images,
         mask=mask,
-        labels=np.array([r.labels for r in records], dtype=np.float32),
+        labels=np.array([r.labels for r in records], dtype=np.float32).reshape(n, len(found.label_names)),
         targets=np.array([math.nan if r.target is None else r.target for r in records], dtype=np.float32),
         is_test=is_test,
         label_names=found.label_names,
@@ -155,6 +172,7 @@ def load_site(site_dir: Path, config: DataConfig, num_labels: int | None, progre
         quarantine=quarantine,
         biomech=biomech,
         profile=profile,
+        source_files=[source.files[0] if source.files else None for source, _, _ in kept],
     )
 
 

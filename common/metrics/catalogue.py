@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from common.metrics.calibration import expected_calibration_error
 from common.metrics.classification import ClassificationStats, per_label_figures, pooled_auc
 from common.metrics.errors import ErrorStats, error_figures
 from common.metrics.images import ImageStats, InceptionStats, frechet_distance, safe_mean
@@ -45,6 +46,7 @@ _SPECS = [
     MetricSpec("precision", "classification", POOLED_COUNTS, "", True),
     MetricSpec("f1", "classification", POOLED_COUNTS, "", True),
     MetricSpec("kappa", "classification", POOLED_COUNTS, "", True),
+    MetricSpec("ece", "classification", POOLED_HISTOGRAM, "", False),
     MetricSpec("mae", "error", POOLED_SUMS, "", False),
     MetricSpec("mse", "error", POOLED_SUMS, "", False),
     MetricSpec("rmse", "error", POOLED_SUMS, "", False),
@@ -153,7 +155,7 @@ def compute_catalogue(stats: EvaluationStats, label_names: list[str], fid_extrac
     out: dict[str, MetricValue] = {}
     cls_stats = stats.classification
     if cls_stats.n == 0:
-        for name in ("loss", "accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "kappa"):
+        for name in ("loss", "accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "kappa", "ece"):
             out[name] = not_available("no test studies")
     else:
         out["loss"] = MetricValue(_finite(cls_stats.loss_sum / (cls_stats.n * len(label_names))))
@@ -173,6 +175,11 @@ def compute_catalogue(stats: EvaluationStats, label_names: list[str], fid_extrac
             out["auc"].note = "; ".join(filter(None, [
                 out["auc"].note, f"histogram AUC, within {bound:.4f} of the exact pooled AUC "
                                  f"(score pairs sharing a bin; bins per site: {resolutions})"]))
+        errors = [e for e in (expected_calibration_error(cls_stats.histograms, j) for j in range(len(label_names)))
+                  if e is not None]
+        out["ece"] = MetricValue(float(np.mean(errors)), note="expected calibration error of the raw probabilities, "
+                                 "binned at the sites' histogram resolutions (bin centre as confidence)"
+                                 ) if errors else not_available("no test studies")
     values, basis, reasons = error_figures(stats.errors)
     for name, value in values.items():
         out[name] = MetricValue(_finite(value), note=basis) if name not in reasons else not_available(reasons[name])

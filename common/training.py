@@ -1,4 +1,6 @@
-"""A site's local training loop: Adam on BCE (+ severity and reconstruction terms)."""
+"""The local training loop: Adam on BCE (+ severity and reconstruction terms), optionally with
+FedProx's proximal term. Shared by the sites (client/) and the studies' centralised and
+local-only baselines (simulations/), so every arm trains with the same code."""
 
 from __future__ import annotations
 
@@ -23,12 +25,15 @@ class TrainResult:
 
 
 def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, config: TrainConfig,
-                device: torch.device, server_round: int = 0) -> TrainResult:
-    """Adam + BCE-with-logits for ``local-epochs`` over the site's training studies."""
+                device: torch.device, server_round: int = 0, proximal_mu: float = 0.0) -> TrainResult:
+    """Adam + BCE-with-logits for ``local-epochs`` over the site's training studies. With
+    ``proximal_mu`` > 0 (FedProx), mu/2 ||w - w_global||^2 over the trainable parameters is added
+    to the loss, w_global being the parameters the round started from."""
     start = time.perf_counter()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    optimizer = torch.optim.Adam(params, lr=config.lr_at(server_round), weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     generator = torch.Generator().manual_seed(config.seed * 100_003 + server_round)
     total, seen = 0.0, 0
@@ -40,13 +45,19 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
             optimizer.zero_grad(set_to_none=True)
             with autocast(device):
                 out = forward(model, data, x, m, data.biomech_of(batch, device))
-                loss = per_study_loss(model, data, batch, out, config, device).mean()
+                data_loss = per_study_loss(model, data, batch, out, config, device).mean()
+                loss = data_loss + proximal_penalty(params, anchor, proximal_mu) if anchor is not None else data_loss
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            total += loss.item() * len(batch)
+            total += data_loss.item() * len(batch)  # the reported loss is the data term only
             seen += len(batch)
     return TrainResult(num_examples=len(train_index), loss=total / max(seen, 1), seconds=time.perf_counter() - start)
+
+
+def proximal_penalty(params: list[Tensor], anchor: list[Tensor], mu: float) -> Tensor:
+    """FedProx's mu/2 ||w - w_global||^2."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
 
 
 def per_study_loss(model: InjuryNet, data: SiteInputs, batch: Tensor, out: InjuryOutput, config: TrainConfig,

@@ -1,0 +1,327 @@
+"""What every study shares: synthetic clinics per setting and seed, the three ways to train
+(federated, centralised, local only), one exact scorer for all of them, and the output folder.
+
+- **Federated** runs the project's own ServerApp and ClientApp in this process
+  (``simulations/inprocess.py``): the real strategy, handlers, DP ledger and checkpoints.
+- **Centralised** and **local only** train with the same loop the sites use
+  (``common/training.py``), on the same cached backbone features, each site's features
+  standardised with that site's own statistics (as the federated sites do), in blocks of
+  ``local-epochs`` epochs: one block per federated round, so every arm gets the same total
+  number of local epochs. The optimiser restarts every block, as it does at a site every round.
+- **Model selection** is the same for every arm: the round (or block) with the lowest loss on the
+  centre's own validation clinic (``best-metric = server-val-loss``), which no site trains or is
+  scored on. Test figures are then unbiased by the selection.
+- **Scoring** is exact and the same for every arm: the model's probabilities on every site's test
+  split (site j's studies standardised with site j's statistics), pooled AUC and loss with
+  sklearn, and AUC per site. The study harness owns all the synthetic data; in a real
+  federation only the federated figures (from sufficient statistics) would exist.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+
+from common.config import RunConfig, SiteConfig
+from common.data.site import SiteData, load_site
+from common.exchange import load_array_record, trainable_state
+from common.inference import SiteInputs, fit_feature_norm, pick_device, predict, prepare_inputs
+from common.model import InjuryNet, build_model
+from common.training import train_local
+from simulations.inprocess import app_components, run_inprocess
+from simulations.synthetic import SyntheticSpec, generate_clinics
+
+STUDY_ROOT = Path("runs") / "studies"
+
+
+@dataclass(frozen=True)
+class StudySize:
+    """The data and run size of a study; ``quick`` sizes are for tests."""
+
+    sites: int = 3
+    studies: int = 48
+    image_size: int = 64
+    slices: int = 8
+    rounds: int = 8
+    local_epochs: int = 2
+    seeds: int = 3
+
+    def run_overrides(self) -> dict[str, Any]:
+        # The catalogue's severity and reconstruction heads are off in the studies: the question
+        # is injury classification, and their image metrics would dominate the run time.
+        return {"image-size": self.image_size, "seq-len": self.slices, "num-rounds": self.rounds,
+                "local-epochs": self.local_epochs, "min-sites": self.sites, "severity-head": False,
+                "recon-head": False, "eval-bins": 2048}
+
+
+QUICK = StudySize(sites=3, studies=16, image_size=32, slices=4, rounds=2, local_epochs=1, seeds=3)
+
+
+@dataclass
+class Clinics:
+    """One setting and seed: the sites, the centre's validation clinic, a held-out clinic."""
+
+    root: Path
+    sites: list[Path]
+    server_val: Path
+    holdout: Path
+    spec: SyntheticSpec
+
+
+def make_clinics(root: Path, spec: SyntheticSpec) -> Clinics:
+    """Generate once; a folder already written for the same spec is reused."""
+    marker = root / "spec.json"
+    wanted = json.dumps(spec.__dict__, sort_keys=True)
+    if marker.is_file() and marker.read_text() == wanted:
+        sites = sorted(p for p in (root / "sites").iterdir() if p.is_dir() and not p.name.startswith("."))
+    else:
+        sites = generate_clinics(root / "sites", spec, progress=False)
+        # The centre's validation clinic and a held-out clinic: other seeds, IID, never trained on.
+        generate_clinics(root / "server", replace(spec, sites=1, seed=spec.seed + 1000, dirichlet_alpha=0.0,
+                                                  size_spread=0.0), progress=False)
+        generate_clinics(root / "holdout", replace(spec, sites=1, seed=spec.seed + 2000, dirichlet_alpha=0.0,
+                                                   size_spread=0.0), progress=False)
+        marker.write_text(wanted)
+    return Clinics(root, sites, root / "server" / "site-01", root / "holdout" / "site-01", spec)
+
+
+def run_config(overrides: dict[str, Any]) -> RunConfig:
+    """The app's defaults with the study's overrides, as a run would see them."""
+    defaults = app_components()[2]
+    return RunConfig.from_mapping({**defaults, **overrides})
+
+
+# ------------------------------------------------------------------------------ scoring
+@dataclass
+class PreparedSite:
+    name: str
+    data: SiteData
+    inputs: SiteInputs
+    mean: torch.Tensor  # this site's feature standardisation statistics
+    inv_std: torch.Tensor
+
+
+class Scorer:
+    """Every site's (and the validation and holdout clinics') cached features and statistics, so
+    any trainable state can be scored exactly on any of them."""
+
+    def __init__(self, clinics: Clinics, config: RunConfig) -> None:
+        self.config = config
+        self.device = pick_device()
+        self.model = build_model(config.model)
+        self.sites = [self._prepare(path, i, fit_on="train") for i, path in enumerate(clinics.sites)]
+        # The validation and holdout clinics standardise with their own images, as the server's
+        # validation set does (server/evaluation.py).
+        self.server_val = self._prepare(clinics.server_val, None, fit_on="all")
+        self.holdout = self._prepare(clinics.holdout, None, fit_on="all")
+
+    def _prepare(self, path: Path, partition: int | None, fit_on: str) -> PreparedSite:
+        data = load_site(path, self.config.data, self.config.model.num_labels, progress=False,
+                         cache_dir=path.parent / ".clinicfl-state" / path.name / "cache" / "preprocessed")
+        inputs = prepare_inputs(self.model, data, path.parent / ".clinicfl-state" / path.name / "cache", self.device)
+        index = data.train_index if fit_on == "train" else np.arange(len(data.studies))
+        fit_feature_norm(self.model, inputs, index, self.device)
+        norm = self.model.feature_norm
+        return PreparedSite(path.name, data, inputs, norm.mean.clone(), norm.inv_std.clone())
+
+    def _use(self, site: PreparedSite) -> None:
+        self.model.feature_norm.mean.copy_(site.mean)
+        self.model.feature_norm.inv_std.copy_(site.inv_std)
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def probabilities(self, site: PreparedSite, index: np.ndarray) -> np.ndarray:
+        self._use(site)
+        return predict(self.model, site.inputs, index, self.device).probs[:, 0].numpy()
+
+    def score(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Pooled test AUC and loss over every site's test split, and AUC per site."""
+        self.load(state)
+        probs, labels, per_site = [], [], {}
+        for site in self.sites:
+            p = self.probabilities(site, site.data.test_index)
+            y = site.data.labels[site.data.test_index, 0]
+            probs.append(p)
+            labels.append(y)
+            per_site[site.name] = _auc(y, p)
+        p, y = np.concatenate(probs), np.concatenate(labels)
+        return {"auc": _auc(y, p), "loss": float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])),
+                "per_site_auc": per_site, "n_test": int(len(y))}
+
+    def validation_loss(self, state: dict[str, torch.Tensor]) -> float:
+        self.load(state)
+        site = self.server_val
+        index = np.arange(len(site.data.studies))
+        p = self.probabilities(site, index)
+        return float(log_loss(site.data.labels[:, 0], np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
+
+    def holdout_auc(self, state: dict[str, torch.Tensor]) -> float:
+        self.load(state)
+        index = np.arange(len(self.holdout.data.studies))
+        return _auc(self.holdout.data.labels[:, 0], self.probabilities(self.holdout, index))
+
+
+def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    return float(roc_auc_score(labels, probs)) if 0 < labels.sum() < len(labels) else float("nan")
+
+
+# ------------------------------------------------------------------------------ the three arms
+@dataclass
+class ArmResult:
+    best: dict[str, Any]  # score of the selected round/block
+    final: dict[str, Any]  # score of the last round/block
+    best_round: int
+    curve: list[dict[str, float]] = field(default_factory=list)  # per round/block: val loss, test auc, loss
+    run_dir: str | None = None
+
+
+def federated(clinics: Clinics, overrides: dict[str, Any], scorer: Scorer, run_root: Path,
+              curve: bool = False) -> ArmResult:
+    """The real ServerApp and ClientApp, in process; the best round by the server's validation loss."""
+    from common.runlog import read_metrics
+
+    run_dir = run_inprocess(clinics.root / "sites", run_root, len(clinics.sites),
+                            {**overrides, "server-val-path": str(clinics.server_val),
+                             "best-metric": "server-val-loss"})
+    state = json.loads((run_dir / "state.json").read_text())
+    records = read_metrics(run_dir)
+    best_round, best_state = best_checkpoint(run_dir)
+    best = scorer.score(best_state)
+    final = scorer.score(_checkpoint(run_dir, records[-1]["round"]))
+    points = []
+    if curve:
+        for record in records:
+            score = scorer.score(_checkpoint(run_dir, record["round"]))
+            points.append({"round": record["round"], "test_auc": score["auc"], "test_loss": score["loss"],
+                           "val_loss": (record.get("server_validation") or {}).get("loss", {}).get("value")})
+    result = ArmResult(best, final, int(best_round), points, str(run_dir))
+    result.final["epsilon"] = (records[-1]["catalogue"].get("epsilon") or {}).get("value")
+    result.final["state"] = state.get("state")
+    return result
+
+
+def best_checkpoint(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """The run's best round (its own best-metric, from state.json) and its trainable state."""
+    from common.runlog import read_metrics
+
+    state = json.loads((run_dir / "state.json").read_text())
+    best_round = (state.get("best") or {}).get("round", read_metrics(run_dir)[-1]["round"])
+    return int(best_round), _checkpoint(run_dir, int(best_round))
+
+
+def _checkpoint(run_dir: Path, server_round: int) -> dict[str, torch.Tensor]:
+    payload = torch.load(run_dir / "checkpoints" / f"round-{server_round:03d}.pt", map_location="cpu",
+                         weights_only=True)
+    return payload["trainable"]
+
+
+def trained_blocks(scorer: Scorer, sites: list[PreparedSite], config: RunConfig, curve: bool = False) -> ArmResult:
+    """Centralised (several sites pooled) or local only (one site): ``num-rounds`` blocks of
+    ``local-epochs`` epochs, the block with the lowest validation loss kept."""
+    model = build_model(config.model)
+    inputs, is_test = _pooled(sites)
+    index = np.flatnonzero(~is_test)
+    # The features are already standardised per site: the model's own standardiser is the identity.
+    model.feature_norm.mean.zero_()
+    model.feature_norm.inv_std.fill_(1.0)
+    best_state, best_loss, best_block, points = None, math.inf, 0, []
+    final_state = None
+    for block in range(1, config.federation.num_rounds + 1):
+        train_local(model, inputs, index, config.train, scorer.device, server_round=block)
+        state = {k: v.detach().clone() for k, v in trainable_state(model).items()}
+        val = scorer.validation_loss(state)
+        if val < best_loss:
+            best_state, best_loss, best_block = state, val, block
+        if curve:
+            score = scorer.score(state)
+            points.append({"round": block, "test_auc": score["auc"], "test_loss": score["loss"], "val_loss": val})
+        final_state = state
+    return ArmResult(scorer.score(best_state), scorer.score(final_state), best_block, points)
+
+
+def _pooled(sites: list[PreparedSite]) -> tuple[SiteInputs, np.ndarray]:
+    """The sites' inputs as one, each site's features standardised with its own statistics."""
+    features, masks, labels, targets, is_test = [], [], [], [], []
+    for site in sites:
+        mask = site.inputs.mask
+        features.append((site.inputs.inputs - site.mean) * site.inv_std * mask.unsqueeze(-1))
+        masks.append(mask)
+        labels.append(site.inputs.labels)
+        targets.append(site.inputs.targets if site.inputs.targets is not None else
+                       torch.full((len(mask),), float("nan")))
+        is_test.append(site.data.is_test)
+    inputs = SiteInputs(torch.cat(features), torch.cat(masks), torch.cat(labels), True, None, torch.cat(targets))
+    return inputs, np.concatenate(is_test)
+
+
+# ------------------------------------------------------------------------------ figures and files
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean over seeds with its spread; NaN values (undefined AUC) are left out and counted."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0, "values": values}
+    return {"mean": statistics.fmean(finite), "std": statistics.pstdev(finite) if len(finite) > 1 else 0.0,
+            "min": min(finite), "max": max(finite), "n": len(finite), "values": values}
+
+
+def fmt(entry: dict[str, Any] | None, digits: int = 3) -> str:
+    if not entry or entry.get("mean") is None:
+        return "n/a"
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+
+
+class StudyOutput:
+    """runs/studies/NAME/<timestamp>/: results.json, report.md, PNG plots, the runs and data."""
+
+    def __init__(self, name: str, root: Path = STUDY_ROOT) -> None:
+        self.name = name
+        self.folder = root.resolve() / name / time.strftime("%Y%m%d-%H%M%S")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+
+    @property
+    def runs(self) -> Path:
+        return self.folder / "runs"
+
+    def data(self, tag: str) -> Path:
+        return self.folder / "data" / tag
+
+    def write(self, results: dict[str, Any], report: str) -> None:
+        results = {**results, "study": self.name, "folder": str(self.folder),
+                   "wall_seconds": round(time.perf_counter() - self.started, 1)}
+        (self.folder / "results.json").write_text(json.dumps(_json_safe(results), indent=2))
+        (self.folder / "report.md").write_text(report)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+Progress = Callable[[str], None]

@@ -1,0 +1,217 @@
+"""clinicfl-client predict: a short federation (the real apps, in process), its exported model,
+and predictions on a clinic that no site trained on, with explanations, a web page and DICOM."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+from sklearn.metrics import roc_auc_score
+
+from common.runlog import read_metrics
+from simulations.inprocess import run_inprocess
+from simulations.synthetic import SyntheticSpec, generate_clinics
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = {"num-rounds": 3, "min-sites": 2, "image-size": 48, "seq-len": 8, "local-epochs": 3, "lr": 0.002,
+       "test-fraction": 0.4, "fid-dim": 8, "eval-bins": 256}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    spec = SyntheticSpec(sites=2, studies_per_site=40, image_size=48, slices_per_study=6, seed=11)
+    generate_clinics(root / "data", spec, progress=False)
+    (holdout,) = generate_clinics(root / "holdout", SyntheticSpec(sites=1, studies_per_site=40, image_size=48,
+                                                                  slices_per_study=6, seed=12), progress=False)
+    run_dir = run_inprocess(root / "data", root / "runs", 2, RUN)
+    result = subprocess.run([sys.executable, "-m", "server.cli", "export", str(run_dir)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return root, run_dir, Path(result.stdout.strip()), holdout
+
+
+def _predict(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "client.cli", "predict", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"})
+
+
+def _rows(out: Path) -> list[dict]:
+    lines = [line for line in (out / "predictions.csv").read_text().splitlines() if not line.startswith("#")]
+    return list(csv.DictReader(lines))
+
+
+def _hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
+    q1, q2 = auc / (2 - auc), 2 * auc ** 2 / (1 + auc)
+    return math.sqrt((auc * (1 - auc) + (n_pos - 1) * (q1 - auc ** 2) + (n_neg - 1) * (q2 - auc ** 2)) / (n_pos * n_neg))
+
+
+def test_predictions_on_an_unseen_clinic_match_the_federations_own_auc(exported, tmp_path):
+    """The held-out clinic comes from the same generator as the sites' test splits, so the model's
+    AUC on it estimates the same quantity as the server's pooled AUC of the exported round. The
+    tolerance is the histogram AUC's own stated error bound plus three standard errors of the
+    difference of two independent AUC estimates (Hanley & McNeil), computed from their counts."""
+    root, run_dir, model, holdout = exported
+    result = _predict(str(model), str(holdout), "--out", str(tmp_path / "out"),
+                      "--state-dir", str(root / "data" / ".clinicfl-state" / "site-01"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = _rows(tmp_path / "out")
+    labels = {r["study"]: int(r["label"]) for r in csv.DictReader((holdout / "labels.csv").open())}
+    y = np.array([labels[r["study"]] for r in rows])
+    p = np.array([float(r["injury_probability"]) for r in rows])
+    predicted_auc = roc_auc_score(y, p)
+    meta = torch.load(model, weights_only=True)
+    record = next(r for r in read_metrics(run_dir) if r["round"] == meta["round"])
+    server = record["catalogue"]["auc"]
+    checkpoint = torch.load(run_dir / "checkpoints" / f"round-{meta['round']:03d}.pt", weights_only=True)
+    pooled = list(checkpoint["pooled-histograms"].values())
+    n_pos, n_neg = (int(sum(h[i].sum() for h in pooled)) for i in (0, 1))
+    se = math.hypot(_hanley_mcneil_se(predicted_auc, int(y.sum()), int((1 - y).sum())),
+                    _hanley_mcneil_se(server["value"], n_pos, n_neg))
+    tolerance = server["error_bound"] + 3 * se
+    assert abs(predicted_auc - server["value"]) <= tolerance, (predicted_auc, server["value"], tolerance)
+    assert predicted_auc > 0.7, "the model learned the lesion"
+    assert "studies/s" in result.stdout
+    header = [line for line in (tmp_path / "out" / "predictions.csv").read_text().splitlines() if line.startswith("#")]
+    assert any("calibration platt" in line for line in header) and any("operating threshold" in line for line in header)
+
+
+def test_attention_is_on_a_lesion_slice_more_often_than_chance(exported, tmp_path):
+    """Injured studies: the most attended image shows the lesion far more often than a random
+    image of the same study would (chance = the share of lesion slices among its images)."""
+    root, _, model, holdout = exported
+    assert _predict(str(model), str(holdout), "--out", str(tmp_path / "out"), "--stats-from", str(holdout),
+                    cwd=tmp_path).returncode == 0
+    truth = {r["study"]: r for r in csv.DictReader((holdout / "labels.csv").open())}
+    hits, chance = [], []
+    for row in _rows(tmp_path / "out"):
+        lesion = truth[row["study"]]["lesion_slices"]
+        weights = [float(a) for a in row["attention"].split(";")]
+        if truth[row["study"]]["label"] != "1" or not lesion or len(weights) < int(max(lesion.split(";"))) + 1:
+            continue  # a study sampled down to seq-len has no one-to-one slice index
+        slices = {int(z) for z in lesion.split(";")}
+        hits.append(int(np.argmax(weights)) in slices)
+        chance.append(len(slices) / len(weights))
+    assert len(hits) >= 8
+    rate, expected = float(np.mean(hits)), float(np.mean(chance))
+    assert rate >= expected + 0.25, f"attention on a lesion slice in {rate:.2f} of injured studies, chance {expected:.2f}"
+
+
+def test_pngs_html_and_dicom_are_written_and_open_in_a_real_browser(exported, tmp_path):
+    root, _, model, holdout = exported
+    out = tmp_path / "out"
+    result = _predict(str(model), str(holdout), "--out", str(out), "--stats-from", str(holdout), "--dicom-out",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = _rows(out)
+    assert len(rows) == 40 and all((out / r["figure"]).is_file() for r in rows)
+    # DICOM: a Secondary Capture in each source study, a new series, new instances
+    for row in rows[:5]:
+        sc = pydicom.dcmread(out / row["dicom"])
+        source = pydicom.dcmread(next((holdout / "studies" / row["study"]).rglob("*.dcm")), stop_before_pixels=True)
+        assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.PatientID == source.PatientID
+        assert sc.SeriesInstanceUID != source.SeriesInstanceUID and sc.SOPInstanceUID != source.SOPInstanceUID
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.PhotometricInterpretation == "RGB"
+        assert f"p={float(row['injury_probability']):.2f}" in sc.SeriesDescription
+        assert sc.pixel_array.shape[2] == 3 and sc.BurnedInAnnotation == "NO"
+        with pydicom.config.strict_reading():  # every value well-formed
+            strict = pydicom.dcmread(out / row["dicom"])
+            [element.value for element in strict.iterall()]
+    series = {pydicom.dcmread(out / r["dicom"], stop_before_pixels=True).SeriesInstanceUID for r in rows[:5]}
+    assert len(series) == 5, "each study's explanation is its own series in its own study"
+    dciodvfy = shutil.which("dciodvfy") or str(Path(sys.executable).parent / "dciodvfy")
+    verdict = subprocess.run([dciodvfy, str(out / rows[0]["dicom"])], capture_output=True, text=True)
+    errors = [line for line in (verdict.stdout + verdict.stderr).splitlines() if line.startswith("Error")]
+    assert "SCImage" in verdict.stdout + verdict.stderr and not errors, errors
+    _check_in_chromium(out / "index.html", len(rows))
+
+
+def _check_in_chromium(page: Path, studies: int) -> None:
+    """Open index.html in headless Chromium; every image has loaded and every link resolves."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.fail("Debian's chromium and chromium-driver are needed (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        browser.get(page.as_uri())
+        rows = browser.execute_script("return document.querySelectorAll('#predictions tbody tr').length")
+        assert rows == studies
+        broken = browser.execute_script(
+            "return Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+        assert broken == [] and browser.execute_script("return document.images.length") == studies
+        links = browser.execute_script("return Array.from(document.links).map(a => a.href)")
+    finally:
+        browser.quit()
+    assert len(links) >= 2 * studies
+    for link in links:
+        assert link.startswith("file://") and Path(link.removeprefix("file://")).is_file(), link
+
+
+def test_the_same_study_in_every_lossless_transfer_syntax_gets_the_same_probability(exported, tmp_path):
+    root, _, model, _ = exported
+    variants = ["MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                "MR_small_jp2klossless.dcm"]
+    probabilities = {}
+    for name in variants:
+        study = tmp_path / name.removesuffix(".dcm")
+        study.mkdir()
+        shutil.copy(get_testdata_file(name), study / name)
+        out = tmp_path / f"out-{name}"
+        result = _predict(str(model), str(study), "--out", str(out), "--stats-from", str(exported[3]), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        (row,) = _rows(out)
+        probabilities[name] = float(row["injury_raw_probability"])
+    reference = probabilities["MR_small.dcm"]
+    assert all(abs(p - reference) <= 1e-6 for p in probabilities.values()), probabilities
+
+
+def test_a_model_the_site_cannot_reproduce_is_refused_in_one_line(exported, tmp_path):
+    root, _, model, holdout = exported
+    # no standardisation statistics for this backbone in an empty state dir
+    result = _predict(str(model), str(holdout), "--state-dir", str(tmp_path / "empty"), cwd=tmp_path)
+    assert result.returncode == 2 and "no feature standardisation statistics" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    # another label set: the site's labels.csv names two tasks
+    other = tmp_path / "other"
+    shutil.copytree(holdout, other)
+    lines = (other / "labels.csv").read_text().splitlines()
+    header = lines[0].replace("label", "label_acl", 1) + ",label_meniscus"
+    (other / "labels.csv").write_text("\n".join([header] + [line + ",0" for line in lines[1:]]) + "\n")
+    result = _predict(str(model), str(other), "--stats-from", str(holdout), cwd=tmp_path)
+    assert result.returncode == 2 and "label" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    # not a model export at all
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    result = _predict(str(tmp_path / "junk.pt"), str(holdout), cwd=tmp_path)
+    assert result.returncode == 2 and "not a clinicfl model export" in result.stderr
+
+
+def test_a_study_folder_of_only_broken_files_is_a_quarantine_entry(exported, tmp_path):
+    _, _, model, holdout = exported
+    study = tmp_path / "broken-study"
+    study.mkdir()
+    (study / "a.dcm").write_bytes(b"")
+    (study / "b.dcm").write_bytes(b"not dicom at all" * 10)
+    out = tmp_path / "out"
+    result = _predict(str(model), str(study), "--out", str(out), "--stats-from", str(holdout), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert _rows(out) == []
+    quarantine = list(csv.DictReader((out / "quarantine.csv").open()))
+    assert {(q["path"], q["reason"]) for q in quarantine} >= {("a.dcm", "empty-file"), ("b.dcm", "not-dicom")}
+    assert "quarantine" in result.stdout and (out / "index.html").is_file()

@@ -1,0 +1,44 @@
+"""Every study at its --quick size, through the command a user runs: the report and its JSON
+exist, agree with each other, and the plots are real PNGs. (What the figures are at the default
+size is in the README's Results, from the committed results.json.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = ["federation-vs-local", "privacy-utility", "heterogeneity", "hyperparameter-search", "local-training"]
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_quick_study_writes_a_report_that_agrees_with_its_json(name, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "simulations.cli", "study", name, "--quick"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=900, env=_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (folder,) = list((tmp_path / "runs" / "studies" / name).iterdir())
+    results = json.loads((folder / "results.json").read_text())
+    report = (folder / "report.md").read_text()
+    assert results["study"] == name and results["seeds"] >= 3
+    assert report.startswith(f"# {name}")
+    table_rows = [line for line in report.splitlines() if line.startswith("| ")]
+    for row in results["headline"]:
+        assert "| " + " | ".join(row) + " |" in table_rows, f"headline row {row} is in report.md"
+    for png in folder.glob("*.png"):
+        with Image.open(png) as image:
+            assert image.size[0] > 300 and image.size[1] > 200
+    assert list(folder.glob("*.png")), "at least one plot"
+    assert f"({png.name})" in report, "the report shows its plot"
+    assert str(folder) in result.stdout.replace("\n", ""), "the command says where the report is"
+    assert not (folder / "runs").exists() and not (folder / "data").exists(), "runs and data are cleaned up"
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
