@@ -20,9 +20,7 @@ from common.training import train_local
 from common.inference import evaluate_local
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.data.errors import DataError
-from client.privacy import STATE_KEY as PRIVACY_STATE_KEY
-from client.privacy import BadBudgetId, BudgetExhausted, PrivacyLedger, SitePrivacy, check_budget_id, privacy_units, \
-    reserve_round, train_private
+from client.budget import BadBudgetId, check_budget_id
 from common.exchange import ARRAYS_KEY, METRICS_KEY, SITE_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, \
     UpdateError, load_array_record, to_array_record
 from common.model import BackboneMismatchError, BackboneWeightsError, check_backbone_hash
@@ -50,7 +48,7 @@ def _train(session: SiteSession, msg: Message, context: Context) -> RecordDict:
                          session.device, server_round, proximal_mu(msg))
     session.refresh_feature_norm()
     return RecordDict({
-        ARRAYS_KEY: to_array_record(session.model),
+        ARRAYS_KEY: to_array_record(session.model, session.config.federation.wire_dtype),
         METRICS_KEY: MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                                    "train-seconds": result.seconds}),
         SITE_KEY: _site_status(session, STATUS_OK),
@@ -59,6 +57,11 @@ def _train(session: SiteSession, msg: Message, context: Context) -> RecordDict:
 
 def _train_private(session: SiteSession, msg: Message, context: Context, server_round: int) -> RecordDict:
     """DP-SGD with the site's ledger: charged under its lock (disk and context.state) before training."""
+    # Opacus only where DP is on: its import costs a deployed site about 3 s on every message.
+    from client.privacy import STATE_KEY as PRIVACY_STATE_KEY
+    from client.privacy import BudgetExhausted, PrivacyLedger, SitePrivacy, privacy_units, reserve_round, \
+        train_private
+
     config = session.config
     budget_id = check_budget_id(str(msg.content["config"].get("budget-id", context.run_id)))
     state = context.state.config_records.get(PRIVACY_STATE_KEY)
@@ -82,7 +85,7 @@ def _train_private(session: SiteSession, msg: Message, context: Context, server_
     result = train_private(session.model, session.inputs, units, config, budget, charge, session.device,
                            proximal_mu(msg), server_round)
     return RecordDict({
-        ARRAYS_KEY: to_array_record(session.model),
+        ARRAYS_KEY: to_array_record(session.model, session.config.federation.wire_dtype),
         METRICS_KEY: MetricRecord({"num-examples": result.train.num_examples, "train-loss": result.train.loss,
                                    "train-seconds": result.train.seconds, **result.metrics()}),
         SITE_KEY: _site_status(session, STATUS_OK),
@@ -130,7 +133,7 @@ def _handle(msg: Message, context: Context, work: Callable[[SiteSession, Message
             session = open_session(config, site)
             raise_phi_drill(context, site_name, str(site.data_path / "studies" / session.data.studies[0]))
             check_backbone_hash(str(msg.content["config"].get("backbone-hash", "")), session.backbone_hash)
-            load_array_record(session.model, msg.content[ARRAYS_KEY])
+            load_array_record(session.model, msg.content[ARRAYS_KEY], config.federation.wire_dtype)
             content = work(session, msg, context)
         except KNOWN_ERRORS as exc:
             code = getattr(exc, "code", None) or _CODES[next(t for t in _CODES if isinstance(exc, t))]

@@ -23,7 +23,6 @@ import copy
 import ctypes
 import json
 import math
-import re
 import secrets
 import time
 import warnings
@@ -37,6 +36,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.training import TrainResult, per_study_loss
+from client.budget import BadBudgetId, check_budget_id  # noqa: F401 - part of this module's API
 from common.config import PrivacyConfig, RunConfig, SiteConfig, TrainConfig
 from common.files import atomic_write_bytes
 from common.opacus_import import PrivacyEngine, create_accountant, get_noise_multiplier
@@ -44,8 +44,6 @@ from common.inference import SiteInputs
 from common.model import InjuryNet
 
 STATE_KEY = "clinicfl-privacy"
-# The centre names the ledger a run charges; the id becomes part of a file name at the site.
-BUDGET_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 LOCK_TIMEOUT_S = 600.0  # another run may hold the ledger while it reserves its round
 # RDP orders searched for the conversion to (epsilon, delta). Opacus' default stops at 63; with
 # little noise the best order is then the largest one (Opacus warns "Optimal order is the largest
@@ -55,18 +53,6 @@ RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(
 
 def epsilon_options(accountant: str) -> dict:
     return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
-
-
-class BadBudgetId(ValueError):
-    """The server sent a budget id that is not a plain identifier (e.g. a path)."""
-
-    code = "bad-budget-id"
-
-
-def check_budget_id(budget_id: str) -> str:
-    if not BUDGET_ID_PATTERN.fullmatch(budget_id):
-        raise BadBudgetId(f"budget-id {budget_id[:80]!r} is not 1-64 letters, digits, '-' or '_'")
-    return budget_id
 
 
 def secure_generator(device: torch.device | str = "cpu") -> torch.Generator:

@@ -50,7 +50,8 @@ class SiteSession:
                         exc.strerror or type(exc).__name__)
 
 
-@lru_cache(maxsize=2)
+# One session per site this process serves: a simulation worker or a study serves many sites in turn.
+@lru_cache(maxsize=64)
 def open_session(config: RunConfig, site: SiteConfig) -> SiteSession:
     data = load_site(site.data_path, config.data, config.model.num_labels, layout=site.layout,
                      cache_dir=site.state_dir / "cache" / "preprocessed")
@@ -60,7 +61,8 @@ def open_session(config: RunConfig, site: SiteConfig) -> SiteSession:
     device = pick_device()
     inputs = prepare_inputs(model, data, site.state_dir / "cache", device)
     fit_feature_norm(model, inputs, data.train_index, device)
-    fid = FidFeatureExtractor(model, config.eval.fid_dim, config.eval.fid_inception_weights)
+    fid = FidFeatureExtractor(model, config.eval.fid_dim, config.eval.fid_inception_weights,
+                              config.eval.fid_image_size)
     session = SiteSession(config, site, data, model, inputs, device, frozen_backbone_hash(model), fid)
     session.keep_stats()
     return session

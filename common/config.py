@@ -125,6 +125,12 @@ class EvalConfig:
     threshold: float = 0.5  # decision threshold for the confusion-count metrics
     min_site_cases: int = 10  # per-site figures of a site with fewer test studies are not shown
     fid_dim: int = 64  # FID feature width: the statistics grow with its square
+    # PSNR, SSIM and FID use a fixed subsample of each site's test images (evenly spaced, the same
+    # every round; 0 = all): the reconstructions change every round and FID runs the backbone on them.
+    image_metrics_sample: int = 32
+    # FID features come from the model's ResNet50 on images resized to this size (0 = image-size):
+    # the reconstructions carry recon-size detail, and a smaller input costs the backbone less.
+    fid_image_size: int = 32
     fid_inception_weights: str = ""  # a local torchvision InceptionV3 .pth; empty = the model's ResNet50
     server_val_path: str = ""  # a site-layout folder the server evaluates on centrally (optional)
     # Score-histogram bins a site sends per label: 0 = by test size (about 1 study per bin,
@@ -143,6 +149,10 @@ class EvalConfig:
             raise ConfigError("eval-bins must be 0 (by test size) or a power of two in [4, 2048]")
         if self.fid_dim < 2 or self.fid_dim > 2048:
             raise ConfigError("fid-dim must be in [2, 2048]")
+        if self.image_metrics_sample < 0:
+            raise ConfigError("image-metrics-sample must be >= 0 (0: every test image)")
+        if self.fid_image_size and self.fid_image_size < 32:
+            raise ConfigError("fid-image-size must be 0 or >= 32 (ResNet50 downsamples by 32)")
 
 
 @dataclass(frozen=True)
@@ -188,6 +198,9 @@ class FederationConfig:
     # their authenticated node id is registered with. Empty in simulation: each node keeps the
     # name it first reports.
     site_registry: str = ""
+    # Parameters on the wire: float32, or float16 (half the bytes both ways; the server checks,
+    # widens and aggregates in float64, and keeps float32 checkpoints).
+    wire_dtype: str = "float32"
     # The best global model: the round with the best pooled test loss (default), pooled AUC, or the
     # centre's own validation loss/AUC. export takes it by default. patience > 0 ends the run after
     # that many rounds without improvement.
@@ -214,6 +227,8 @@ class FederationConfig:
             raise ConfigError("trim-fraction must be in [0, 0.5)")
         if self.max_update_norm < 0 or self.control_poll <= 0:
             raise ConfigError("max-update-norm must be >= 0 and control-poll > 0")
+        if self.wire_dtype not in ("float32", "float16"):
+            raise ConfigError(f"wire-dtype must be float32 or float16, got {self.wire_dtype!r}")
         if self.best_metric not in BEST_METRICS:
             raise ConfigError(f"best-metric must be one of {BEST_METRICS}, got {self.best_metric!r}")
         if self.patience < 0:

@@ -43,12 +43,25 @@ def trainable_spec(model: InjuryNet) -> dict[str, ParamSpec]:
             for name, t in trainable_state(model).items()}
 
 
-def to_array_record(model: InjuryNet) -> ArrayRecord:
-    return ArrayRecord({k: Array(v.cpu().numpy()) for k, v in trainable_state(model).items()})
+WIRE_DTYPES = ("float32", "float16")
 
 
-def check_arrays(arrays: ArrayRecord, spec: dict[str, ParamSpec]) -> dict[str, np.ndarray]:
-    """The arrays as numpy, or UpdateError with the first reason they cannot be used."""
+def to_array_record(model: InjuryNet, wire_dtype: str = "float32") -> ArrayRecord:
+    """The trainable parameters, by name, in the wire dtype (float16 halves the bytes; the server
+    aggregates in float64 and keeps float32)."""
+    return ArrayRecord({k: Array(v.cpu().numpy().astype(wire_dtype, copy=False)) for k, v in trainable_state(model).items()})
+
+
+def to_wire(arrays: ArrayRecord, wire_dtype: str) -> ArrayRecord:
+    """A float32 ArrayRecord as it goes on the wire."""
+    if wire_dtype == "float32":
+        return arrays
+    return ArrayRecord({k: Array(v.numpy().astype(wire_dtype)) for k, v in arrays.items()})
+
+
+def check_arrays(arrays: ArrayRecord, spec: dict[str, ParamSpec], wire_dtype: str = "float32") -> dict[str, np.ndarray]:
+    """The arrays as numpy in the spec's dtype, or UpdateError with the first reason they cannot
+    be used. With a 16-bit ``wire_dtype`` the arrays must come in that dtype and are widened."""
     names = set(arrays.keys())
     missing, extra = sorted(set(spec) - names), sorted(names - set(spec))
     if missing or extra:
@@ -62,17 +75,18 @@ def check_arrays(arrays: ArrayRecord, spec: dict[str, ParamSpec]) -> dict[str, n
             raise UpdateError(f"{name}: cannot be decoded ({type(exc).__name__})") from exc
         if tuple(value.shape) != expected.shape:
             raise UpdateError(f"{name}: shape {tuple(value.shape)}, expected {expected.shape}")
-        if value.dtype != expected.dtype:
-            raise UpdateError(f"{name}: dtype {value.dtype}, expected {expected.dtype}")
+        wanted = np.dtype(wire_dtype) if wire_dtype != "float32" else expected.dtype
+        if value.dtype != wanted:
+            raise UpdateError(f"{name}: dtype {value.dtype}, expected {wanted}")
         if not np.all(np.isfinite(value)):
             raise UpdateError(f"{name}: non-finite values")
-        out[name] = value
+        out[name] = value.astype(expected.dtype, copy=False)
     return out
 
 
-def load_array_record(model: InjuryNet, arrays: ArrayRecord) -> None:
+def load_array_record(model: InjuryNet, arrays: ArrayRecord, wire_dtype: str = "float32") -> None:
     """Load global trainable parameters into the model after checking every one of them."""
-    values = check_arrays(arrays, trainable_spec(model))
+    values = check_arrays(arrays, trainable_spec(model), wire_dtype)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in values.items():

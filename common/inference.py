@@ -113,15 +113,22 @@ def encode_cached(model: InjuryNet, site: SiteData, cache_dir: Path | None, devi
 
 @torch.no_grad()
 def encode(model: InjuryNet, images: Tensor, mask: Tensor, device: torch.device, batch_size: int = 32) -> Tensor:
+    """Raw backbone features (N, T, 2048). On CUDA: channels-last weights and inputs, autocast,
+    inputs copied from pinned memory without blocking, and the features kept on the GPU until the
+    end, so the loop never waits for the device."""
+    cuda = device.type == "cuda"
     model.backbone.to(device).eval()
+    if cuda:
+        model.backbone.to(memory_format=torch.channels_last)
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc="encoding images", unit="batch", leave=False,
                       disable=None):
-        x = images[start:start + batch_size].to(device)
-        m = mask[start:start + batch_size].to(device)
+        x, m = images[start:start + batch_size], mask[start:start + batch_size]
+        if cuda:
+            x, m = x.pin_memory().to(device, non_blocking=True), m.pin_memory().to(device, non_blocking=True)
         with autocast(device):
-            chunks.append(model.encode(x, m).float().cpu())
-    return torch.cat(chunks)
+            chunks.append(model.encode(x, m).float())
+    return torch.cat(chunks).cpu() if chunks else torch.zeros((0, mask.shape[1], 2048))
 
 
 def fit_feature_norm(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, device: torch.device) -> None:
@@ -138,8 +145,16 @@ def forward(model: InjuryNet, data: SiteInputs, x: Tensor, m: Tensor, biomech: T
 
 
 def autocast(device: torch.device):
-    # Mixed precision on GPU only: CPU autocast would slow the GRU down and change numerics.
-    return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
+    """Mixed precision on GPU only (bfloat16 where the GPU has it, else float16 with the loss
+    scaler): on CPU autocast would slow the GRU down and change numerics (benchmarks/backbone.py
+    measures the backbone alone)."""
+    return torch.autocast("cuda", dtype=amp_dtype(device), enabled=device.type == "cuda")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
 
 
 @dataclass
@@ -169,6 +184,16 @@ def predict(model: InjuryNet, data: SiteInputs, index: np.ndarray, device: torch
     return Predictions(torch.sigmoid(cat("logits")), cat("attention"), cat("severity"), cat("reconstruction"))
 
 
+def image_sample(mask: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """(study rows, image slots) of a fixed, evenly spaced sample of ``size`` real images (all of
+    them when size is 0 or there are fewer): the image metrics' subsample, the same every round."""
+    rows, slots = torch.nonzero(mask, as_tuple=True)
+    if size and len(rows) > size:
+        keep = torch.as_tensor(np.linspace(0, len(rows) - 1, size).round().astype(np.int64))
+        rows, slots = rows[keep], slots[keep]
+    return rows, slots
+
+
 def evaluate_local(model: InjuryNet, data: SiteInputs, test_index: np.ndarray, device: torch.device,
                    config: EvalConfig, fid: FidFeatureExtractor | None = None) -> EvaluationStats:
     """Sufficient statistics of the site's test split: no per-study value leaves this function."""
@@ -184,15 +209,13 @@ def evaluate_local(model: InjuryNet, data: SiteInputs, test_index: np.ndarray, d
     severity = pred.severity.numpy() if pred.severity is not None else None
     images = None
     if pred.reconstruction is not None:
-        mask = data.mask[index]
-        real = data.images[index][mask][:, 0]  # (n_images, H, W)
-        fake = upsample_reconstruction(pred.reconstruction[mask], real.shape[-1])
-        fid = fid or FidFeatureExtractor(model, config.fid_dim, config.fid_inception_weights)
-        # Real images' backbone features are already cached with the frozen policy: reuse them.
-        real_features = (fid.from_backbone_features(data.inputs[index][mask]) if data.is_features and fid.uses_backbone
-                         else fid(real.unsqueeze(1)))
+        rows, slots = image_sample(data.mask[index], config.image_metrics_sample)
+        real = data.images[index][rows, slots, 0]  # (k, H, W): the same images every round
+        fake = upsample_reconstruction(pred.reconstruction[rows, slots], real.shape[-1])
+        fid = fid or FidFeatureExtractor(model, config.fid_dim, config.fid_inception_weights, config.fid_image_size)
+        real_features, fake_features = fid.real_and_fake(real, fake)
         images = ImageStats(len(real), float(psnr(fake, real).sum()), float(ssim(fake, real).sum()),
-                            GaussianMoments.of(real_features), GaussianMoments.of(fid(fake.unsqueeze(1))))
+                            GaussianMoments.of(real_features), GaussianMoments.of(fake_features))
     return EvaluationStats(
         ClassificationStats.from_predictions(pred.probs.numpy(), labels.numpy(), loss_sum, config.threshold,
                                           histogram_bins(len(test_index), config.eval_bins)),

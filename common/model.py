@@ -21,7 +21,6 @@ from urllib.error import URLError
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from common.opacus_import import register_grad_sampler
 from torchvision.models import ResNet50_Weights, resnet50
 
 from common.config import ModelConfig, RunConfig
@@ -194,12 +193,6 @@ class LinearGRU(nn.Module):
                 self.weight_hh: torch.einsum("bto,bti->boi", d_h, h_prev), self.bias_hh: d_h.sum(1)}
 
 
-@register_grad_sampler(LinearGRU)
-def _linear_gru_grad_sampler(layer: LinearGRU, activations: list, backprops: Tensor) -> dict[nn.Parameter, Tensor]:
-    """Opacus hook: per-study gradients of a LinearGRU (batch = study)."""
-    return {p: g for p, g in layer._per_sample_gradients(backprops).items() if p.requires_grad}
-
-
 class BiGRU(nn.Module):
     """h_t = [GRU_forward(x_t, h_{t-1}); GRU_backward(x_t, h_{t+1})] over the real steps."""
 
@@ -313,10 +306,10 @@ def _prefix_lengths(mask: Tensor) -> Tensor:
 class InjuryNet(nn.Module):
     """ResNet50 trunk + site feature standardisation + sequence head."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, backbone: "ResNetTrunk | None" = None) -> None:
         super().__init__()
         self.config = config
-        self.backbone = ResNetTrunk(config.freeze)
+        self.backbone = backbone if backbone is not None else ResNetTrunk(config.freeze)
         self.feature_norm = FeatureStandardizer(FEATURE_DIM)
         self.head = SequenceHead(config)
 
@@ -340,13 +333,28 @@ class InjuryNet(nn.Module):
 
 def build_model(config: ModelConfig) -> InjuryNet:
     """The model with its backbone weights loaded; the head is initialised from ``config.seed``
-    so that the server's initial global model is reproducible."""
+    so that the server's initial global model is reproducible.
+
+    A frozen backbone is shared by every model built in this process for the same weights: no
+    code path changes it (it has no trainable parameter and always runs in eval mode), and a
+    process that serves several sites (a simulation worker, a study) would otherwise build and
+    hold one 94 MB ResNet50 per site."""
+    shared = frozen_trunk(config.backbone_weights, config.seed) if config.freeze == "frozen" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = InjuryNet(config)
-    state, _ = load_backbone(config.backbone_weights, config.seed)
-    model.backbone.net.load_state_dict(state)
+        model = InjuryNet(config, backbone=shared)
+    if shared is None:
+        state, _ = load_backbone(config.backbone_weights, config.seed)
+        model.backbone.net.load_state_dict(state)
     return model
+
+
+@lru_cache(maxsize=2)
+def frozen_trunk(weights: str, seed: int) -> "ResNetTrunk":
+    trunk = ResNetTrunk("frozen")
+    state, _ = load_backbone(weights, seed)
+    trunk.net.load_state_dict(state)
+    return trunk.eval()
 
 
 @lru_cache(maxsize=2)

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from common.config import TrainConfig
-from common.inference import SiteInputs, autocast, forward
+from common.inference import SiteInputs, amp_dtype, autocast, forward
 from common.model import InjuryNet, InjuryOutput
 
 
@@ -34,9 +34,10 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = torch.optim.Adam(params, lr=config.lr_at(server_round), weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    # A loss scaler only for float16; bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype(device) == torch.float16)
     generator = torch.Generator().manual_seed(config.seed * 100_003 + server_round)
-    total, seen = 0.0, 0
+    total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     for _ in range(config.local_epochs):
         order = torch.as_tensor(train_index)[torch.randperm(len(train_index), generator=generator)]
         for start_i in range(0, len(order), config.batch_size):
@@ -50,9 +51,10 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            total += data_loss.item() * len(batch)  # the reported loss is the data term only
+            total += data_loss.detach().float() * len(batch)  # the reported loss is the data term only
             seen += len(batch)
-    return TrainResult(num_examples=len(train_index), loss=total / max(seen, 1), seconds=time.perf_counter() - start)
+    return TrainResult(num_examples=len(train_index), loss=float(total) / max(seen, 1),
+                       seconds=time.perf_counter() - start)
 
 
 def proximal_penalty(params: list[Tensor], anchor: list[Tensor], mu: float) -> Tensor:

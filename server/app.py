@@ -52,12 +52,13 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(fed.aggregation, fed.proximal_mu, spec=trainable_spec(model), backbone_hash=backbone_hash,
                             label_names=config.model.names(), min_sites=fed.min_sites,
                             fid_dim=config.eval.fid_dim if config.model.recon_head else None,
-                            fid_extractor=FidFeatureExtractor.describe(config.eval.fid_dim,
-                                                                       config.eval.fid_inception_weights),
+                            fid_extractor=FidFeatureExtractor.describe(
+                                config.eval.fid_dim, config.eval.fid_inception_weights,
+                                config.eval.fid_image_size or config.model.image_size),
                             min_site_cases=config.eval.min_site_cases,
                             fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                             trim_fraction=fed.trim_fraction,
-                            max_update_norm=fed.max_update_norm,
+                            max_update_norm=fed.max_update_norm, wire_dtype=fed.wire_dtype,
                             identities=SiteIdentities.from_registry(
                                 Path(fed.site_registry).expanduser() if fed.site_registry else None))
     central = (CentralValidation(config, Path(config.eval.server_val_path).expanduser(), build_model(config.model))

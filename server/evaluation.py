@@ -76,7 +76,8 @@ class CentralValidation:
         self.inputs: SiteInputs = prepare_inputs(model, site, None, self.device)
         # Standardisation statistics from the validation images themselves (no labels used).
         fit_feature_norm(model, self.inputs, self.index, self.device)
-        self.fid = FidFeatureExtractor(model, config.eval.fid_dim, config.eval.fid_inception_weights)
+        self.fid = FidFeatureExtractor(model, config.eval.fid_dim, config.eval.fid_inception_weights,
+                                       config.eval.fid_image_size)
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, MetricValue]:
         load_array_record(self.model, arrays)

@@ -25,8 +25,8 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from common.config import AGGREGATIONS
-from common.exchange import ARRAYS_KEY, METRICS_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_OK, ParamSpec, UpdateError, check_arrays, \
-    payload_bytes, site_record
+from common.exchange import ARRAYS_KEY, METRICS_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_OK, ParamSpec, UpdateError, \
+    check_arrays, payload_bytes, site_record, to_wire
 from common.metrics.catalogue import EvaluationStats, MetricValue, compute_catalogue
 from common.metrics.classification import ClassificationStats, roc_curve_from_histograms
 from server.identities import SiteIdentities
@@ -76,7 +76,8 @@ class ClinicFedAvg(FedAvg):
                  fid_dim: int | None = None, fid_extractor: str = "", min_site_cases: int = 10,
                  fraction_train: float = 1.0, fraction_evaluate: float = 1.0, aggregation: str = "fedavg",
                  trim_fraction: float = 0.2, max_update_norm: float = 0.0,
-                 identities: SiteIdentities | None = None, **flower_kwargs: object) -> None:
+                 identities: SiteIdentities | None = None, wire_dtype: str = "float32",
+                 **flower_kwargs: object) -> None:
         # Minimums come from our config: Flower's default of 2 would hang a one-site federation
         # and let a round of one site pass when three were required.
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
@@ -99,6 +100,7 @@ class ClinicFedAvg(FedAvg):
         self.pooled: dict[int, EvaluationStats] = {}  # round -> summed evaluation statistics (best round, calibration)
         self.epsilon: dict[str, float] = {}  # last cumulative epsilon reported by each site
         self.identities = identities or SiteIdentities()
+        self.wire_dtype = wire_dtype
         self._sent_bytes: dict[tuple[int, str], int] = {}
         self._sent_messages: dict[str, list[Message]] = {}
         self._round_start: tuple[int, dict[str, np.ndarray]] | None = None  # (round, model its updates start from)
@@ -118,11 +120,12 @@ class ClinicFedAvg(FedAvg):
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[override]
         self.start_round(server_round, arrays)
-        return self._remember_sent(server_round, "train", super().configure_train(server_round, arrays, config, grid))
+        return self._remember_sent(server_round, "train", super().configure_train(
+            server_round, to_wire(arrays, self.wire_dtype), config, grid))
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[override]
-        return self._remember_sent(server_round, "evaluate",
-                                   super().configure_evaluate(server_round, arrays, config, grid))
+        return self._remember_sent(server_round, "evaluate", super().configure_evaluate(
+            server_round, to_wire(arrays, self.wire_dtype), config, grid))
 
     def report(self, server_round: int) -> RoundReport:
         return self.reports.setdefault(server_round, RoundReport(server_round))
@@ -241,7 +244,7 @@ class ClinicFedAvg(FedAvg):
         if not np.isfinite(float(metrics["train-loss"])) or not np.isfinite(float(metrics["train-seconds"])):
             return "train-loss or train-seconds is not finite", {}
         try:
-            values = check_arrays(content[ARRAYS_KEY], self.spec)
+            values = check_arrays(content[ARRAYS_KEY], self.spec, self.wire_dtype)
         except UpdateError as exc:
             return f"malformed update: {exc}", {}
         start = self._round_start[1] if self._round_start and self._round_start[0] == server_round else None

@@ -103,33 +103,12 @@ def run_simulation(data_root: Path, run_root: Path, num_sites: int, overrides: d
     log_path = flwr_home / "logs" / f"simulation-{stamp}-{os.getpid()}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     config = {"data-root": str(data_root.resolve()), "run-dir": str(run_root), **overrides}
-    command = [bin_path("flwr"), "run", str(PROJECT_ROOT), "clinicfl-sim", "--stream",
-               "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}",
-               "--run-config", str(write_config_file(config, flwr_home / f"run-config-{time.time_ns()}.toml"))]
     found: dict[str, Path] = {}
-    with local_superlink(flwr_home) as _:
-        process = subprocess.Popen(command, env=flower_env(flwr_home), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
-        reader = threading.Thread(target=_copy_output, args=(process, log_path, stream, found), daemon=True)
-        reader.start()
-        seen, deadline = 0, time.monotonic() + timeout
-        while True:
-            finished = process.poll() is not None
-            if "run_dir" in found and on_round is not None:
-                records = read_metrics(found["run_dir"])
-                for record in records[seen:]:
-                    on_round(record)
-                seen = max(seen, len(records))
-            if finished:
-                break
-            if time.monotonic() > deadline:
-                process.kill()
-                raise SimulationError(f"the simulation did not finish within {timeout:.0f}s; log: {log_path}")
-            time.sleep(0.5)
-        reader.join(timeout=30)
+    returncode = run_flower_app(PROJECT_ROOT, config, num_sites, flwr_home, log_path, cpus_per_site, timeout,
+                                stream, found, lambda: _report_rounds(found, on_round))
     run_dir = found.get("run_dir")
     if run_dir is None or not run_dir.is_dir():
-        raise SimulationError(f"the simulation did not produce a run directory (flwr exit {process.returncode}); "
+        raise SimulationError(f"the simulation did not produce a run directory (flwr exit {returncode}); "
                               f"log: {log_path}")
     shutil.copy2(log_path, run_dir / "simulation.log")
     # `flwr run --stream` exits 0 even when the ServerApp crashed: trust only what was written.
@@ -140,6 +119,46 @@ def run_simulation(data_root: Path, run_root: Path, num_sites: int, overrides: d
         raise SimulationError(f"the run stopped early: {len(records)} round record(s) in {run_dir}; "
                               f"log: {run_dir / 'simulation.log'}")
     return run_dir
+
+
+def run_flower_app(app: Path, config: dict[str, object], num_sites: int, flwr_home: Path, log_path: Path,
+                   cpus_per_site: int = 1, timeout: float = 3600.0, stream: bool = False,
+                   found: dict[str, Path] | None = None, poll: Callable[[], None] | None = None) -> int:
+    """``flwr run APP --stream`` on a SuperLink of our own (simulation); returns flwr's exit code.
+    Flower's output goes to ``log_path`` (and the console when ``stream``); ``poll`` runs twice a
+    second while the run lasts."""
+    found = found if found is not None else {}
+    command = [bin_path("flwr"), "run", str(app), "clinicfl-sim", "--stream",
+               "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}",
+               "--run-config", str(write_config_file(config, flwr_home / f"run-config-{time.time_ns()}.toml"))]
+    with local_superlink(flwr_home) as _:
+        process = subprocess.Popen(command, env=flower_env(flwr_home), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+        reader = threading.Thread(target=_copy_output, args=(process, log_path, stream, found), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + timeout
+        while process.poll() is None:
+            if poll is not None:
+                poll()
+            if time.monotonic() > deadline:
+                process.kill()
+                raise SimulationError(f"the simulation did not finish within {timeout:.0f}s; log: {log_path}")
+            time.sleep(0.5)
+        if poll is not None:
+            poll()
+        reader.join(timeout=30)
+    return process.returncode
+
+
+def _report_rounds(found: dict[str, Path], on_round: Callable[[dict], None] | None) -> None:
+    """Call ``on_round`` once for every round record the ServerApp has written since the last call."""
+    if on_round is None or "run_dir" not in found:
+        return
+    records = read_metrics(found["run_dir"])
+    seen = int(found.get("seen", 0))  # type: ignore[arg-type]
+    for record in records[seen:]:
+        on_round(record)
+    found["seen"] = len(records)  # type: ignore[assignment]
 
 
 def _copy_output(process: subprocess.Popen, log_path: Path, stream: bool, found: dict[str, Path]) -> None:

@@ -228,11 +228,15 @@ def test_fid_extractor_uses_a_local_inception_file_and_names_it(tmp_path, tiny_m
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), path)
     model = build_model(tiny_model_config)
     extractor = FidFeatureExtractor(model, dim=8, inception_weights=str(path))
-    images = torch.rand(2, 1, 32, 32)
-    features = extractor(images)
-    assert features.shape == (2, 8) and np.all(np.isfinite(features))
-    assert "InceptionV3" in extractor.name and not extractor.uses_backbone
-    default = FidFeatureExtractor(model, dim=8)
-    assert "ResNet50" in default.name and default(images).shape == (2, 8)
+    real, fake = torch.rand(4, 32, 32), torch.rand(4, 32, 32)
+    real_features, fake_features = extractor.real_and_fake(real, fake)
+    assert real_features.shape == fake_features.shape == (4, 8) and np.all(np.isfinite(real_features))
+    assert "InceptionV3" in extractor.name
+    default = FidFeatureExtractor(model, dim=8, image_size=32)
+    real_features, fake_features = default.real_and_fake(real, fake)
+    assert "ResNet50" in default.name and "32x32" in default.name and fake_features.shape == (4, 8)
+    assert np.allclose(real_features.mean(0), 0, atol=1e-4), "standardised with the real images' statistics"
+    again, _ = default.real_and_fake(real, torch.rand(4, 32, 32))
+    assert np.array_equal(again, real_features) and len(default._real) == 1, "real features computed once"
     with pytest.raises(BackboneWeightsError, match="fid-inception-weights"):
         FidFeatureExtractor(model, dim=8, inception_weights=str(tmp_path / "missing.pth"))

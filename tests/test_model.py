@@ -131,6 +131,10 @@ def test_backbone_hash_identifies_the_frozen_weights(tiny_model_config):
 
 
 def test_random_backbone_warns(tiny_model_config, caplog):
+    from common.model import frozen_trunk, load_backbone
+
+    load_backbone.cache_clear()  # the warning is given once per process, when the weights are made
+    frozen_trunk.cache_clear()
     with caplog.at_level(logging.WARNING):
         build_model(tiny_model_config)
     assert "randomly initialised" in caplog.text

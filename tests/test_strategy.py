@@ -269,3 +269,14 @@ def test_fuzzed_train_replies_never_crash_and_the_global_model_stays_finite(arra
                      if name not in ("a", "b"))
     assert fuzz_site in report.train or any(r["site"] == fuzz_site and r["reason"] for r in report.rejected) \
         or fuzz_site in report.exhausted
+
+
+def test_float16_on_the_wire_is_widened_and_aggregated_in_float32():
+    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1, wire_dtype="float16")
+    half = {"head.w": np.full((2, 3), 1.0009765625, np.float16), "head.b": np.full(2, 3.0, np.float16)}
+    full = {"head.w": np.full((2, 3), 9.0, np.float32), "head.b": np.full(2, 9.0, np.float32)}
+    arrays, _ = strategy.aggregate_train(1, [reply(_train_content(0, 10, site="a", arrays=half), 1),
+                                             reply(_train_content(0, 10, site="b", arrays=full), 2)])
+    assert arrays["head.w"].numpy().dtype == np.float32 and np.allclose(arrays["head.w"].numpy(), 1.0009765625)
+    (rejected,) = strategy.reports[1].rejected
+    assert rejected["site"] == "b" and "dtype float32, expected float16" in rejected["reason"]

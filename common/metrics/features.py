@@ -1,5 +1,5 @@
 """Image features for FID: torchvision InceptionV3 pool features when a local weights file is
-configured, else the model's own frozen ResNet50 (site-standardised). Both are reduced to
+configured, else the model's own frozen ResNet50 (standardised with the real images' statistics). Both are reduced to
 ``fid-dim`` by one fixed, seeded orthonormal projection, so sites' statistics are summable and
 their size is chosen on purpose: 2 x (d + d^2) float64 values per site (64-d: 66 KB; 2048-d:
 67 MB, more than the model update).
@@ -7,6 +7,7 @@ their size is chosen on purpose: 2 x (d + d^2) float64 values per site (64-d: 66
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -28,46 +29,68 @@ def fixed_projection(in_dim: int, out_dim: int, seed: int = 0) -> Tensor:
 
 
 class FidFeatureExtractor:
-    def __init__(self, model: InjuryNet, dim: int, inception_weights: str = "") -> None:
+    """FID features of real and reconstructed images, for one site or the server's validation set.
+
+    With the model's ResNet50 (no InceptionV3 file), images are resized to ``image_size`` and the
+    pool features are standardised with the statistics of the *real* images' features (a random,
+    frozen backbone gives features that are nearly one vector otherwise), then projected. The
+    real images of a site's fixed sample never change, so their raw features are computed once
+    and kept; each round only the reconstructions go through the backbone.
+    """
+
+    def __init__(self, model: InjuryNet, dim: int, inception_weights: str = "", image_size: int = 0) -> None:
         self.model = model
         self.inception = _load_inception(Path(inception_weights).expanduser()) if inception_weights else None
         self.projection = fixed_projection(2048, dim)
-        self.name = self.describe(dim, inception_weights)
+        self.image_size = image_size or model.config.image_size
+        self.name = self.describe(dim, inception_weights, self.image_size)
+        self._real: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # content key -> raw features, mean, inv std
 
     @staticmethod
-    def describe(dim: int, inception_weights: str = "") -> str:
+    def describe(dim: int, inception_weights: str = "", image_size: int = 0) -> str:
         """The extractor's name as reports show it (values compare only within one extractor)."""
         if inception_weights:
             return f"InceptionV3 pool features ({Path(inception_weights).name}), projected to {dim}-d"
-        return f"the model's frozen ResNet50 pool features (site-standardised), projected to {dim}-d"
-
-    @property
-    def uses_backbone(self) -> bool:
-        return self.inception is None
+        size = f" at {image_size}x{image_size}" if image_size else ""
+        return (f"the model's frozen ResNet50 pool features{size}, standardised with the real images' statistics, "
+                f"projected to {dim}-d")
 
     @torch.no_grad()
-    def from_backbone_features(self, features: Tensor) -> np.ndarray:
-        """(N, 2048) raw backbone features already computed (cached) -> (N, dim)."""
-        standardised = self.model.feature_norm(features.to(self.model.feature_norm.mean.device))
-        return (standardised.float().cpu() @ self.projection).double().numpy()
+    def real_and_fake(self, real: Tensor, fake: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W) real and reconstructed images in [0, 1] -> two (N, dim) float64 arrays."""
+        if self.inception is not None:
+            return self._project(self._raw(real)), self._project(self._raw(fake))
+        key = hashlib.sha256(real.contiguous().numpy().tobytes()).hexdigest()
+        if key not in self._real:
+            raw = self._raw(real)
+            std = raw.std(0, unbiased=False)
+            floor = 0.01 * std.median().clamp_min(1e-12)
+            inv_std = torch.where(std > floor, 1.0 / std.clamp_min(1e-12), torch.zeros_like(std))
+            self._real[key] = (raw, raw.mean(0), inv_std)
+        raw, mean, inv_std = self._real[key]
+        return self._project((raw - mean) * inv_std), self._project((self._raw(fake) - mean) * inv_std)
+
+    def _project(self, features: Tensor) -> np.ndarray:
+        return (features.float() @ self.projection).double().numpy()
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, batch_size: int = 64) -> np.ndarray:
-        """(N, 1, H, W) in [0, 1] -> (N, dim) float64."""
+    def _raw(self, images: Tensor, batch_size: int = 64) -> Tensor:
+        """(N, H, W) -> (N, 2048) raw pool features on the CPU."""
         out = []
+        device = self.model.feature_norm.mean.device
         for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size]
-            device = self.model.feature_norm.mean.device
+            x = images[start:start + batch_size].unsqueeze(1).float()
             if self.inception is not None:
                 x = x.expand(-1, 3, -1, -1)
                 x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-                x = (x - _IMAGENET_MEAN) / _IMAGENET_STD
-                features = self.inception(x)
-            else:
-                self.model.backbone.eval()
-                features = self.model.feature_norm(self.model.backbone(x.to(device)))
-            out.append((features.float().cpu() @ self.projection).double().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.projection.shape[1]))
+                out.append(self.inception((x - _IMAGENET_MEAN) / _IMAGENET_STD).float())
+                continue
+            if x.shape[-1] != self.image_size:
+                x = torch.nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                                                    align_corners=False, antialias=x.shape[-1] > self.image_size)
+            self.model.backbone.eval()
+            out.append(self.model.backbone(x.to(device)).float().cpu())
+        return torch.cat(out) if out else torch.zeros((0, 2048))
 
 
 def _load_inception(path: Path) -> torch.nn.Module:

@@ -30,12 +30,18 @@ def psnr(images: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0)
     return value.clamp_max(PSNR_CAP_DB)
 
 
-def _gaussian_window(device: torch.device) -> torch.Tensor:
+def _gaussian_1d(device: torch.device) -> torch.Tensor:
     radius = SSIM_WINDOW // 2
     x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
     g = torch.exp(-(x ** 2) / (2 * SSIM_SIGMA ** 2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).view(1, 1, SSIM_WINDOW, SSIM_WINDOW)
+    return g / g.sum()
+
+
+def _gaussian_filter(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The 11x11 Gaussian window as two 1-D passes ('valid' borders): the same sums as the 2-D
+    window, in 22 instead of 121 multiplications per pixel."""
+    x = F.conv2d(x, g.view(1, 1, 1, -1))
+    return F.conv2d(x, g.view(1, 1, -1, 1))
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -45,11 +51,11 @@ def ssim(images: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0)
     y = reference.double().unsqueeze(1)
     if min(x.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}")
-    w = _gaussian_window(x.device)
-    mu_x, mu_y = F.conv2d(x, w), F.conv2d(y, w)
-    var_x = F.conv2d(x * x, w) - mu_x ** 2
-    var_y = F.conv2d(y * y, w) - mu_y ** 2
-    cov = F.conv2d(x * y, w) - mu_x * mu_y
+    g = _gaussian_1d(x.device)
+    mu_x, mu_y = _gaussian_filter(x, g), _gaussian_filter(y, g)
+    var_x = _gaussian_filter(x * x, g) - mu_x ** 2
+    var_y = _gaussian_filter(y * y, g) - mu_y ** 2
+    cov = _gaussian_filter(x * y, g) - mu_x * mu_y
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
     return s.flatten(1).mean(1)

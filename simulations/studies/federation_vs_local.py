@@ -100,7 +100,7 @@ def report(results: dict[str, Any]) -> str:
              f"{results['seeds']} seeds; {size['sites']} clinics x {size['studies']} studies of {size['slices']} "
              f"images at {size['image_size']}x{size['image_size']}; {size['rounds']} rounds x {size['local_epochs']} "
              "local epochs (the same total epochs for the centralised and local-only arms). Mean ± std over seeds "
-             "of the pooled AUC on every clinic's test split, each arm at its round with the lowest loss on the "
+             "of the pooled AUC on every clinic's test split, each arm at its round with the highest AUC on the "
              "centre's validation clinic. Severity and reconstruction heads off.", "",
              markdown_table(results["headline_columns"], results["headline"]), ""]
     for setting, values in results["settings"].items():

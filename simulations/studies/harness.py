@@ -8,9 +8,11 @@
   standardised with that site's own statistics (as the federated sites do), in blocks of
   ``local-epochs`` epochs: one block per federated round, so every arm gets the same total
   number of local epochs. The optimiser restarts every block, as it does at a site every round.
-- **Model selection** is the same for every arm: the round (or block) with the lowest loss on the
-  centre's own validation clinic (``best-metric = server-val-loss``), which no site trains or is
-  scored on. Test figures are then unbiased by the selection.
+- **Model selection** is the same for every arm: the round (or block) with the highest AUC on the
+  centre's own validation clinic (``best-metric = server-val-auc``), which no site trains or is
+  scored on, so the test figures are not biased by the selection. AUC rather than loss: under
+  label skew the federation's prevalence differs from the validation clinic's, and the loss would
+  then reward a model for its prior, not for telling injured from healthy.
 - **Scoring** is exact and the same for every arm: the model's probabilities on every site's test
   split (site j's studies standardised with site j's statistics), pooled AUC and loss with
   sklearn, and AUC per site. The study harness owns all the synthetic data; in a real
@@ -161,12 +163,13 @@ class Scorer:
         return {"auc": _auc(y, p), "loss": float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])),
                 "per_site_auc": per_site, "n_test": int(len(y))}
 
-    def validation_loss(self, state: dict[str, torch.Tensor]) -> float:
+    def validation(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """(AUC, loss) on the centre's validation clinic."""
         self.load(state)
         site = self.server_val
         index = np.arange(len(site.data.studies))
-        p = self.probabilities(site, index)
-        return float(log_loss(site.data.labels[:, 0], np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
+        p, y = self.probabilities(site, index), site.data.labels[:, 0]
+        return _auc(y, p), float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
 
     def holdout_auc(self, state: dict[str, torch.Tensor]) -> float:
         self.load(state)
@@ -195,7 +198,7 @@ def federated(clinics: Clinics, overrides: dict[str, Any], scorer: Scorer, run_r
 
     run_dir = run_inprocess(clinics.root / "sites", run_root, len(clinics.sites),
                             {**overrides, "server-val-path": str(clinics.server_val),
-                             "best-metric": "server-val-loss"})
+                             "best-metric": "server-val-auc"})
     state = json.loads((run_dir / "state.json").read_text())
     records = read_metrics(run_dir)
     best_round, best_state = best_checkpoint(run_dir)
@@ -230,24 +233,24 @@ def _checkpoint(run_dir: Path, server_round: int) -> dict[str, torch.Tensor]:
 
 def trained_blocks(scorer: Scorer, sites: list[PreparedSite], config: RunConfig, curve: bool = False) -> ArmResult:
     """Centralised (several sites pooled) or local only (one site): ``num-rounds`` blocks of
-    ``local-epochs`` epochs, the block with the lowest validation loss kept."""
+    ``local-epochs`` epochs, the block with the highest validation AUC kept."""
     model = build_model(config.model)
     inputs, is_test = _pooled(sites)
     index = np.flatnonzero(~is_test)
     # The features are already standardised per site: the model's own standardiser is the identity.
     model.feature_norm.mean.zero_()
     model.feature_norm.inv_std.fill_(1.0)
-    best_state, best_loss, best_block, points = None, math.inf, 0, []
+    best_state, best_auc, best_block, points = None, -math.inf, 0, []
     final_state = None
     for block in range(1, config.federation.num_rounds + 1):
         train_local(model, inputs, index, config.train, scorer.device, server_round=block)
         state = {k: v.detach().clone() for k, v in trainable_state(model).items()}
-        val = scorer.validation_loss(state)
-        if val < best_loss:
-            best_state, best_loss, best_block = state, val, block
+        val_auc, val_loss = scorer.validation(state)
+        if best_state is None or (math.isfinite(val_auc) and val_auc > best_auc):
+            best_state, best_auc, best_block = state, val_auc, block
         if curve:
             score = scorer.score(state)
-            points.append({"round": block, "test_auc": score["auc"], "test_loss": score["loss"], "val_loss": val})
+            points.append({"round": block, "test_auc": score["auc"], "test_loss": score["loss"], "val_loss": val_loss})
         final_state = state
     return ArmResult(scorer.score(best_state), scorer.score(final_state), best_block, points)
 

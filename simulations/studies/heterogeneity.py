@@ -68,7 +68,7 @@ def report(results: dict[str, Any]) -> str:
     lines = [f"# {NAME}", "",
              f"{results['seeds']} seeds; {size['sites']} clinics x {size['studies']} studies; {size['rounds']} rounds x "
              f"{size['local_epochs']} local epochs. Pooled test AUC (mean ± std over seeds) of each aggregation's "
-             "best round (lowest loss on the centre's validation clinic). FedProx mu 0.01; trimmed mean cuts "
+             "best round (highest AUC on the centre's validation clinic). FedProx mu 0.01; trimmed mean cuts "
              "20% (one clinic of five) at each end.", "",
              markdown_table(results["headline_columns"], results["headline"]), "",
              "Best aggregation per alpha: " + ", ".join(f"alpha {a:g}: {m}" for a, m in best_at.items()) + ".", "",

@@ -1,0 +1,132 @@
+"""What a round costs: clinicfl against the plain and the lean Flower recipe, side by side, through
+the same Flower simulation path (a SuperLink of our own, Ray, ``flwr run``), on the same sites.
+
+    .venv/bin/python -m benchmarks.rounds [--sites 3 --studies 40 --rounds 3] [--out runs/benchmarks/rounds.json]
+
+Arms (every one on the same synthetic DICOM sites, 1 local epoch, ``--rounds`` rounds):
+- plain: Flower's PyTorch quickstart pattern, the whole state dict each way and the ResNet50 on every
+  batch (``benchmarks/recipes``);
+- lean: trainable parameters only, features encoded once per site (``benchmarks/recipes``);
+- clinicfl with its default configuration (every catalogue metric every round), clinicfl with the
+  heads off, and clinicfl with float16 on the wire.
+Reported: the mean time of the rounds after the first (each arm's own clock between the ends of
+consecutive rounds), the whole run's wall time (from starting the SuperLink to its end, as a user
+waits for it), bytes per site per round (payloads, both directions, evaluation included) and the
+ratios between arms. The first run of each arm is discarded when ``--warm`` (default): it pays for
+caches (decoded DICOM, encoded features) that every later run of a site reuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import write_result
+from common.runlog import read_metrics
+from simulations.runner import PROJECT_ROOT, run_flower_app, run_simulation
+from simulations.synthetic import SyntheticSpec, generate_clinics
+
+RECIPES = PROJECT_ROOT / "benchmarks" / "recipes"
+
+
+def recipe_arm(recipe: str, data_root: Path, sites: int, rounds: int, spec: SyntheticSpec, work: Path) -> dict:
+    result_path = work / f"{recipe}-{time.time_ns()}.json"
+    config = {"recipe": recipe, "data-root": str(data_root), "num-rounds": rounds, "local-epochs": 1,
+              "image-size": spec.image_size, "seq-len": spec.slices_per_study, "result-path": str(result_path)}
+    start = time.perf_counter()
+    code = run_flower_app(RECIPES, config, sites, work / "flwr-home", work / f"{recipe}.log")
+    wall = time.perf_counter() - start
+    if code != 0 or not result_path.is_file():
+        raise RuntimeError(f"the {recipe} recipe failed (flwr exit {code}); see {work / f'{recipe}.log'}")
+    result = json.loads(result_path.read_text())
+    later = result["round_seconds"][1:] or result["round_seconds"]
+    return {"round_seconds": [round(s, 3) for s in result["round_seconds"]],
+            "later_rounds_mean_s": round(statistics.fmean(later), 3), "whole_run_s": round(wall, 1),
+            "bytes_per_site_per_round": int(result["bytes_per_site_per_round"])}
+
+
+def clinicfl_arm(data_root: Path, sites: int, rounds: int, spec: SyntheticSpec, work: Path, overrides: dict) -> dict:
+    config = {"num-rounds": rounds, "local-epochs": 1, "min-sites": sites, "image-size": spec.image_size,
+              "seq-len": spec.slices_per_study, **overrides}
+    start = time.perf_counter()
+    run_dir = run_simulation(data_root, work / "runs", sites, config, flwr_home=work / "flwr-home")
+    wall = time.perf_counter() - start
+    records = read_metrics(run_dir)
+    seconds = [r["seconds"] for r in records[1:]]  # round 0 is the initial model's evaluation
+    later = seconds[1:] or seconds
+    traffic = [sum(t["sent"] + t["received"] for t in r["traffic"].values()) / max(len(r["traffic"]), 1)
+               for r in records[1:]]
+    return {"round_seconds": seconds, "later_rounds_mean_s": round(statistics.fmean(later), 3),
+            "whole_run_s": round(wall, 1), "bytes_per_site_per_round": int(statistics.fmean(traffic)),
+            "final_auc": records[-1]["catalogue"]["auc"]["value"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--studies", type=int, default=40)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--slices", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-warm", action="store_true", help="do not discard a first, cache-filling run")
+    parser.add_argument("--out", default="runs/benchmarks/rounds.json")
+    args = parser.parse_args()
+    spec = SyntheticSpec(sites=args.sites, studies_per_site=args.studies, image_size=args.image_size,
+                         slices_per_study=args.slices, seed=13)
+    arms = {
+        "plain recipe": lambda: recipe_arm("plain", data, args.sites, args.rounds, spec, work),
+        "lean recipe": lambda: recipe_arm("lean", data, args.sites, args.rounds, spec, work),
+        "clinicfl default": lambda: clinicfl_arm(data, args.sites, args.rounds, spec, work, {}),
+        "clinicfl heads off": lambda: clinicfl_arm(data, args.sites, args.rounds, spec, work,
+                                                   {"severity-head": False, "recon-head": False}),
+        "clinicfl float16 wire": lambda: clinicfl_arm(data, args.sites, args.rounds, spec, work,
+                                                      {"wire-dtype": "float16"}),
+    }
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = work / "data"
+        generate_clinics(data, spec, progress=False)
+        if not args.no_warm:
+            # A site's first run decodes its DICOM and encodes its images into its caches; every
+            # later run reuses them. This first run is reported on its own.
+            print("running clinicfl default (cold caches)", flush=True)
+            results["clinicfl default, cold caches"] = arms["clinicfl default"]()
+        for name, arm in arms.items():
+            print(f"running {name}", flush=True)
+            results[name] = arm()
+    plain, lean, ours = results["plain recipe"], results["lean recipe"], results["clinicfl default"]
+    full_bytes = plain["bytes_per_site_per_round"]
+    result = {
+        "workload": {"sites": args.sites, "studies_per_site": args.studies, "images": f"{args.slices} x "
+                     f"{args.image_size}x{args.image_size}", "local_epochs": 1, "rounds": args.rounds},
+        "arms": results,
+        "ratios": {
+            "clinicfl_later_round_vs_lean": round(ours["later_rounds_mean_s"] / lean["later_rounds_mean_s"], 2),
+            "plain_later_round_vs_clinicfl": round(plain["later_rounds_mean_s"] / ours["later_rounds_mean_s"], 1),
+            "clinicfl_whole_run_vs_lean": round(ours["whole_run_s"] / lean["whole_run_s"], 2),
+            "clinicfl_bytes_vs_full_state_dict": round(ours["bytes_per_site_per_round"] / full_bytes, 4),
+            "clinicfl_float16_bytes_vs_full_state_dict": round(
+                results["clinicfl float16 wire"]["bytes_per_site_per_round"] / full_bytes, 4),
+            "float16_final_auc_minus_float32": round(results["clinicfl float16 wire"]["final_auc"]
+                                                     - ours["final_auc"], 4),
+        },
+        "goals": {"later round <= lean": None, "later round >= 20x faster than plain": None,
+                  "whole run <= 1.5x lean": None, "bytes <= 3.6% of the full state dict": None,
+                  "float16 bytes <= 2%": None},
+    }
+    r = result["ratios"]
+    result["goals"] = {"later round <= lean": r["clinicfl_later_round_vs_lean"] <= 1.0,
+                       "later round >= 20x faster than plain": r["plain_later_round_vs_clinicfl"] >= 20,
+                       "whole run <= 1.5x lean": r["clinicfl_whole_run_vs_lean"] <= 1.5,
+                       "bytes <= 3.6% of the full state dict": r["clinicfl_bytes_vs_full_state_dict"] <= 0.036,
+                       "float16 bytes <= 2%": r["clinicfl_float16_bytes_vs_full_state_dict"] <= 0.02}
+    write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Scaling: a clinicfl simulation of 5, 10 and 20 sites on this machine, with the memory of the whole
+process tree (SuperLink, ServerApp, Ray workers) sampled as it runs.
+
+    .venv/bin/python -m benchmarks.scaling [--sites 5 10 20 --rounds 6] [--out runs/benchmarks/scaling.json]
+
+For each size: peak PSS (proportional set size: shared pages split between the processes that
+share them, so the sum over the tree is the tree's real footprint), PSS at the end of every
+round (it must not grow with the rounds), and the time of the rounds after the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks import write_result
+from common.runlog import read_metrics
+from simulations.runner import run_simulation
+from simulations.synthetic import SyntheticSpec, generate_clinics
+
+
+def tree_pss_bytes(root: int) -> int:
+    """Sum of PSS over ``root`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
+class PssSampler:
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval, self.peak, self.samples, self._stop = interval, 0, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            value = tree_pss_bytes(os.getpid())
+            self.peak = max(self.peak, value)
+            self.samples.append((time.perf_counter(), value))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_size(sites: int, rounds: int, studies: int, work: Path) -> dict:
+    spec = SyntheticSpec(sites=sites, studies_per_site=studies, image_size=64, slices_per_study=8, seed=sites)
+    data = work / f"data-{sites}"
+    generate_clinics(data, spec, progress=False)
+    config = {"num-rounds": rounds, "local-epochs": 1, "min-sites": sites}
+    at_round: list[int] = []
+    # First run fills the sites' caches; the second, measured one is the steady state of a federation.
+    run_simulation(data, work / "runs", sites, {**config, "num-rounds": 1}, flwr_home=work / "flwr-home")
+    with PssSampler() as sampler:
+        start = time.perf_counter()
+        run_dir = run_simulation(data, work / "runs", sites, config, flwr_home=work / "flwr-home",
+                                 on_round=lambda record: at_round.append(tree_pss_bytes(os.getpid())))
+        wall = time.perf_counter() - start
+    seconds = [r["seconds"] for r in read_metrics(run_dir)[1:]]
+    later = seconds[1:] or seconds
+    mib = [round(v / 2 ** 20) for v in at_round]
+    return {"sites": sites, "peak_pss_mib": round(sampler.peak / 2 ** 20), "pss_mib_after_each_round": mib,
+            "pss_growth_last_vs_round1_mib": mib[-1] - mib[1] if len(mib) > 2 else None,
+            "later_round_seconds_mean": round(statistics.fmean(later), 2), "whole_run_s": round(wall, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sites", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--studies", type=int, default=24)
+    parser.add_argument("--out", default="runs/benchmarks/scaling.json")
+    args = parser.parse_args()
+    sizes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for sites in args.sites:
+            print(f"running {sites} sites", flush=True)
+            sizes.append(run_size(sites, args.rounds, args.studies, Path(tmp)))
+    first = sizes[0]
+    for size in sizes:
+        scale = size["sites"] / first["sites"]
+        size["round_time_vs_smallest_per_site_ratio"] = round(
+            size["later_round_seconds_mean"] / first["later_round_seconds_mean"] / scale, 2)
+        size["peak_pss_vs_smallest"] = round(size["peak_pss_mib"] / first["peak_pss_mib"], 2)
+    write_result(args.out, {"studies_per_site": args.studies, "rounds": args.rounds, "sizes": sizes})
+
+
+if __name__ == "__main__":
+    main()
