@@ -29,9 +29,14 @@ browser:
 		(apt-get update -q && apt-get install -y -q chromium chromium-driver) || \
 		echo "warning: install chromium and chromium-driver (the predict page test needs them)"
 
+# Each writes runs/benchmarks/NAME.json; docs/benchmarks/ holds the committed results the README cites.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.skeleton
+	$(BIN)/python -m benchmarks.rounds
+	$(BIN)/python -m benchmarks.site_message
+	$(BIN)/python -m benchmarks.scaling
+	$(BIN)/python -m benchmarks.backbone
 	$(BIN)/python -m benchmarks.dp_step
+	$(BIN)/python -m benchmarks.skeleton
 	$(BIN)/python -m benchmarks.preprocess_cache
 
 bench-dp: $(STAMP)

@@ -4,6 +4,8 @@
     clinicfl-client start --superlink HOST:PORT --data-path SITE_DIR --ca-cert ca.crt --key site.key
                           [--state-dir DIR] [--site-name NAME] [--port 9094] [--node-config k=v ...]
     clinicfl-client predict MODEL INPUT [--out DIR] [--state-dir DIR | --stats-from SITE_DIR] [--dicom-out]
+    clinicfl-client approve [BUNDLE.fab | --app DIR] --state-dir DIR   approve an app bundle (by its hash)
+    clinicfl-client approvals --state-dir DIR | revoke SHA256 --state-dir DIR
     clinicfl-client stop --state-dir DIR
 
 check-data reads the site exactly as training would and prints what it found, on this screen
@@ -31,6 +33,11 @@ from client.datacheck import check_site
 from common.processes import console_logging, parse_assignments
 from common.config import SITE_LAYOUTS, ConfigError, DataConfig, FederationConfig, SiteConfig
 from common.data.errors import DataError
+from sitegate.approvals import approvals_file, approve, approved_hashes, bundle_hash, project_bundle, \
+    read_approvals, revoke
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # this install's app folder (pyproject.toml)
 
 
 def _data_config(args: argparse.Namespace) -> DataConfig:
@@ -72,7 +79,13 @@ def cmd_start(args: argparse.Namespace) -> int:
         superlink=args.superlink, data_path=site.data_path, state_dir=site.state_dir, site_name=site.site_name,
         ca_cert=None if args.insecure else Path(args.ca_cert).expanduser().resolve(),
         private_key=Path(args.key).expanduser().resolve() if args.key else None, port=args.port, layout=site.layout,
-        node_config=extra)
+        node_config=extra, approval=not args.no_approval)
+    if args.no_approval:
+        print("WARNING: --no-approval: this site will run any app bundle the centre sends, with read access to its "
+              "data. Use only for tests and simulations.", file=sys.stderr)
+    elif not approved_hashes(approvals_file(site.state_dir)):
+        print(f"note: no app bundle is approved yet in {approvals_file(site.state_dir)}: every run will be refused "
+              "until the site admin runs clinicfl-client approve", file=sys.stderr)
     problems = check_key_files(settings)
     if problems:
         for problem in problems:
@@ -89,6 +102,40 @@ def cmd_start(args: argparse.Namespace) -> int:
     print(f"data ok: {summary['studies']} studies ({summary['train_studies']} train / {summary['test_studies']} test), "
           f"{quarantined} quarantine entries", flush=True)
     return SupernodeDaemon(settings, restart=not args.no_restart).run()
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    path = approvals_file(Path(args.state_dir).expanduser())
+    if args.bundle:
+        bundle = Path(args.bundle)
+        digest, label = bundle_hash(bundle.read_bytes()), args.label or bundle.name
+    else:  # the app as this site has it installed: the bundle flwr run would build from it
+        project = Path(args.app).expanduser() if args.app else PROJECT_ROOT
+        if not (project / "pyproject.toml").is_file():
+            print(f"error: {project} is not a Flower app folder (no pyproject.toml); give the bundle file the "
+                  "centre published, or --app DIR of the reviewed source", file=sys.stderr)
+            return 2
+        digest, label = bundle_hash(project_bundle(project)), args.label or f"{project.name} (built here)"
+    added = approve(path, digest, label)
+    print(f"{'approved' if added else 'already approved'}: {digest}  {label}")
+    return 0
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    entries = read_approvals(approvals_file(Path(args.state_dir).expanduser()))
+    table = Table(title=f"approved app bundles ({len(entries)})")
+    for column in ("sha256", "label", "approved"):
+        table.add_column(column, no_wrap=column == "sha256")
+    for entry in entries:
+        table.add_row(entry["sha256"], entry.get("label", ""), entry.get("approved-at", ""))
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    removed = revoke(approvals_file(Path(args.state_dir).expanduser()), args.sha256)
+    print(f"revoked {args.sha256}" if removed else f"{args.sha256} was not approved")
+    return 0 if removed else 2
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -202,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
                        help="more node config, e.g. dp-target-epsilon=4 audit-outgoing=true")
     start.add_argument("--no-restart", action="store_true", help="exit when the SuperNode exits")
+    start.add_argument("--no-approval", action="store_true",
+                       help="run any app bundle the centre sends (tests and simulations only)")
     add_data_arguments(start)
     start.set_defaults(func=cmd_start)
     pred = sub.add_parser("predict", help="score new studies with an exported model (nothing is sent anywhere)")
@@ -214,6 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     pred.add_argument("--dicom-out", action="store_true", help="also write a DICOM Secondary Capture per study")
     pred.set_defaults(func=cmd_predict)
+    approve_p = sub.add_parser("approve", help="approve an app bundle (a .fab file, or this site's own build)")
+    approve_p.add_argument("bundle", nargs="?", help="the bundle file the centre published (clinicfl-server bundle)")
+    approve_p.add_argument("--app", help="without a bundle file: the reviewed source folder (default: this install)")
+    approve_p.add_argument("--label", help="a note for the list, e.g. the release")
+    approve_p.add_argument("--state-dir", required=True)
+    approve_p.set_defaults(func=cmd_approve)
+    approvals_p = sub.add_parser("approvals", help="list the approved app bundles")
+    approvals_p.add_argument("--state-dir", required=True)
+    approvals_p.set_defaults(func=cmd_approvals)
+    revoke_p = sub.add_parser("revoke", help="remove an app bundle from the approved list")
+    revoke_p.add_argument("sha256")
+    revoke_p.add_argument("--state-dir", required=True)
+    revoke_p.set_defaults(func=cmd_revoke)
     stop = sub.add_parser("stop", help="stop the site daemon started with this state dir")
     stop.add_argument("--state-dir", required=True)
     stop.set_defaults(func=cmd_stop)

@@ -10,15 +10,19 @@ STATE_DIR/supernode.pid and STATE_DIR/supernode.log.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.processes import bin_path, flower_env, write_config_file
+from sitegate.approvals import approvals_file
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,17 @@ class SupernodeSettings:
     port: int = 9094  # the SuperNode's local runtime API; give each SuperNode on one host its own
     layout: str = "auto"
     node_config: dict[str, object] = field(default_factory=dict)  # extra keys (dp-target-epsilon, ...)
+    # The site gate (sitegate/): the SuperNode starts no app itself, the gate runs approved bundles only.
+    approval: bool = True
+
+    @property
+    def gate_dir(self) -> Path:
+        return self.state_dir / "gate"
+
+    def gate_command(self) -> list[str]:
+        return [sys.executable, "-m", "sitegate", "executor", "--runtime-api-address", f"127.0.0.1:{self.port}",
+                "--approvals", str(approvals_file(self.state_dir)), "--install-root", str(self.state_dir / "apps"),
+                "--secret-file", str(self.gate_dir / "secret"), "--log-file", str(self.state_dir / "logs" / "gate.log")]
 
     def command(self) -> list[str]:
         values = {"data-path": str(self.data_path), "state-dir": str(self.state_dir), "site-name": self.site_name,
@@ -50,7 +65,20 @@ class SupernodeSettings:
             command += ["--root-certificates", str(self.ca_cert)]
         if self.private_key is not None:
             command += ["--auth-supernode-private-key", str(self.private_key)]
+        if self.approval:
+            # Process isolation: the SuperNode starts no app process; only the gate, which holds the
+            # shared secret, may take its tasks.
+            command += ["--isolation", "process", "--superexec-auth-secret-file", str(self.gate_dir / "secret")]
         return command
+
+
+def write_gate_secret(path: Path) -> None:
+    """A fresh random secret the SuperNode and the gate share (0600), for every start."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
 
 
 def check_key_files(settings: SupernodeSettings) -> list[str]:
@@ -71,6 +99,7 @@ class SupernodeDaemon:
         self.settings = settings
         self.restart = restart
         self.process: subprocess.Popen | None = None
+        self.gate: subprocess.Popen | None = None
         self.stopping = False
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = settings.state_dir / "supernode.log"
@@ -105,20 +134,43 @@ class SupernodeDaemon:
             self.pid_path.unlink(missing_ok=True)
 
     def _run_once(self) -> int:
+        env = flower_env(self.settings.state_dir / "flwr")
+        if self.settings.approval:
+            write_gate_secret(self.settings.gate_dir / "secret")
+            (self.settings.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log_file:
-            self.process = subprocess.Popen(self.settings.command(), env=flower_env(self.settings.state_dir / "flwr"),
-                                            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.process = subprocess.Popen(self.settings.command(), env=env, stdout=log_file,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True)
-        print(f"SuperNode running: pid {self.process.pid}, connecting to {self.settings.superlink}; "
+            if self.settings.approval:
+                self.gate = subprocess.Popen(self.settings.gate_command(), env=env, stdout=log_file,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             start_new_session=True)
+        gate = f"; app approval on (gate pid {self.gate.pid}, {approvals_file(self.settings.state_dir)})" \
+            if self.gate is not None else "; app approval OFF"
+        print(f"SuperNode running: pid {self.process.pid}, connecting to {self.settings.superlink}{gate}; "
               f"log {self.log_path}", flush=True)
-        return self.process.wait()
+        code = self.process.wait()
+        self._stop_gate()
+        return code
+
+    def _stop_gate(self) -> None:
+        gate, self.gate = self.gate, None
+        if gate is not None and gate.poll() is None:
+            try:
+                os.killpg(gate.pid, signal.SIGTERM)
+                gate.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(gate.pid, signal.SIGKILL)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
         self.stop_child()
 
     def stop_child(self, timeout: float = 20.0) -> None:
-        """Stop the SuperNode and the app processes it started (its own process group)."""
+        """Stop the SuperNode and the app processes it started (its own process group), and the gate."""
+        self._stop_gate()
         process = self.process
         if process is None or process.poll() is not None:
             return

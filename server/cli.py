@@ -4,6 +4,7 @@
     clinicfl-server start [--address 0.0.0.0:9092] [--insecure]   the SuperLink (TLS + node auth)
     clinicfl-server register-site NAME PUBKEY                      allow a site's key to connect
     clinicfl-server sites                                          registered sites, online or not
+    clinicfl-server bundle [--out FILE]                            the app bundle's sha256, for sites to approve
     clinicfl-server run [--rounds N --min-sites N --set k=v ...]   start a federation; prints the run id
     clinicfl-server status [RUN | RUN_DIR]                         runs, or one run's per-round table
     clinicfl-server logs RUN | stop RUN | pause RUN | continue RUN
@@ -29,6 +30,7 @@ from rich.table import Table
 
 from common.config import AGGREGATIONS
 from common.processes import absolute_paths, parse_assignments, write_config_file
+from sitegate.approvals import bundle_hash, project_bundle
 from server.centre import CONNECTION, PROJECT_ROOT, Centre, CentreError, flwr, key_fingerprint, parse_json_output, \
     running_superlink, start_superlink, stop_superlink
 from common.runlog import read_metrics
@@ -146,10 +148,13 @@ def run_overrides(args: argparse.Namespace, centre: Centre) -> dict[str, object]
     return absolute_paths(values)
 
 
-def submit_run(centre: Centre, values: dict[str, object]) -> int:
+def submit_run(centre: Centre, values: dict[str, object], app: Path = PROJECT_ROOT) -> int:
     if running_superlink(centre) is None:
         raise CentreError("the SuperLink is not running: clinicfl-server start")
-    result = flwr(centre, "run", str(PROJECT_ROOT), CONNECTION, "--format", "json", "--run-config",
+    digest = bundle_hash(project_bundle(app))
+    # Sites run only bundles they approved: this is the hash they must have on their list.
+    print(f"app bundle sha256 {digest} ({app})", file=sys.stderr)
+    result = flwr(centre, "run", str(app), CONNECTION, "--format", "json", "--run-config",
                   str(write_config_file(values, centre.flwr_home / f"run-config-{time.time_ns()}.toml")), timeout=300)
     payload = parse_json_output(result, "starting the run")
     return int(payload["run-id"])
@@ -157,10 +162,22 @@ def submit_run(centre: Centre, values: dict[str, object]) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     centre = _centre(args)
-    run_id = submit_run(centre, run_overrides(args, centre))
+    run_id = submit_run(centre, run_overrides(args, centre), Path(args.app).resolve() if args.app else PROJECT_ROOT)
     print(run_id)
     print(f"run {run_id} started; follow it with: clinicfl-server status {run_id}  |  clinicfl-server logs {run_id}",
           file=sys.stderr)
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """Build the app bundle the centre ships, print its hash, optionally write it for the sites."""
+    app = Path(args.app).resolve() if args.app else PROJECT_ROOT
+    data = project_bundle(app)
+    if args.out:
+        Path(args.out).write_bytes(data)
+    print(bundle_hash(data))
+    print(f"app bundle of {app}: {len(data)} bytes" + (f", written to {args.out}" if args.out else "")
+          + "; sites approve it with clinicfl-client approve BUNDLE.fab --state-dir DIR", file=sys.stderr)
     return 0
 
 
@@ -318,7 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dp", action="store_true", help="DP-SGD at every site")
         p.add_argument("--dp-epsilon", type=float, help="dp-target-epsilon for the whole run")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run-config key")
+        if name == "run":
+            p.add_argument("--app", help="the app folder to ship (default: this install); sites must approve it")
         p.set_defaults(func=func)
+    p = sub.add_parser("bundle", help="the app bundle's sha256 (and the bundle file) for the sites to approve")
+    p.add_argument("--app", help="the app folder (default: this install)")
+    p.add_argument("--out", help="write the bundle file here")
+    p.set_defaults(func=cmd_bundle)
     p = sub.add_parser("status", help="runs, or the per-round table of one run")
     p.add_argument("run", nargs="?", help="run id or run directory")
     p.set_defaults(func=cmd_status)

@@ -347,9 +347,15 @@ _FLOWER_REASONS = {ErrorCode.MESSAGE_UNAVAILABLE: "message unavailable",
 _CODE_TEXT = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
 
+_APPROVAL_REFUSAL = re.compile(r"app-not-approved fab_hash=([0-9a-f]{64})")
+
+
 def _common_problem(msg: Message, backbone_hash: str) -> str | None:
     if msg.has_error():
         code = msg.error.code
+        refusal = _APPROVAL_REFUSAL.fullmatch(msg.error.reason or "") if code == ErrorCode.INVALID_FAB else None
+        if refusal:  # the site gate's reply (sitegate/): a code and a hash, nothing else
+            return f"site refused the app: app-not-approved (bundle sha256 {refusal.group(1)})"
         return f"site error: {_FLOWER_REASONS.get(code, 'Flower error')} (Flower error code {code})"
     site = site_record(msg)
     if site.get("status") != STATUS_OK:

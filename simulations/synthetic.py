@@ -116,8 +116,9 @@ def _write_site(site_dir: Path, k: int, prevalence: float, n: int, spec: Synthet
         severity = float(rng.uniform(2.0, 10.0)) if injured[i] else 0.0
         lesion = _write_study(site_dir / "studies" / study, rng, spec, scanner, k, i, patient_id, severity)
         # lesion_slices is the ground truth for attention tests; training reads only the label columns.
+        # Space-separated: a comma, semicolon or tab would clash with a spreadsheet's column separator.
         rows.append({"study": study, "label": int(injured[i]), "patient": patient_id,
-                     "target": f"{severity:.3f}", "lesion_slices": ";".join(map(str, sorted(lesion)))})
+                     "target": f"{severity:.3f}", "lesion_slices": " ".join(map(str, sorted(lesion)))})
     if spec.biomech_features:
         _write_biomech(site_dir, k, injured, spec)
     with (site_dir / "labels.csv").open("w", newline="") as handle:

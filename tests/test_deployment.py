@@ -24,104 +24,12 @@ import pytest
 import torch
 
 from common.model import load_exported
-from common.processes import free_port, port_open
+from common.processes import port_open
 from simulations.synthetic import SyntheticSpec, generate_clinics
+from tests.deployment_helpers import DATA_ARGS, ROOT, RUN_SETTINGS, Deployment, _alive, _wait
 
-ROOT = Path(__file__).resolve().parents[1]
 SITES = ["site-01", "site-02", "site-03"]
 DRILLS = {"drill-nan": "nan-update", "drill-shape": "wrong-shape-update"}
-DATA_ARGS = ["--image-size", "32", "--seq-len", "4"]
-RUN_SETTINGS = ["--set", "image-size=32", "--set", "seq-len=4", "--set", "proj-dim=16", "--set", "gru-hidden=8",
-                "--set", "attn-dim=8", "--set", "fid-dim=8", "--set", "min-site-cases=2", "--set", "local-epochs=1",
-                "--set", "control-poll=0.5"]
-
-
-class Deployment:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.centre = root / "centre"
-        self.port = free_port()
-        self.daemons: dict[str, subprocess.Popen] = {}
-        self.ports: dict[str, int] = {}
-        self.data: dict[str, Path] = {}
-        self.env = {**os.environ, "CLINICFL_HOME": str(self.centre), "FLWR_HOME": str(root / "flwr-home")}
-
-    def server(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True,
-                                cwd=ROOT, env=self.env, timeout=timeout)
-        if check:
-            assert result.returncode == 0, f"clinicfl-server {' '.join(args)}: {result.stdout}\n{result.stderr}"
-        return result
-
-    def start_site(self, name: str, key: str | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-        log = (self.root / f"{name}.daemon.log").open("ab")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "client.cli", "start", "--superlink", f"127.0.0.1:{self.port}",
-             "--data-path", str(self.data[name]), "--site-name", name, "--state-dir", str(self.root / "state" / name),
-             "--ca-cert", str(self.centre / "certs/ca.crt"), "--key", str(self.centre / "sites" / f"{key or name}.key"),
-             "--port", str(self.supernode_port(name)), *DATA_ARGS, *extra],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.daemons[name] = process
-        return process
-
-    def supernode_port(self, name: str) -> int:
-        return self.ports.setdefault(name, free_port())
-
-    def kill_site(self, name: str) -> None:
-        """A site dies: its daemon and SuperNode are killed at once, nothing shuts down cleanly."""
-        process = self.daemons.pop(name)
-        groups = _group_pids(process.pid) | {process.pid}  # the SuperNode runs in its own process group
-        for group in groups:
-            try:
-                os.killpg(group, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        process.wait(timeout=30)
-
-    def online(self) -> set[str]:
-        return {row["site"] for row in json.loads(self.server("sites", "--json").stdout) if row["status"] == "online"}
-
-    def wait_online(self, names: set[str], timeout: float = 180) -> None:
-        _wait(lambda: names <= self.online(), timeout, f"sites {sorted(names)} online")
-
-    def run_dir(self, run_id: int) -> Path:
-        return next(self.centre.glob(f"runs/*-run{run_id}"))
-
-    def records(self, run_id: int) -> list[dict]:
-        try:
-            path = self.run_dir(run_id) / "metrics.jsonl"
-        except StopIteration:
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-    def state(self, run_id: int) -> dict:
-        try:
-            path = self.run_dir(run_id) / "state.json"
-        except StopIteration:
-            return {}
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    def run(self, *args: str) -> int:
-        return int(self.server(*args).stdout.split()[0])
-
-
-def _group_pids(session_leader: int) -> set[int]:
-    """Process groups of the descendants of a process (the SuperNode and its app processes)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,pgid"], capture_output=True, text=True).stdout.split("\n")[1:]
-    rows = [tuple(map(int, line.split())) for line in out if line.strip()]
-    children, frontier = set(), {session_leader}
-    while frontier:
-        frontier = {pid for pid, ppid, _ in rows if ppid in frontier} - children
-        children |= frontier
-    return {pgid for pid, _, pgid in rows if pid in children}
-
-
-def _wait(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +44,7 @@ def deployment(tmp_path_factory):
     dep.server("start", "--address", f"127.0.0.1:{dep.port}")
     for name in names:
         dep.server("register-site", name, str(dep.centre / "sites" / f"{name}.pub"))
+        dep.approve(name)  # each site's admin approves the app bundle this centre ships
     try:
         yield dep
     finally:
@@ -156,15 +65,6 @@ def deployment(tmp_path_factory):
         assert not leftovers, f"processes still running: {leftovers}"
         assert not port_open("127.0.0.1", dep.port), "the SuperLink port is still open"
         assert not [n for n, p in dep.ports.items() if port_open("127.0.0.1", p)], "a SuperNode port is still open"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/stat")
-    return status.exists() and status.read_text().split()[2] != "Z"
 
 
 def test_certificates_and_keys_have_safe_permissions(deployment):

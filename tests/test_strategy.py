@@ -280,3 +280,13 @@ def test_float16_on_the_wire_is_widened_and_aggregated_in_float32():
     assert arrays["head.w"].numpy().dtype == np.float32 and np.allclose(arrays["head.w"].numpy(), 1.0009765625)
     (rejected,) = strategy.reports[1].rejected
     assert rejected["site"] == "b" and "dtype float32, expected float16" in rejected["reason"]
+
+
+def test_a_site_gate_refusal_is_recorded_with_its_reason_and_hash():
+    strategy = _strategy()
+    digest = "ab" * 32
+    strategy.aggregate_train(1, [reply(Error(code=7, reason=f"app-not-approved fab_hash={digest}"), 1),
+                                 reply(Error(code=7, reason="app-not-approved /home/DOE^JOHN"), 2)])
+    reasons = [r["reason"] for r in strategy.reports[1].rejected]
+    assert reasons[0] == f"site refused the app: app-not-approved (bundle sha256 {digest})"
+    assert "DOE" not in reasons[1] and "refused the app bundle" in reasons[1]

@@ -77,25 +77,31 @@ def read_text_table(path: Path) -> str:
 
 def detect_delimiter(text: str, path: Path) -> str:
     """The field separator of a table with a header, as spreadsheets export it: comma, semicolon
-    or tab. A separator qualifies when it splits the header into 2+ columns and every row into
-    as many; one qualifying separator is taken, none or several is a one-line error."""
+    or tab. The separator that splits the header into the ``study`` and label columns is taken;
+    only when the header does not decide (none or several do), one that splits every row into as
+    many columns as the header is. Anything else is a one-line error, never a guess."""
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         return ","
-    qualifying = []
-    for delimiter in DELIMITERS:
-        widths = {len(row) for row in csv.reader(lines, delimiter=delimiter)}
-        if len(widths) == 1 and widths.pop() >= 2:
-            qualifying.append(delimiter)
-    if len(qualifying) == 1:
-        return qualifying[0]
-    def has_columns(delimiter: str) -> bool:
-        columns = [c.strip() for c in next(csv.reader([lines[0]], delimiter=delimiter))]
+
+    def header(delimiter: str) -> list[str]:
+        return [c.strip() for c in next(csv.reader([lines[0]], delimiter=delimiter))]
+
+    def names_columns(delimiter: str) -> bool:
+        columns = header(delimiter)
         return "study" in columns and any(c == "label" or c.startswith("label_") for c in columns)
-    named = [d for d in qualifying if has_columns(d)]
+
+    def consistent(delimiter: str) -> bool:
+        widths = {len(row) for row in csv.reader(lines, delimiter=delimiter)}
+        return len(widths) == 1 and widths.pop() >= 2
+
+    named = [d for d in DELIMITERS if names_columns(d)]
     if len(named) == 1:
         return named[0]
-    found = ", ".join(DELIMITERS[d] for d in qualifying) or "none that gives every row the same columns"
+    candidates = [d for d in (named or DELIMITERS) if consistent(d)]
+    if len(candidates) == 1:
+        return candidates[0]
+    found = ", ".join(DELIMITERS[d] for d in candidates) or "none that gives every row the same columns"
     raise DataError("bad-labels", f"{path}: cannot tell the column separator (candidates: {found}); "
                                   "export it as comma-separated 'CSV UTF-8'")
 

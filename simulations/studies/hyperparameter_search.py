@@ -82,7 +82,7 @@ def run(quick: bool = False, seeds: int | None = None, progress=print) -> tuple[
 
             trace = search(objective, lower, upper, budget, seed=seed)
             winner = max(evaluations, key=lambda e: e["val_auc"] if math.isfinite(e["val_auc"]) else -1)
-            scorer = Scorer(clinics, run_config({**base, **winner["values"]}))
+            scorer = Scorer(clinics, run_config({**base, **winner["values"], "server-val-path": str(clinics.server_val)}))
             holdout = scorer.holdout_auc(best_checkpoint(Path(winner["run_dir"]))[1])
             searches[method].append({"seed": seed, "best_after": [-v for v in trace.best_after],
                                      "winner": winner["values"], "winner_val_auc": winner["val_auc"],

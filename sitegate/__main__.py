@@ -1,0 +1,3 @@
+from sitegate.gate import main
+
+main()

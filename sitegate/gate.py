@@ -1,0 +1,131 @@
+"""The gate's two processes, as Flower's own runtime has them in ``subprocess`` isolation:
+
+- ``executor`` (long-running, in place of ``flower-superexec``): asks the SuperNode's Runtime API
+  for ClientApp tasks, authenticated with the secret the SuperNode was started with, and starts one
+  ``task`` process per message;
+- ``task`` (one per message, in place of ``flwr-clientapp``): pulls the message and the app bundle,
+  checks the bundle's hash against the approved list, then refuses or runs the app with Flower's
+  ClientApp runtime functions, and pushes the reply.
+
+Every decision is one line in the gate's log (run id, bundle id and version, hash, decision).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor, \
+    SuperExecAuthHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+
+from sitegate.approvals import approved_hashes
+
+REFUSAL = "app-not-approved"
+log = logging.getLogger("sitegate")
+
+
+def _client(address: str, interceptors: list) -> RuntimeHttpClient:
+    # The Runtime API listens on the SuperNode's loopback port (plain HTTP on 127.0.0.1).
+    return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
+                                                 interceptors=interceptors,
+                                                 retry_invoker=make_simple_http_retry_invoker())
+
+
+def executor(address: str, secret_file: Path, approvals: Path, install_root: Path, log_file: str | None,
+             poll: float = 0.5) -> None:
+    secret = secret_file.read_bytes()
+    client = _client(address, [RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                               SuperExecAuthHttpInterceptor(master_secret=secret,
+                                                            protected_methods={"/flwr.proto.Runtime/AcquireTask"})])
+    log.info("gate running: SuperNode %s, approvals %s", address, approvals)
+    running: list[subprocess.Popen] = []
+    while True:
+        running = [p for p in running if p.poll() is None]  # reap finished tasks (no zombies)
+        reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        if reply.HasField("task") and reply.token:
+            # The token goes on stdin, not the command line, where any local user could read it.
+            command = [sys.executable, "-m", "sitegate", "task", "--runtime-api-address", address,
+                       "--approvals", str(approvals), "--install-root", str(install_root)]
+            process = subprocess.Popen(command + (["--log-file", log_file] if log_file else []),
+                                       stdin=subprocess.PIPE, text=True)
+            process.stdin.write(reply.token)
+            process.stdin.close()
+            running.append(process)
+            continue
+        time.sleep(poll)
+
+
+def task(address: str, token: str, approvals: Path, install_root: Path) -> None:
+    # Flower's runtime helpers only: no code of the bundle is imported before the check.
+    from flwr.cli.install import install_from_fab
+    from flwr.clientapp.utils import get_load_client_app_fn
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    client = _client(address, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                               RuntimeTokenHttpInterceptor(token)])
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = context = reply = None
+    status, details = SubStatus.FAILED, "unknown"
+    try:
+        message, context, run, fab = pull_task_input(client)
+        digest = hashlib.sha256(fab.content).hexdigest()
+        # The SuperLink's claims (run.fab_hash, fab.hash_str) must match the bytes as well.
+        approved = digest in approved_hashes(approvals) and digest == fab.hash_str == run.fab_hash
+        log.info("run %s bundle %s==%s sha256 %s: %s", run.run_id, run.fab_id, run.fab_version, digest,
+                 "approved" if approved else "REFUSED (not approved)")
+        if not approved:
+            details = f"{REFUSAL} fab_hash={digest}"
+            reply = Message(Error(ErrorCode.INVALID_FAB, details), reply_to=message)
+            return
+        app_dir = install_from_fab(fab.content, install_dir=install_root / digest, skip_prompt=True)
+        load = get_load_client_app_fn(default_app_ref="", app_path=str(app_dir), multi_app=True)
+        client_app = load(run.fab_id, run.fab_version, fab.hash_str)  # the bundle's first code runs here
+        reply = client_app(message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as exc:  # noqa: BLE001 - the runtime's own error reply (the app catches its own)
+        details = f"{type(exc).__name__}"
+        log.exception("task failed")
+        if message is not None:
+            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, details), reply_to=message)
+    finally:
+        if reply is not None and context is not None:
+            push_message(client, reply, context)
+        push_task_output(client, context, status, details)
+        heartbeat.stop()
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sitegate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("executor", "task"):
+        p = sub.add_parser(name)
+        p.add_argument("--runtime-api-address", required=True)
+        p.add_argument("--approvals", required=True)
+        p.add_argument("--install-root", required=True)
+        p.add_argument("--log-file")
+        if name == "executor":
+            p.add_argument("--secret-file", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", filename=args.log_file)
+    logging.getLogger("flwr").propagate = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
+    if args.command == "executor":
+        executor(args.runtime_api_address, Path(args.secret_file), Path(args.approvals), Path(args.install_root),
+                 args.log_file)
+    else:
+        task(args.runtime_api_address, sys.stdin.read().strip(), Path(args.approvals), Path(args.install_root))
