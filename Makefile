@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench bench-dp clean browser
+.PHONY: install demo test bench bench-caches bench-dp clean browser
 
 install: $(STAMP)
 
@@ -29,13 +29,12 @@ browser:
 		(apt-get update -q && apt-get install -y -q chromium chromium-driver) || \
 		echo "warning: install chromium and chromium-driver (the predict page test needs them)"
 
-# Each writes runs/benchmarks/NAME.json; docs/benchmarks/ holds the committed results the README cites.
+# One command, one JSON (runs/benchmarks/suite.json); --publish updates docs/benchmarks/ and the README.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.rounds
-	$(BIN)/python -m benchmarks.site_message
-	$(BIN)/python -m benchmarks.scaling
-	$(BIN)/python -m benchmarks.backbone
-	$(BIN)/python -m benchmarks.dp_step
+	$(BIN)/python -m benchmarks.suite
+
+# The older single-purpose benchmarks (feature cache and traffic, DICOM preprocess cache).
+bench-caches: $(STAMP)
 	$(BIN)/python -m benchmarks.skeleton
 	$(BIN)/python -m benchmarks.preprocess_cache
 

@@ -72,11 +72,13 @@ class PssSampler:
         self._thread.join()
 
 
-def run_size(sites: int, rounds: int, studies: int, work: Path) -> dict:
-    spec = SyntheticSpec(sites=sites, studies_per_site=studies, image_size=64, slices_per_study=8, seed=sites)
+def run_size(sites: int, rounds: int, studies: int, work: Path, image_size: int = 64, slices: int = 8) -> dict:
+    spec = SyntheticSpec(sites=sites, studies_per_site=studies, image_size=image_size, slices_per_study=slices,
+                         seed=sites)
     data = work / f"data-{sites}"
     generate_clinics(data, spec, progress=False)
-    config = {"num-rounds": rounds, "local-epochs": 1, "min-sites": sites}
+    config = {"num-rounds": rounds, "local-epochs": 1, "min-sites": sites, "image-size": image_size,
+              "seq-len": slices}
     at_round: list[int] = []
     # First run fills the sites' caches; the second, measured one is the steady state of a federation.
     run_simulation(data, work / "runs", sites, {**config, "num-rounds": 1}, flwr_home=work / "flwr-home")
@@ -98,20 +100,23 @@ def main() -> None:
     parser.add_argument("--sites", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--studies", type=int, default=24)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--out", default="runs/benchmarks/scaling.json")
     args = parser.parse_args()
     sizes = []
     with tempfile.TemporaryDirectory() as tmp:
         for sites in args.sites:
             print(f"running {sites} sites", flush=True)
-            sizes.append(run_size(sites, args.rounds, args.studies, Path(tmp)))
+            sizes.append(run_size(sites, args.rounds, args.studies, Path(tmp), args.image_size, args.slices))
     first = sizes[0]
     for size in sizes:
         scale = size["sites"] / first["sites"]
         size["round_time_vs_smallest_per_site_ratio"] = round(
             size["later_round_seconds_mean"] / first["later_round_seconds_mean"] / scale, 2)
         size["peak_pss_vs_smallest"] = round(size["peak_pss_mib"] / first["peak_pss_mib"], 2)
-    write_result(args.out, {"studies_per_site": args.studies, "rounds": args.rounds, "sizes": sizes})
+    write_result(args.out, {"studies_per_site": args.studies, "rounds": args.rounds,
+                            "images": f"{args.slices} x {args.image_size}x{args.image_size}", "sizes": sizes})
 
 
 if __name__ == "__main__":

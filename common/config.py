@@ -99,7 +99,7 @@ class DataConfig:
 class TrainConfig:
     local_epochs: int = 2
     lr: float = 1e-3
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-2
     batch_size: int = 8
     severity_weight: float = 0.02  # targets are on a 0-10 scale: keep the MSE term below the BCE
     recon_weight: float = 1.0

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -108,3 +110,16 @@ def select_best(records: list[dict[str, Any]], metric: str) -> tuple[int, float]
         if best is None or (value < best[1] if lower_is_better else value > best[1]):
             best = (int(record["round"]), value)
     return best
+
+
+def json_safe(value: Any) -> Any:
+    """NaN is not JSON: write null (a figure that could not be computed); numpy scalars as Python."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return value

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.files import atomic_torch_save, atomic_write_bytes
-from common.runlog import METRICS_FILE, append_record, read_metrics, select_best
+from common.runlog import METRICS_FILE, append_record, json_safe, read_metrics, select_best
 from common.metrics.catalogue import MetricValue
 from server.strategy import RoundReport
 
@@ -105,7 +105,7 @@ class RunDirectory:
         return path
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        append_record(self.path, json.dumps(_json_safe(record)))
+        append_record(self.path, json.dumps(json_safe(record)))
         write_csv(self.path, read_metrics(self.path))
 
 
@@ -242,19 +242,6 @@ def write_csv(run_dir: Path, records: list[dict[str, Any]]) -> None:
 
 def _csv_value(value: Any) -> str:
     return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else repr(value)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN is not JSON: write null (a figure that could not be computed)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
 
 
 CLASSIFICATION_COLUMNS = [("AUC", "auc"), ("acc", "accuracy"), ("sens", "sensitivity"), ("spec", "specificity"),

@@ -3,6 +3,8 @@ enforcement of the budget, per-study clipping, and a DP federation that learns."
 
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -198,9 +200,11 @@ def dp_run(tmp_path_factory):
     # DP-SGD needs more studies per site than the plain tests to learn at epsilon 8.
     spec = SyntheticSpec(sites=2, studies_per_site=100, image_size=48, slices_per_study=6, seed=8)
     generate_clinics(root / "data", spec, progress=False)
+    # A small head: DP-SGD's noise grows with the number of trainable parameters, and at 70 training
+    # studies per site the default head (about 300k parameters) learns little at epsilon 8.
     overrides = {"num-rounds": 3, "min-sites": 2, "image-size": 48, "seq-len": 6, "local-epochs": 3,
                  "batch-size": 32, "test-fraction": 0.3, "lr": 0.003, "dp-enabled": True,
-                 "dp-target-epsilon": 8.0, "recon-head": False,
+                 "dp-target-epsilon": 8.0, "recon-head": False, "proj-dim": 16, "gru-hidden": 16, "attn-dim": 16,
                  "eval-bins": 256}  # the centre owns every site here: fine score histograms measure learning
     return run_simulation(root / "data", root / "runs", num_sites=2, overrides=overrides,
                           flwr_home=root / "flwr-home", timeout=900)
@@ -216,8 +220,16 @@ def test_dp_federation_learns_within_the_budget(dp_run):
     for rnd in (1, 2, 3):
         assert set(records[rnd]["privacy"]) == {"site-01", "site-02"}
         assert all(p["steps"] > 0 and p["noise-multiplier"] > 0 for p in records[rnd]["privacy"].values())
-    assert final["catalogue"]["auc"]["value"] > 0.58, "above chance (0.5) at epsilon about 8"
-    assert final["catalogue"]["auc"]["value"] > records[0]["catalogue"]["auc"]["value"]
+    # DP noise is drawn from OS entropy, so every run differs: the assertions are statistical. The
+    # pooled test loss falls from the initial model's, and the AUC is above chance by two standard
+    # errors (Hanley & McNeil, from the pooled counts); the initial model's own AUC is not a bar,
+    # as a random head on random features ranks by chance in either direction.
+    assert final["catalogue"]["loss"]["value"] < records[0]["catalogue"]["loss"]["value"], "the model learned"
+    checkpoint = torch.load(dp_run / "checkpoints" / final["checkpoint"], weights_only=True)
+    pooled = list(checkpoint["pooled-histograms"].values())
+    n_pos, n_neg = (int(sum(h[i].sum() for h in pooled)) for i in (0, 1))
+    auc = final["catalogue"]["auc"]["value"]
+    assert auc > 0.5 + 2 * _hanley_mcneil_se(0.5, n_pos, n_neg), f"AUC {auc:.3f} above chance at epsilon about 8"
 
 
 def test_server_ends_the_run_when_every_site_is_exhausted(tmp_path):
@@ -318,3 +330,8 @@ def test_two_processes_charging_one_ledger_lose_no_update(tmp_path):
     delta = 1e-5
     assert ledger.epsilon(delta) == pytest.approx(_fresh_accountant_epsilon([(1.5, q, steps)] * 30, delta), rel=1e-9)
     assert not list(tmp_path.rglob("*.tmp")), "no temporary file is left behind"
+
+
+def _hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
+    q1, q2 = auc / (2 - auc), 2 * auc ** 2 / (1 + auc)
+    return math.sqrt((auc * (1 - auc) + (n_pos - 1) * (q1 - auc ** 2) + (n_neg - 1) * (q2 - auc ** 2)) / (n_pos * n_neg))

@@ -37,6 +37,7 @@ from common.config import RunConfig, SiteConfig
 from common.data.site import SiteData, load_site
 from common.exchange import load_array_record, trainable_state
 from common.inference import SiteInputs, fit_feature_norm, pick_device, predict, prepare_inputs
+from common.runlog import json_safe
 from common.model import InjuryNet, build_model
 from common.training import train_local
 from simulations.inprocess import app_components, run_inprocess
@@ -212,6 +213,8 @@ def federated(clinics: Clinics, overrides: dict[str, Any], scorer: Scorer, run_r
                            "val_loss": (record.get("server_validation") or {}).get("loss", {}).get("value")})
     result = ArmResult(best, final, int(best_round), points, str(run_dir))
     result.final["epsilon"] = (records[-1]["catalogue"].get("epsilon") or {}).get("value")
+    multipliers = [p.get("noise-multiplier") for r in records for p in (r.get("privacy") or {}).values()]
+    result.final["noise_multiplier"] = max((m for m in multipliers if m is not None), default=None)
     result.final["state"] = state.get("state")
     return result
 
@@ -305,20 +308,8 @@ class StudyOutput:
     def write(self, results: dict[str, Any], report: str) -> None:
         results = {**results, "study": self.name, "folder": str(self.folder),
                    "wall_seconds": round(time.perf_counter() - self.started, 1)}
-        (self.folder / "results.json").write_text(json.dumps(_json_safe(results), indent=2))
+        (self.folder / "results.json").write_text(json.dumps(json_safe(results), indent=2))
         (self.folder / "report.md").write_text(report)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -81,7 +81,9 @@ def verdicts(name: str, results: dict) -> list[str]:
         return [f"Best validation AUC after {results['budget']} runs: SSA {ssa:.3f}, random {rnd:.3f} "
                 f"({'SSA ahead' if ssa > rnd else 'SSA NOT ahead'})."]
     if name == "local-training":
-        return [f"Lowest final test loss: {results['lowest_final_loss']}."]
+        from simulations.studies.local_training import DEFAULT_CHOICE
+
+        return [f"Lowest final test loss: {results['lowest_final_loss']}.", DEFAULT_CHOICE]
     return []
 
 

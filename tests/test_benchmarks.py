@@ -1,0 +1,38 @@
+"""The benchmark suite runs at its tiny size and writes valid JSON with every part and headline
+figure (no timing is asserted: benchmarks measure, tests check behaviour), and the README's
+performance table is the one rendered from the committed suite.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.suite import BEGIN, END, PARTS, PUBLISHED, render_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_suite_runs_at_a_tiny_size_and_writes_its_json(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    assert set(suite["parts"]) == set(PARTS) and suite["tiny"] is True
+    for name in PARTS:
+        assert json.loads((tmp_path / f"{name}.json").read_text()), name
+    figures = " ".join(row["figure"] for row in suite["headline"])
+    for expected in ("lean recipe", "plain recipe", "full fp32 state dict", "DP step", "per message", "2 sites"):
+        assert expected in figures
+    assert all(row["met"] in (True, False, None) for row in suite["headline"])
+    assert "make bench" in result.stdout
+
+
+def test_the_readme_performance_table_is_rendered_from_the_committed_json():
+    readme = (ROOT / "README.md").read_text()
+    section = BEGIN + readme.split(BEGIN, 1)[1].split(END, 1)[0] + END
+    if PUBLISHED.is_file():
+        assert section == render_table(json.loads(PUBLISHED.read_text()))
+    else:
+        assert section == BEGIN + "\n" + END, "no published benchmark: the table is empty"
