@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/clinicfl-sim demo
 
 test: $(STAMP) browser
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=30
 
 # The predict tests open the generated web page in headless Chromium (Debian's packages).
 browser:

@@ -92,6 +92,10 @@ def run_size(sites: int, rounds: int, studies: int, work: Path, image_size: int 
     mib = [round(v / 2 ** 20) for v in at_round]
     return {"sites": sites, "peak_pss_mib": round(sampler.peak / 2 ** 20), "pss_mib_after_each_round": mib,
             "pss_growth_last_vs_round1_mib": mib[-1] - mib[1] if len(mib) > 2 else None,
+            # Each worker caches the sessions of the sites it served, so PSS rises until every site has
+            # been seen; what must not grow is the rise per round once that has happened.
+            "pss_growth_per_round_second_half_mib": (round((mib[-1] - mib[len(mib) // 2]) / (len(mib) - 1 - len(mib) // 2), 1)
+                                                     if len(mib) >= 4 else None),
             "later_round_seconds_mean": round(statistics.fmean(later), 2), "whole_run_s": round(wall, 1)}
 
 
