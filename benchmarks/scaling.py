@@ -72,7 +72,8 @@ class PssSampler:
         self._thread.join()
 
 
-def run_size(sites: int, rounds: int, studies: int, work: Path, image_size: int = 64, slices: int = 8) -> dict:
+def run_size(sites: int, rounds: int, studies: int, work: Path, image_size: int = 64, slices: int = 8,
+             warm: bool = True) -> dict:
     spec = SyntheticSpec(sites=sites, studies_per_site=studies, image_size=image_size, slices_per_study=slices,
                          seed=sites)
     data = work / f"data-{sites}"
@@ -81,7 +82,8 @@ def run_size(sites: int, rounds: int, studies: int, work: Path, image_size: int 
               "seq-len": slices}
     at_round: list[int] = []
     # First run fills the sites' caches; the second, measured one is the steady state of a federation.
-    run_simulation(data, work / "runs", sites, {**config, "num-rounds": 1}, flwr_home=work / "flwr-home")
+    if warm:
+        run_simulation(data, work / "runs", sites, {**config, "num-rounds": 1}, flwr_home=work / "flwr-home")
     with PssSampler() as sampler:
         start = time.perf_counter()
         run_dir = run_simulation(data, work / "runs", sites, config, flwr_home=work / "flwr-home",
@@ -106,13 +108,15 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=24)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--slices", type=int, default=8)
+    parser.add_argument("--no-warm", action="store_true", help="do not run a first, cache-filling run")
     parser.add_argument("--out", default="runs/benchmarks/scaling.json")
     args = parser.parse_args()
     sizes = []
     with tempfile.TemporaryDirectory() as tmp:
         for sites in args.sites:
             print(f"running {sites} sites", flush=True)
-            sizes.append(run_size(sites, args.rounds, args.studies, Path(tmp), args.image_size, args.slices))
+            sizes.append(run_size(sites, args.rounds, args.studies, Path(tmp), args.image_size, args.slices,
+                                  warm=not args.no_warm))
     first = sizes[0]
     for size in sizes:
         scale = size["sites"] / first["sites"]
