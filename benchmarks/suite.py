@@ -112,15 +112,19 @@ def headline(parts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def cells(row: dict[str, Any], no: str = "**no**") -> tuple[str, str, str, str]:
+    """One headline row as table cells: figure, measured value, goal, verdict."""
+    value = "not measured" if row["value"] is None else f"{row['value']} {row['unit']}"
+    return row["figure"], value, row["goal"], {True: "yes", False: no, None: "-"}[row["met"]]
+
+
 def render_table(suite: dict[str, Any]) -> str:
     lines = [BEGIN, "",
              f"`make bench` on {suite['machine']}, {suite['date']}, {suite['wall_minutes']:.0f} min "
              f"(`docs/benchmarks/suite.json`; every part's full JSON is in it).", "",
              "| figure | measured | goal | met |", "|---|---|---|---|"]
     for row in suite["headline"]:
-        value = "not measured" if row["value"] is None else f"{row['value']} {row['unit']}"
-        met = {True: "yes", False: "**no**", None: "-"}[row["met"]]
-        lines.append(f"| {row['figure']} | {value} | {row['goal']} | {met} |")
+        lines.append("| " + " | ".join(cells(row)) + " |")
     lines += ["", END]
     return "\n".join(lines)
 
@@ -157,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     for column in ("figure", "measured", "goal", "met"):
         table.add_column(column)
     for row in suite["headline"]:
-        table.add_row(row["figure"], "not measured" if row["value"] is None else f"{row['value']} {row['unit']}",
-                      row["goal"], {True: "yes", False: "NO", None: "-"}[row["met"]])
+        table.add_row(*cells(row, no="NO"))
     Console(width=160).print(table)
     print(f"written to {out / 'suite.json'}")
     if args.publish:
