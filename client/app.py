@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_outgoing
@@ -21,8 +21,8 @@ from common.inference import evaluate_local
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.data.errors import DataError
 from client.budget import BadBudgetId, check_budget_id
-from common.exchange import ARRAYS_KEY, METRICS_KEY, SITE_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, \
-    UpdateError, load_array_record, to_array_record
+from common.exchange import ARRAYS_KEY, GLOBAL_DIGEST_KEY, GLOBAL_NOT_HELD, METRICS_KEY, SITE_KEY, \
+    STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, UpdateError, arrays_digest, load_array_record, to_array_record
 from common.model import BackboneMismatchError, BackboneWeightsError, check_backbone_hash
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,32 @@ def _evaluate(session: SiteSession, msg: Message, context: Context) -> RecordDic
     })
 
 
+class GlobalModelNotHeld(UpdateError):
+    code = GLOBAL_NOT_HELD  # the centre then sends the model itself
+
+
+HELD_KEY = "clinicfl.global-model"  # context.state: the global model of the last evaluation message
+HELD_DIGEST_KEY = "clinicfl.global-model-digest"
+
+
+def global_model(msg: Message, context: Context) -> ArrayRecord:
+    """The global model a message is about. An evaluation message carries it, and the site keeps
+    it in the run's state: the next train message starts from the same model and only names it
+    by digest, which saves one model transfer per site per round."""
+    if ARRAYS_KEY in msg.content.array_records:
+        arrays = msg.content[ARRAYS_KEY]
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            context.state[HELD_KEY] = arrays
+            context.state[HELD_DIGEST_KEY] = ConfigRecord({"digest": arrays_digest(arrays)})
+        return arrays
+    wanted = msg.content["config"].get(GLOBAL_DIGEST_KEY)
+    held = context.state.array_records.get(HELD_KEY)
+    record = context.state.config_records.get(HELD_DIGEST_KEY)
+    if held is None or record is None or not isinstance(wanted, str) or record.get("digest") != wanted:
+        raise GlobalModelNotHeld("the message names a global model this site does not hold")
+    return held
+
+
 def _site_status(session: SiteSession, status: str) -> ConfigRecord:
     return ConfigRecord({"status": status, "site-name": session.site.site_name,
                          "backbone-hash": session.backbone_hash})
@@ -133,12 +159,15 @@ def _handle(msg: Message, context: Context, work: Callable[[SiteSession, Message
             session = open_session(config, site)
             raise_phi_drill(context, site_name, str(site.data_path / "studies" / session.data.studies[0]))
             check_backbone_hash(str(msg.content["config"].get("backbone-hash", "")), session.backbone_hash)
-            load_array_record(session.model, msg.content[ARRAYS_KEY], config.federation.wire_dtype)
+            load_array_record(session.model, global_model(msg, context), config.federation.wire_dtype)
             content = work(session, msg, context)
         except KNOWN_ERRORS as exc:
             code = getattr(exc, "code", None) or _CODES[next(t for t in _CODES if isinstance(exc, t))]
-            log.error("site %s cannot take part: %s", site_name, exc)
-            console.warning("site %s cannot take part: %s (details in the site's log)", site_name, code)
+            if isinstance(exc, GlobalModelNotHeld):  # routine: the centre resends the model itself
+                log.info("site %s: %s; asking for the model itself", site_name, exc)
+            else:
+                log.error("site %s cannot take part: %s", site_name, exc)
+                console.warning("site %s cannot take part: %s (details in the site's log)", site_name, code)
             content = _error_reply(site_name, code)
         except Exception as exc:  # noqa: BLE001 - the site must answer, and must not leak the message
             log.exception("site %s: unexpected %s while handling a %s message", site_name, type(exc).__name__,
@@ -162,6 +191,7 @@ _CODES: dict[type, str] = {
     ConfigError: "config-error",
     BackboneMismatchError: "backbone-mismatch",
     BackboneWeightsError: "backbone-weights-unavailable",
+    GlobalModelNotHeld: GLOBAL_NOT_HELD,
     UpdateError: "bad-global-parameters",
     BadBudgetId: BadBudgetId.code,
 }

@@ -7,6 +7,7 @@ per direction, and FedAvg over float32 copies of identical frozen tensors is not
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -22,6 +23,10 @@ SITE_KEY = "site"  # ConfigRecord: status, reason code, backbone hash, site name
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 STATUS_BUDGET_EXHAUSTED = "budget-exhausted"  # the site's privacy budget does not allow another round
+# A train message may name the global model by digest instead of carrying it: the site already
+# holds it from the evaluation message of the previous round (the same model, sent once).
+GLOBAL_DIGEST_KEY = "global-digest"
+GLOBAL_NOT_HELD = "global-model-not-held"  # the site's reason code when it does not hold that model
 
 
 class UpdateError(ValueError):
@@ -57,6 +62,15 @@ def to_wire(arrays: ArrayRecord, wire_dtype: str) -> ArrayRecord:
     if wire_dtype == "float32":
         return arrays
     return ArrayRecord({k: Array(v.numpy().astype(wire_dtype)) for k, v in arrays.items()})
+
+
+def arrays_digest(arrays: ArrayRecord) -> str:
+    """SHA-256 over the names and serialised arrays (dtype and shape included): the same on both
+    sides of the wire, since an Array travels as these bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays.keys()):
+        digest.update(name.encode() + b"\0" + arrays[name].data)
+    return digest.hexdigest()
 
 
 def check_arrays(arrays: ArrayRecord, spec: dict[str, ParamSpec], wire_dtype: str = "float32") -> dict[str, np.ndarray]:

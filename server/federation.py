@@ -76,7 +76,12 @@ class FederatedRun:
 
     def train(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         messages = self.strategy.configure_train(server_round, arrays, ConfigRecord(dict(self.train_config)), self.grid)
-        replies = self.grid.send_and_receive(messages, timeout=self.fed.round_timeout)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout))
+        resend = self.strategy.resend_in_full(server_round, arrays, replies)
+        if resend:  # sites that did not hold the model the message named by digest
+            again = {m.metadata.dst_node_id for m in resend}
+            replies = [r for r in replies if r.has_error() or r.metadata.src_node_id not in again]
+            replies += self.grid.send_and_receive(resend, timeout=self.fed.round_timeout)
         new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
         return new_arrays if new_arrays is not None else arrays
 

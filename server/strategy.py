@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from common.config import AGGREGATIONS
-from common.exchange import ARRAYS_KEY, METRICS_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_OK, ParamSpec, UpdateError, \
-    check_arrays, payload_bytes, site_record, to_wire
+from common.exchange import ARRAYS_KEY, GLOBAL_DIGEST_KEY, GLOBAL_NOT_HELD, METRICS_KEY, STATUS_BUDGET_EXHAUSTED, \
+    STATUS_OK, ParamSpec, UpdateError, arrays_digest, check_arrays, payload_bytes, site_record, to_wire
 from common.metrics.catalogue import EvaluationStats, MetricValue, compute_catalogue
 from common.metrics.classification import ClassificationStats, roc_curve_from_histograms
 from server.identities import SiteIdentities
@@ -101,17 +101,23 @@ class ClinicFedAvg(FedAvg):
         self.epsilon: dict[str, float] = {}  # last cumulative epsilon reported by each site
         self.identities = identities or SiteIdentities()
         self.wire_dtype = wire_dtype
-        self._sent_bytes: dict[tuple[int, str], int] = {}
+        self._sent_bytes: dict[tuple[int, str, int], int] = {}  # (round, phase, node) -> payload bytes sent
         self._sent_messages: dict[str, list[Message]] = {}
+        # node -> digest of the global model it holds: the one it last evaluated (and replied ok).
+        # Its next train message names that model instead of sending it again.
+        self._held: dict[int, str] = {}
+        self._evaluated: tuple[int, str] | None = None  # (round, digest of the model sent to evaluate)
         self._round_start: tuple[int, dict[str, np.ndarray]] | None = None  # (round, model its updates start from)
 
-    def _remember_sent(self, server_round: int, phase: str, messages: Iterable[Message]) -> list[Message]:
+    def _remember_sent(self, server_round: int, phase: str, messages: Iterable[Message],
+                       append: bool = False) -> list[Message]:
         messages = list(messages)
-        if messages:  # every sampled site gets the same payload
-            self._sent_bytes[(server_round, phase)] = payload_bytes(messages[0])
+        for msg in messages:
+            key = (server_round, phase, msg.metadata.dst_node_id)
+            self._sent_bytes[key] = self._sent_bytes.get(key, 0) + payload_bytes(msg)
         # The grid sets each message's id when it pushes it; an error reply the SuperLink makes
         # for an unreachable node names only that id, so keep the messages to find the node.
-        self._sent_messages[phase] = messages
+        self._sent_messages[phase] = (self._sent_messages.get(phase, []) if append else []) + messages
         return messages
 
     def start_round(self, server_round: int, arrays: ArrayRecord) -> None:
@@ -120,12 +126,43 @@ class ClinicFedAvg(FedAvg):
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[override]
         self.start_round(server_round, arrays)
-        return self._remember_sent(server_round, "train", super().configure_train(
-            server_round, to_wire(arrays, self.wire_dtype), config, grid))
+        wire = to_wire(arrays, self.wire_dtype)
+        digest = arrays_digest(wire)
+        messages = list(super().configure_train(server_round, wire, config, grid))
+        for msg in messages:
+            if self._held.get(msg.metadata.dst_node_id) == digest:
+                by_digest = ConfigRecord(dict(msg.content[self.configrecord_key]))
+                by_digest[GLOBAL_DIGEST_KEY] = digest
+                msg.content = RecordDict({self.configrecord_key: by_digest})
+        return self._remember_sent(server_round, "train", messages)
+
+    def resend_in_full(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> list[Message]:
+        """Train messages with the model itself for the sites that answered a by-digest message
+        with ``global-model-not-held`` (a restarted site, say); the caller sends them."""
+        resend = []
+        for reply in replies:
+            record = site_record(reply) if not reply.has_error() else ConfigRecord()
+            if record.get("reason") != GLOBAL_NOT_HELD:
+                continue
+            node = reply.metadata.src_node_id
+            self._held.pop(node, None)
+            sent = next((m for m in self._sent_messages.get("train", []) if m.metadata.dst_node_id == node), None)
+            if sent is None:
+                continue
+            config = ConfigRecord({k: v for k, v in sent.content[self.configrecord_key].items()
+                                   if k != GLOBAL_DIGEST_KEY})
+            resend.append(Message(RecordDict({self.arrayrecord_key: to_wire(arrays, self.wire_dtype),
+                                              self.configrecord_key: config}),
+                                  dst_node_id=node, message_type=MessageType.TRAIN))
+        if resend:
+            log.info("round %d: %d site(s) did not hold the global model; sent it in full", server_round, len(resend))
+        return self._remember_sent(server_round, "train", resend, append=True)
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[override]
+        wire = to_wire(arrays, self.wire_dtype)
+        self._evaluated = (server_round, arrays_digest(wire))
         return self._remember_sent(server_round, "evaluate", super().configure_evaluate(
-            server_round, to_wire(arrays, self.wire_dtype), config, grid))
+            server_round, wire, config, grid))
 
     def report(self, server_round: int) -> RoundReport:
         return self.reports.setdefault(server_round, RoundReport(server_round))
@@ -138,7 +175,8 @@ class ClinicFedAvg(FedAvg):
         for msg in replies:
             site = self._site_of(msg, "train", report)
             try:
-                report.count_traffic(site, self._sent_bytes.get((server_round, "train"), 0), payload_bytes(msg))
+                report.count_traffic(site, self._sent_bytes.get((server_round, "train", self._node_of(msg)), 0),
+                                     payload_bytes(msg))
                 taken = self._take_train_reply(server_round, site, msg, report)
             except Exception as exc:  # noqa: BLE001 - no reply may end the run; the checks missed this one
                 taken, reason = None, f"malformed reply ({type(exc).__name__})"
@@ -202,16 +240,20 @@ class ClinicFedAvg(FedAvg):
             combined[name] = Array(value)
         return combined
 
-    def _site_of(self, msg: Message, phase: str, report: RoundReport) -> str:
-        """The site a reply is filed under: its node's name, whatever the reply claims."""
-        node = msg.metadata.src_node_id
-        claimed = None
+    def _node_of(self, msg: Message) -> int:
+        """The node a reply comes from; for the SuperLink's error reply on behalf of an unreachable
+        node (which names only our message), the node that message went to."""
         if msg.has_error():
-            # The SuperLink answers for an unreachable node with an error naming only our message.
             for sent in (m for batch in self._sent_messages.values() for m in batch):
                 if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
-                    node = sent.metadata.dst_node_id
-        else:
+                    return sent.metadata.dst_node_id
+        return msg.metadata.src_node_id
+
+    def _site_of(self, msg: Message, phase: str, report: RoundReport) -> str:
+        """The site a reply is filed under: its node's name, whatever the reply claims."""
+        node = self._node_of(msg)
+        claimed = None
+        if not msg.has_error():
             value = site_record(msg).get("site-name")
             claimed = value if isinstance(value, str) else repr(value)
         identity = self.identities.resolve(node, claimed)
@@ -262,8 +304,11 @@ class ClinicFedAvg(FedAvg):
         per_site: dict[str, dict[str, MetricValue]] = {}
         for msg in replies:
             site = self._site_of(msg, "evaluate", report)
+            node = self._node_of(msg)
+            self._held.pop(node, None)
             try:
-                report.count_traffic(site, self._sent_bytes.get((server_round, "evaluate"), 0), payload_bytes(msg))
+                report.count_traffic(site, self._sent_bytes.get((server_round, "evaluate", node), 0),
+                                     payload_bytes(msg))
                 problem = _common_problem(msg, self.backbone_hash)
                 if problem is None:
                     if site in report.evaluation:
@@ -278,6 +323,8 @@ class ClinicFedAvg(FedAvg):
             if problem:
                 report.reject(site, "evaluate", problem)
                 continue
+            if self._evaluated is not None and self._evaluated[0] == server_round:
+                self._held[node] = self._evaluated[1]  # the site keeps the model it evaluated
             total = total + stats
             # Small sites still count in the global figures; their own figures are not shown.
             if stats.n >= self.min_site_cases:

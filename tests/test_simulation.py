@@ -56,6 +56,18 @@ def test_every_round_is_recorded_with_finite_metrics(finished_run):
         assert record["traffic"]["site-01"]["sent"] > 0 and record["traffic"]["site-01"]["received"] > 0
 
 
+def test_the_global_model_goes_to_a_site_once_per_round(finished_run):
+    """The evaluation message carries the new global model; the next round's train message only
+    names it by digest (the site kept it), so a site is sent one model copy per round, not two."""
+    run_dir, overrides = finished_run
+    model_bytes = sum(int(np.prod(p.shape)) * 4 for p in trainable_spec(build_model(
+        RunConfig.from_mapping(overrides).model)).values())
+    for record in read_metrics(run_dir)[1:]:
+        traffic = record["traffic"]["site-01"]
+        assert model_bytes < traffic["sent"] < 1.1 * model_bytes  # evaluate: the model; train: its digest
+        assert traffic["received"] > model_bytes  # the site's update
+
+
 def test_broken_site_is_rejected_with_its_reason_every_round(finished_run):
     run_dir, _ = finished_run
     for record in read_metrics(run_dir):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Metadata, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
 
-from common.exchange import ParamSpec, UpdateError, check_arrays
+from common.exchange import ParamSpec, UpdateError, arrays_digest, check_arrays, payload_bytes
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 
 from server.strategy import ClinicFedAvg
@@ -290,3 +291,58 @@ def test_a_site_gate_refusal_is_recorded_with_its_reason_and_hash():
     reasons = [r["reason"] for r in strategy.reports[1].rejected]
     assert reasons[0] == f"site refused the app: app-not-approved (bundle sha256 {digest})"
     assert "DOE" not in reasons[1] and "refused the app bundle" in reasons[1]
+
+
+# ------------------------------------------------------------------ the global model is sent once
+class _TwoNodes:
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
+
+
+def _site_message(sent, message_id: str):
+    """A sent message as the site receives it (content and type kept)."""
+    metadata = Metadata(run_id=1, message_id=message_id, src_node_id=0, dst_node_id=sent.metadata.dst_node_id,
+                        reply_to_message_id="", group_id="1", created_at=0.0, ttl=60.0,
+                        message_type=sent.metadata.message_type)
+    return make_message(metadata, content=sent.content)
+
+
+@pytest.fixture
+def server_task():
+    """Flower stamps every message it builds with the run of the ServerApp process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+def test_a_site_that_evaluated_the_model_gets_only_its_digest_and_a_site_without_it_gets_it_in_full(server_task):
+    from client.app import GlobalModelNotHeld, global_model
+
+    strategy = _strategy()
+    model = ArrayRecord({"head.w": Array(np.full((2, 3), 0.25, np.float32)), "head.b": Array(np.zeros(2, np.float32))})
+    evaluate = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(1, model, ConfigRecord(), _TwoNodes())}
+    site_state = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    assert arrays_digest(global_model(_site_message(evaluate[1], "e1"), site_state)) == arrays_digest(model)
+    # node 1 evaluated; node 2 failed, so it cannot be assumed to hold anything
+    strategy.aggregate_evaluate(1, [_eval_reply(_good_eval_record(), 1, "a"),
+                                    reply(_train_content(0, 1, site="b", status="error"), 2, "evaluate")])
+
+    train = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, model, ConfigRecord(), _TwoNodes())}
+    assert "arrays" not in train[1].content.array_records and "arrays" in train[2].content.array_records
+    assert train[1].content["config"]["global-digest"] == arrays_digest(model)
+    model_bytes = sum(len(model[k].data) for k in model.keys())
+    assert payload_bytes(train[1]) < 120 and payload_bytes(train[2]) > model_bytes
+    held = global_model(_site_message(train[1], "t1"), site_state)  # the site loads what it kept
+    assert all(np.array_equal(held[k].numpy(), model[k].numpy()) for k in model.keys())
+
+    restarted = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(GlobalModelNotHeld):
+        global_model(_site_message(train[1], "t2"), restarted)
+    (resent,) = strategy.resend_in_full(2, model, [
+        reply(RecordDict({"site": ConfigRecord({"status": "error", "reason": "global-model-not-held",
+                                                "site-name": "a"})}), 1)])
+    assert resent.metadata.dst_node_id == 1 and "global-digest" not in resent.content["config"]
+    assert resent.content["config"]["server-round"] == 2
+    assert arrays_digest(resent.content["arrays"]) == arrays_digest(model)
