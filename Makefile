@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench bench-caches bench-dp clean browser
+.PHONY: install demo test bench bench-caches bench-dp bench-secagg clean browser
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ bench-caches: $(STAMP)
 
 bench-dp: $(STAMP)
 	$(BIN)/python -m benchmarks.dp_step
+
+# Secure aggregation's cost against FedAvg at 3 and 10 sites (docs/security.md's table with --publish).
+bench-secagg: $(STAMP)
+	$(BIN)/python -m benchmarks.secagg
 
 clean:
 	rm -rf runs .flwr .pytest_cache

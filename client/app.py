@@ -7,7 +7,10 @@ answered with a reason code (``site`` record), never with paths or header text.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Callable
+
+import numpy as np
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -15,6 +18,7 @@ from flwr.clientapp import ClientApp
 from client.audit import audit_outgoing
 from client.drills import fault_drill, raise_phi_drill
 from client.sitelog import console, site_logging
+from client.secure_aggregation import is_secure, secure_aggregation_mod, update_for_masking
 from client.session import SiteSession, open_session
 from common.training import train_local
 from common.inference import evaluate_local
@@ -22,12 +26,14 @@ from common.config import ConfigError, RunConfig, SiteConfig
 from common.data.errors import DataError
 from client.budget import BadBudgetId, check_budget_id
 from common.exchange import ARRAYS_KEY, GLOBAL_DIGEST_KEY, GLOBAL_NOT_HELD, METRICS_KEY, SITE_KEY, \
-    STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, UpdateError, arrays_digest, load_array_record, to_array_record
+    STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, UPDATE_NAMES_KEY, UpdateError, arrays_digest, load_array_record, \
+    to_array_record, trainable_state
 from common.model import BackboneMismatchError, BackboneWeightsError, check_backbone_hash
 
 log = logging.getLogger(__name__)
-# The audit mod is outermost: it sees each reply exactly as Flower sends it (drills included).
-app = ClientApp(mods=[audit_outgoing, fault_drill])
+# The audit mod is outermost: it sees each reply exactly as Flower sends it (drills included,
+# updates masked). Secure aggregation is innermost: it masks what the train handler returns.
+app = ClientApp(mods=[audit_outgoing, fault_drill, secure_aggregation_mod])
 
 
 @app.train()
@@ -44,15 +50,32 @@ def _train(session: SiteSession, msg: Message, context: Context) -> RecordDict:
     server_round = int(msg.content["config"].get("server-round", 0))
     if session.config.privacy.dp_enabled:
         return _train_private(session, msg, context, server_round)
+    start = _trainable_numpy(session) if is_secure(msg) else None  # secure aggregation masks the update
     result = train_local(session.model, session.inputs, session.data.train_index, session.config.train,
                          session.device, server_round, proximal_mu(msg))
     session.refresh_feature_norm()
-    return RecordDict({
-        ARRAYS_KEY: to_array_record(session.model, session.config.federation.wire_dtype),
-        METRICS_KEY: MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
-                                   "train-seconds": result.seconds}),
-        SITE_KEY: _site_status(session, STATUS_OK),
-    })
+    return _train_reply(session, msg, start, result.num_examples, MetricRecord({
+        "num-examples": result.num_examples, "train-loss": result.loss, "train-seconds": result.seconds}))
+
+
+def _trainable_numpy(session: SiteSession) -> "OrderedDict[str, np.ndarray]":
+    return OrderedDict((k, v.cpu().numpy().copy()) for k, v in trainable_state(session.model).items())
+
+
+def _train_reply(session: SiteSession, msg: Message, start: "OrderedDict[str, np.ndarray] | None", num_examples: int,
+                 metrics: MetricRecord) -> RecordDict:
+    """The trained parameters; under secure aggregation, the update for secaggplus_mod to mask
+    (its names, in order, go in the site record so the centre can check the masked arrays)."""
+    status = _site_status(session, STATUS_OK)
+    if start is not None:
+        content = update_for_masking(start, _trainable_numpy(session), num_examples)
+        status[UPDATE_NAMES_KEY] = list(start)
+    else:
+        fed = session.config.federation
+        content = RecordDict({ARRAYS_KEY: to_array_record(session.model, fed.wire_dtype, fed.wire_compression)})
+    content[METRICS_KEY] = metrics
+    content[SITE_KEY] = status
+    return content
 
 
 def _train_private(session: SiteSession, msg: Message, context: Context, server_round: int) -> RecordDict:
@@ -82,14 +105,12 @@ def _train_private(session: SiteSession, msg: Message, context: Context, server_
         finally:
             text = ledger.save(session.site, budget_id)  # a calibrated noise multiplier is kept even unspent
             context.state[PRIVACY_STATE_KEY] = ConfigRecord({"ledger": text})
+    start = _trainable_numpy(session) if is_secure(msg) else None  # secure aggregation masks the update
     result = train_private(session.model, session.inputs, units, config, budget, charge, session.device,
                            proximal_mu(msg), server_round)
-    return RecordDict({
-        ARRAYS_KEY: to_array_record(session.model, session.config.federation.wire_dtype),
-        METRICS_KEY: MetricRecord({"num-examples": result.train.num_examples, "train-loss": result.train.loss,
-                                   "train-seconds": result.train.seconds, **result.metrics()}),
-        SITE_KEY: _site_status(session, STATUS_OK),
-    })
+    return _train_reply(session, msg, start, result.train.num_examples, MetricRecord({
+        "num-examples": result.train.num_examples, "train-loss": result.train.loss,
+        "train-seconds": result.train.seconds, **result.metrics()}))
 
 
 def proximal_mu(msg: Message) -> float:

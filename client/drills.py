@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import Array, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from common.exchange import ARRAYS_KEY
+from common.exchange import ARRAYS_KEY, numpy_of
 
 log = logging.getLogger(__name__)
 REPLY_DRILLS = ("nan-update", "wrong-shape-update")
@@ -56,7 +56,7 @@ def fault_drill(msg: Message, context: Context, call_next: ClientAppCallable) ->
         return reply
     arrays = reply.content[ARRAYS_KEY]
     name = next(iter(arrays.keys()))
-    value = np.array(arrays[name].numpy(), copy=True)
+    value = np.array(numpy_of(arrays[name]), copy=True)
     if drill == "nan-update":
         value.reshape(-1)[0] = np.nan
     else:

@@ -201,6 +201,8 @@ class FederationConfig:
     # Parameters on the wire: float32, or float16 (half the bytes both ways; the server checks,
     # widens and aggregates in float64, and keeps float32 checkpoints).
     wire_dtype: str = "float32"
+    # Lossless compression of the parameters on the wire (byte planes + zlib; common/exchange.py).
+    wire_compression: str = "zlib"
     # The best global model: the round with the best pooled test loss (default), pooled AUC, or the
     # centre's own validation loss/AUC. export takes it by default. patience > 0 ends the run after
     # that many rounds without improvement.
@@ -213,6 +215,16 @@ class FederationConfig:
     # Simulation only (client/drills.py): a fault drill, and the sites that run it ("" = all).
     drill: str = ""
     drill_sites: str = ""
+    # Secure aggregation (SecAgg+, server/secure_aggregation.py): the centre learns only the
+    # weighted sum of the sites' updates. Each update is clipped to +-secagg-clipping-range,
+    # quantised to 2**secagg-quantization-bits levels and masked. Shares: 0 = every sampled site;
+    # threshold: 0 = a majority of the shares, so a minority of sites may drop out mid-round.
+    secure_aggregation: bool = False
+    secagg_num_shares: int = 0
+    secagg_reconstruction_threshold: int = 0
+    secagg_clipping_range: float = 1.0
+    secagg_quantization_bits: int = 24
+    secagg_max_weight: float = 1000.0  # the largest num-examples one site may weigh in with
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -229,12 +241,37 @@ class FederationConfig:
             raise ConfigError("max-update-norm must be >= 0 and control-poll > 0")
         if self.wire_dtype not in ("float32", "float16"):
             raise ConfigError(f"wire-dtype must be float32 or float16, got {self.wire_dtype!r}")
+        if self.wire_compression not in ("zlib", "none"):
+            raise ConfigError(f"wire-compression must be zlib or none, got {self.wire_compression!r}")
         if self.best_metric not in BEST_METRICS:
             raise ConfigError(f"best-metric must be one of {BEST_METRICS}, got {self.best_metric!r}")
         if self.patience < 0:
             raise ConfigError("patience must be >= 0 (0: no early stopping)")
         if self.tracking not in TRACKERS:
             raise ConfigError(f"tracking must be one of {TRACKERS}, got {self.tracking!r}")
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
+
+    def _check_secure_aggregation(self) -> None:
+        """Refuse what cannot work on masked updates, with a one-line reason each."""
+        if self.aggregation in ("fedmedian", "trimmed-mean"):
+            raise ConfigError(f"secure-aggregation cannot be used with aggregation = {self.aggregation}: "
+                              "the centre sees only the sum of the updates, and a median or a trimmed mean "
+                              "needs each one")
+        if self.max_update_norm > 0:
+            raise ConfigError("secure-aggregation cannot be used with max-update-norm: the norm of a masked "
+                              "update cannot be checked (set max-update-norm = 0)")
+        if self.secagg_num_shares != 0 and self.secagg_num_shares < 3:
+            raise ConfigError("secagg-num-shares must be 0 (every sampled site) or >= 3")
+        if self.secagg_reconstruction_threshold != 0 and self.secagg_reconstruction_threshold < 2:
+            raise ConfigError("secagg-reconstruction-threshold must be 0 (a majority of the shares) or >= 2")
+        if self.secagg_num_shares and self.secagg_reconstruction_threshold >= self.secagg_num_shares:
+            raise ConfigError("secagg-reconstruction-threshold must be below secagg-num-shares, or no site "
+                              "could drop out")
+        if not 8 <= self.secagg_quantization_bits <= 28:
+            raise ConfigError("secagg-quantization-bits must be in 8..28 (masks are taken modulo 2**32)")
+        if self.secagg_clipping_range <= 0 or self.secagg_max_weight <= 0:
+            raise ConfigError("secagg-clipping-range and secagg-max-weight must be > 0")
 
 
 # Which run-config key feeds which field. Keys shared by several sections (image-size, seed)

@@ -8,6 +8,8 @@ per direction, and FedAvg over float32 copies of identical frozen tensors is not
 from __future__ import annotations
 
 import hashlib
+import math
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -27,6 +29,8 @@ STATUS_BUDGET_EXHAUSTED = "budget-exhausted"  # the site's privacy budget does n
 # holds it from the evaluation message of the previous round (the same model, sent once).
 GLOBAL_DIGEST_KEY = "global-digest"
 GLOBAL_NOT_HELD = "global-model-not-held"  # the site's reason code when it does not hold that model
+# Secure aggregation: the site record lists the names of the masked arrays, in their order.
+UPDATE_NAMES_KEY = "update-names"
 
 
 class UpdateError(ValueError):
@@ -49,19 +53,58 @@ def trainable_spec(model: InjuryNet) -> dict[str, ParamSpec]:
 
 
 WIRE_DTYPES = ("float32", "float16")
+WIRE_COMPRESSIONS = ("zlib", "none")
+# Lossless: each array's bytes are split into byte planes (the sign/exponent bytes of trained
+# weights repeat a lot, the low mantissa bytes do not), then zlib level 1: about 13% fewer bytes
+# in ~40 ms for the 0.47 M trainable parameters, 5 ms to restore.
+COMPRESSED_STYPE = "clinicfl.byteplanes-zlib"
 
 
-def to_array_record(model: InjuryNet, wire_dtype: str = "float32") -> ArrayRecord:
+def encode_array(value: np.ndarray, wire_dtype: str = "float32", compression: str = "none") -> Array:
+    """One array as it goes on the wire: in ``wire_dtype``, compressed or as Flower's numpy bytes."""
+    value = np.ascontiguousarray(value, dtype=wire_dtype)
+    if compression == "none":
+        return Array(value)
+    planes = value.view(np.uint8).reshape(-1, value.itemsize).T.tobytes()
+    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=COMPRESSED_STYPE,
+                 data=zlib.compress(planes, 1))
+
+
+def decode_array(array: Array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An array from the wire, either form. A compressed one must declare ``shape`` and ``dtype``
+    and inflate to exactly that many bytes (never more: a small payload cannot become a huge one)."""
+    if array.stype != COMPRESSED_STYPE:
+        return array.numpy()
+    declared = tuple(array.shape)
+    if declared != shape:
+        raise UpdateError(f"shape {declared}, expected {shape}")
+    if array.dtype != dtype.name:
+        raise UpdateError(f"dtype {array.dtype}, expected {dtype.name}")
+    size = math.prod(shape) * dtype.itemsize
+    inflater = zlib.decompressobj()
+    planes = inflater.decompress(array.data, size)
+    if len(planes) != size or inflater.unconsumed_tail or not inflater.eof:
+        raise UpdateError("the compressed bytes do not inflate to the declared shape")
+    return np.frombuffer(planes, np.uint8).reshape(dtype.itemsize, -1).T.copy().view(dtype).reshape(shape)
+
+
+def numpy_of(array: Array) -> np.ndarray:
+    """An array from the wire as numpy, by what it declares (for arrays whose spec is not at hand)."""
+    return decode_array(array, tuple(array.shape), np.dtype(array.dtype))
+
+
+def to_array_record(model: InjuryNet, wire_dtype: str = "float32", compression: str = "none") -> ArrayRecord:
     """The trainable parameters, by name, in the wire dtype (float16 halves the bytes; the server
-    aggregates in float64 and keeps float32)."""
-    return ArrayRecord({k: Array(v.cpu().numpy().astype(wire_dtype, copy=False)) for k, v in trainable_state(model).items()})
+    aggregates in float64 and keeps float32), optionally compressed (lossless)."""
+    return ArrayRecord({k: encode_array(v.cpu().numpy(), wire_dtype, compression)
+                        for k, v in trainable_state(model).items()})
 
 
-def to_wire(arrays: ArrayRecord, wire_dtype: str) -> ArrayRecord:
+def to_wire(arrays: ArrayRecord, wire_dtype: str, compression: str = "none") -> ArrayRecord:
     """A float32 ArrayRecord as it goes on the wire."""
-    if wire_dtype == "float32":
+    if wire_dtype == "float32" and compression == "none":
         return arrays
-    return ArrayRecord({k: Array(v.numpy().astype(wire_dtype)) for k, v in arrays.items()})
+    return ArrayRecord({k: encode_array(v.numpy(), wire_dtype, compression) for k, v in arrays.items()})
 
 
 def arrays_digest(arrays: ArrayRecord) -> str:
@@ -83,13 +126,15 @@ def check_arrays(arrays: ArrayRecord, spec: dict[str, ParamSpec], wire_dtype: st
                           f"{len(extra)} unexpected (e.g. {extra[:2]})")
     out = {}
     for name, expected in spec.items():
+        wanted = np.dtype(wire_dtype) if wire_dtype != "float32" else expected.dtype
         try:
-            value = arrays[name].numpy()
+            value = decode_array(arrays[name], expected.shape, wanted)
+        except UpdateError as exc:
+            raise UpdateError(f"{name}: {exc}") from exc
         except Exception as exc:  # a corrupt payload can fail to deserialise in many ways
             raise UpdateError(f"{name}: cannot be decoded ({type(exc).__name__})") from exc
         if tuple(value.shape) != expected.shape:
             raise UpdateError(f"{name}: shape {tuple(value.shape)}, expected {expected.shape}")
-        wanted = np.dtype(wire_dtype) if wire_dtype != "float32" else expected.dtype
         if value.dtype != wanted:
             raise UpdateError(f"{name}: dtype {value.dtype}, expected {wanted}")
         if not np.all(np.isfinite(value)):

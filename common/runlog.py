@@ -75,6 +75,8 @@ def round_line(record: dict[str, Any], num_rounds: int | None = None) -> str:
              f"sites trained {len(train)} evaluated {len(evaluated)}"]
     if record.get("rejected"):
         parts.append(f"rejected {len(record['rejected'])}")
+    if secure := record.get("secure_aggregation"):
+        parts.append(f"secagg {secure.get('sites', 0) - len(secure.get('dropped') or {})}/{secure.get('sites', 0)}")
     if (epsilon := _value(record, "epsilon")) is not None:
         parts.append(f"eps {fmt(epsilon, 2)}")
     server_val = ((record.get("server_validation") or {}).get("auc") or {}).get("value")

@@ -59,6 +59,7 @@ def main(grid: Grid, context: Context) -> None:
                             fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                             trim_fraction=fed.trim_fraction,
                             max_update_norm=fed.max_update_norm, wire_dtype=fed.wire_dtype,
+                            wire_compression=fed.wire_compression,
                             identities=SiteIdentities.from_registry(
                                 Path(fed.site_registry).expanduser() if fed.site_registry else None))
     central = (CentralValidation(config, Path(config.eval.server_val_path).expanduser(), build_model(config.model))

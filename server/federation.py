@@ -22,6 +22,7 @@ from common.config import RunConfig
 from common.runlog import round_line, select_best
 from server.evaluation import CentralValidation
 from server.runs import RunDirectory, round_record
+from server.secure_aggregation import SecAggSettings, SecureAggregation
 from server.strategy import ClinicFedAvg
 from server.tracking import Tracker
 
@@ -45,6 +46,8 @@ class FederatedRun:
         # the budget id names the privacy ledger a DP site charges (a resumed run keeps its id).
         self.train_config = {"backbone-hash": backbone_hash, "budget-id": budget_id}
         self.evaluate_config = {"backbone-hash": backbone_hash}
+        self.secure = (SecureAggregation(SecAggSettings.from_config(self.fed), strategy, grid, self.fed.round_timeout)
+                       if self.fed.secure_aggregation else None)
         self.started = time.perf_counter()
 
     # ------------------------------------------------------------------ the loop
@@ -75,6 +78,9 @@ class FederatedRun:
         return self.end("finished", self.fed.num_rounds, f"finished {self.fed.num_rounds} rounds")
 
     def train(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        if self.secure is not None:  # SecAgg+: only the sum of the updates is ever seen
+            new_arrays = self.secure.train(server_round, arrays, ConfigRecord(dict(self.train_config)))
+            return new_arrays if new_arrays is not None else arrays
         messages = self.strategy.configure_train(server_round, arrays, ConfigRecord(dict(self.train_config)), self.grid)
         replies = list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout))
         resend = self.strategy.resend_in_full(server_round, arrays, replies)
@@ -110,6 +116,8 @@ class FederatedRun:
         for rejected in record.get("rejected") or []:
             print(f"clinicfl: round {server_round}: {rejected['phase']} reply from {rejected['site']} rejected: "
                   f"{rejected['reason']}", flush=True)
+        for site, why in (record.get("secure_aggregation") or {}).get("dropped", {}).items():
+            print(f"clinicfl: round {server_round}: secure aggregation went on without {site} ({why})", flush=True)
         self.started = time.perf_counter()
         return record.get("stopped")
 

@@ -52,6 +52,7 @@ class RoundReport:
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> cumulative epsilon, delta, ...
     exhausted: dict[str, float] = field(default_factory=dict)  # site -> epsilon spent; it did not train
     stopped: str | None = None  # why the run ended after this round, when it ended early
+    secure_aggregation: dict = field(default_factory=dict)  # SecAgg+: sites, shares, dropped, error bound
     notes: list[str] = field(default_factory=list)
 
     def count_traffic(self, site: str, sent: int, received: int) -> None:
@@ -77,7 +78,7 @@ class ClinicFedAvg(FedAvg):
                  fraction_train: float = 1.0, fraction_evaluate: float = 1.0, aggregation: str = "fedavg",
                  trim_fraction: float = 0.2, max_update_norm: float = 0.0,
                  identities: SiteIdentities | None = None, wire_dtype: str = "float32",
-                 **flower_kwargs: object) -> None:
+                 wire_compression: str = "none", **flower_kwargs: object) -> None:
         # Minimums come from our config: Flower's default of 2 would hang a one-site federation
         # and let a round of one site pass when three were required.
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
@@ -101,6 +102,7 @@ class ClinicFedAvg(FedAvg):
         self.epsilon: dict[str, float] = {}  # last cumulative epsilon reported by each site
         self.identities = identities or SiteIdentities()
         self.wire_dtype = wire_dtype
+        self.wire_compression = wire_compression
         self._sent_bytes: dict[tuple[int, str, int], int] = {}  # (round, phase, node) -> payload bytes sent
         self._sent_messages: dict[str, list[Message]] = {}
         # node -> digest of the global model it holds: the one it last evaluated (and replied ok).
@@ -126,7 +128,7 @@ class ClinicFedAvg(FedAvg):
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[override]
         self.start_round(server_round, arrays)
-        wire = to_wire(arrays, self.wire_dtype)
+        wire = to_wire(arrays, self.wire_dtype, self.wire_compression)
         digest = arrays_digest(wire)
         messages = list(super().configure_train(server_round, wire, config, grid))
         for msg in messages:
@@ -146,12 +148,13 @@ class ClinicFedAvg(FedAvg):
                 continue
             node = reply.metadata.src_node_id
             self._held.pop(node, None)
-            sent = next((m for m in self._sent_messages.get("train", []) if m.metadata.dst_node_id == node), None)
+            sent = next((m for m in reversed(self._sent_messages.get("train", []))
+                         if m.metadata.dst_node_id == node and self.configrecord_key in m.content.config_records), None)
             if sent is None:
                 continue
             config = ConfigRecord({k: v for k, v in sent.content[self.configrecord_key].items()
                                    if k != GLOBAL_DIGEST_KEY})
-            resend.append(Message(RecordDict({self.arrayrecord_key: to_wire(arrays, self.wire_dtype),
+            resend.append(Message(RecordDict({self.arrayrecord_key: to_wire(arrays, self.wire_dtype, self.wire_compression),
                                               self.configrecord_key: config}),
                                   dst_node_id=node, message_type=MessageType.TRAIN))
         if resend:
@@ -159,7 +162,7 @@ class ClinicFedAvg(FedAvg):
         return self._remember_sent(server_round, "train", resend, append=True)
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[override]
-        wire = to_wire(arrays, self.wire_dtype)
+        wire = to_wire(arrays, self.wire_dtype, self.wire_compression)
         self._evaluated = (server_round, arrays_digest(wire))
         return self._remember_sent(server_round, "evaluate", super().configure_evaluate(
             server_round, wire, config, grid))
@@ -198,9 +201,10 @@ class ClinicFedAvg(FedAvg):
         losses = np.array([report.train[site]["loss"] for site, _, _ in accepted])
         return arrays, MetricRecord({"train-loss": float((weights * losses).sum() / weights.sum())})
 
-    def _take_train_reply(self, server_round: int, site: str, msg: Message,
-                          report: RoundReport) -> dict[str, np.ndarray] | None:
-        """The reply's checked update, or None (rejected, or a site out of privacy budget)."""
+    def _take_train_reply(self, server_round: int, site: str, msg: Message, report: RoundReport,
+                          masked: bool = False) -> dict[str, np.ndarray] | None:
+        """The reply's checked update, or None (rejected, or a site out of privacy budget).
+        ``masked``: a secure-aggregation reply, whose update only the protocol can check ({})."""
         if not msg.has_error() and site_record(msg).get("status") == STATUS_BUDGET_EXHAUSTED:
             spent = _number(site_record(msg).get("dp-epsilon"))
             report.exhausted[site] = spent
@@ -208,7 +212,7 @@ class ClinicFedAvg(FedAvg):
             log.warning("round %d: %s did not train: privacy budget exhausted (epsilon %.3f)", server_round,
                         site, spent)
             return None
-        problem, values = self._train_problem(msg, server_round)
+        problem, values = self._train_problem(msg, server_round, masked)
         if problem:
             report.reject(site, "train", problem)
             return None
@@ -261,13 +265,14 @@ class ClinicFedAvg(FedAvg):
             report.mismatch(identity.name, phase, identity.mismatch)
         return identity.name
 
-    def _train_problem(self, msg: Message, server_round: int = 0) -> tuple[str | None, dict[str, np.ndarray]]:
+    def _train_problem(self, msg: Message, server_round: int = 0,
+                       masked: bool = False) -> tuple[str | None, dict[str, np.ndarray]]:
         """(why the reply cannot be used, or None; its checked update)."""
         problem = _common_problem(msg, self.backbone_hash)
         if problem:
             return problem, {}
         content = msg.content
-        if ARRAYS_KEY not in content.array_records or len(content.array_records) != 1:
+        if not masked and (ARRAYS_KEY not in content.array_records or len(content.array_records) != 1):
             return "reply has no parameter record", {}
         metrics = content.metric_records.get(METRICS_KEY)
         if metrics is None or not {"num-examples", "train-loss", "train-seconds"} <= set(metrics.keys()):
@@ -285,6 +290,8 @@ class ClinicFedAvg(FedAvg):
             return f"num-examples must be an integer in 1..{MAX_EXAMPLES}, got {_brief(n)}", {}
         if not np.isfinite(float(metrics["train-loss"])) or not np.isfinite(float(metrics["train-seconds"])):
             return "train-loss or train-seconds is not finite", {}
+        if masked:
+            return None, {}
         try:
             values = check_arrays(content[ARRAYS_KEY], self.spec, self.wire_dtype)
         except UpdateError as exc:

@@ -50,6 +50,16 @@ def reply(content: RecordDict | Error, node_id: int = 1, message_type: str = "tr
     return make_message(metadata, content=content)
 
 
+@pytest.fixture
+def server_task():
+    """Flower stamps every message it builds with the run of the ServerApp process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
 @pytest.fixture(autouse=True)
 def _project_local_flower_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     # Never touch ~/.flwr from tests.

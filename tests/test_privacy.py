@@ -22,7 +22,7 @@ from client import app as client_app
 from client.privacy import PrivacyLedger, SitePrivacy, privacy_units, sampling
 from client.session import open_session
 from common.config import ConfigError, ModelConfig, RunConfig
-from common.exchange import to_array_record
+from common.exchange import numpy_of, to_array_record
 from common.model import SequenceHead, build_model, frozen_backbone_hash
 from server.runs import read_metrics
 from server.strategy import ClinicFedAvg
@@ -273,7 +273,7 @@ def test_identical_dp_runs_draw_different_noise_and_sampling(site, tmp_path):
         np.random.seed(0)
         out = client_app.train(_train_message(run, 1), _context(site, tmp_path / f"state{attempt}", run))
         assert out.content["site"]["status"] == "ok"
-        updates.append({k: v.numpy() for k, v in out.content["arrays"].items()})
+        updates.append({k: numpy_of(v) for k, v in out.content["arrays"].items()})
     assert any(not np.array_equal(updates[0][k], updates[1][k]) for k in updates[0])
 
 

@@ -64,8 +64,9 @@ def test_the_global_model_goes_to_a_site_once_per_round(finished_run):
         RunConfig.from_mapping(overrides).model)).values())
     for record in read_metrics(run_dir)[1:]:
         traffic = record["traffic"]["site-01"]
-        assert model_bytes < traffic["sent"] < 1.1 * model_bytes  # evaluate: the model; train: its digest
-        assert traffic["received"] > model_bytes  # the site's update
+        # evaluate: the model (losslessly compressed: ~13% fewer bytes); train: only its digest
+        assert 0.5 * model_bytes < traffic["sent"] < 1.05 * model_bytes
+        assert 0.5 * model_bytes < traffic["received"] < 1.05 * model_bytes  # the site's update and statistics
 
 
 def test_broken_site_is_rejected_with_its_reason_every_round(finished_run):

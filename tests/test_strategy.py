@@ -307,16 +307,6 @@ def _site_message(sent, message_id: str):
     return make_message(metadata, content=sent.content)
 
 
-@pytest.fixture
-def server_task():
-    """Flower stamps every message it builds with the run of the ServerApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
 def test_a_site_that_evaluated_the_model_gets_only_its_digest_and_a_site_without_it_gets_it_in_full(server_task):
     from client.app import GlobalModelNotHeld, global_model
 
@@ -346,3 +336,34 @@ def test_a_site_that_evaluated_the_model_gets_only_its_digest_and_a_site_without
     assert resent.metadata.dst_node_id == 1 and "global-digest" not in resent.content["config"]
     assert resent.content["config"]["server-round"] == 2
     assert arrays_digest(resent.content["arrays"]) == arrays_digest(model)
+
+
+# ------------------------------------------------------------------ lossless compression on the wire
+@pytest.mark.parametrize("wire_dtype", ["float32", "float16"])
+def test_compressed_parameters_arrive_bit_exact_and_smaller(wire_dtype):
+    from common.exchange import decode_array, encode_array
+
+    rng = np.random.default_rng(0)
+    value = rng.normal(0, 0.05, (64, 128)).astype(np.float32)
+    packed = encode_array(value, wire_dtype, "zlib")
+    plain = encode_array(value, wire_dtype, "none")
+    assert len(packed.data) < 0.95 * len(plain.data)
+    restored = decode_array(packed, (64, 128), np.dtype(wire_dtype))
+    assert restored.dtype == np.dtype(wire_dtype) and np.array_equal(restored, value.astype(wire_dtype))
+    spec = {"w": ParamSpec((64, 128), np.dtype("float32"))}
+    assert np.array_equal(check_arrays(ArrayRecord({"w": packed}), spec, wire_dtype)["w"],
+                          value.astype(wire_dtype).astype(np.float32))
+
+
+def test_a_compressed_array_that_inflates_beyond_its_declared_shape_is_refused():
+    import zlib
+
+    from common.exchange import COMPRESSED_STYPE
+
+    bomb = Array(dtype="float32", shape=(2, 3), stype=COMPRESSED_STYPE, data=zlib.compress(bytes(50_000_000)))
+    short = Array(dtype="float32", shape=(2, 3), stype=COMPRESSED_STYPE, data=zlib.compress(bytes(8)))
+    liar = Array(dtype="float32", shape=(3, 2), stype=COMPRESSED_STYPE, data=zlib.compress(bytes(24)))
+    spec = {"head.w": SPEC["head.w"]}
+    for array, reason in ((bomb, "do not inflate"), (short, "do not inflate"), (liar, r"shape \(3, 2\)")):
+        with pytest.raises(UpdateError, match=reason):
+            check_arrays(ArrayRecord({"head.w": array}), spec)
