@@ -49,6 +49,7 @@ class FederatedRun:
         self.secure = (SecureAggregation(SecAggSettings.from_config(self.fed), strategy, grid, self.fed.round_timeout)
                        if self.fed.secure_aggregation else None)
         self.started = time.perf_counter()
+        self.phases: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the loop
     def execute(self, arrays: ArrayRecord, first_round: int) -> str:
@@ -67,7 +68,9 @@ class FederatedRun:
             if control == "stop":
                 return self.end("stopped", server_round - 1, "stopped by the coordinating centre")
             log.info("[ROUND %d/%d]", server_round, self.fed.num_rounds)
+            started = time.perf_counter()
             arrays = self.train(server_round, arrays)
+            self.phases["train"] = time.perf_counter() - started
             self.evaluate(server_round, arrays)
             report = self.strategy.report(server_round)
             if report.exhausted and not report.train:
@@ -92,13 +95,18 @@ class FederatedRun:
         return new_arrays if new_arrays is not None else arrays
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> None:
+        started = time.perf_counter()
         messages = self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(self.evaluate_config)),
                                                     self.grid)
-        self.strategy.aggregate_evaluate(server_round, self.grid.send_and_receive(messages,
-                                                                                  timeout=self.fed.round_timeout))
+        replies = self.grid.send_and_receive(messages, timeout=self.fed.round_timeout)
+        self.phases["evaluate_at_sites"] = time.perf_counter() - started
+        started = time.perf_counter()
+        self.strategy.aggregate_evaluate(server_round, replies)
+        self.phases["evaluate_pooling"] = time.perf_counter() - started
 
     def finish_round(self, server_round: int, arrays: ArrayRecord) -> str | None:
         """Checkpoint, record, track and report one round; returns why the run ends after it."""
+        started = time.perf_counter()
         pooled = self.strategy.pooled.get(server_round)
         checkpoint = self.run.save_checkpoint(server_round, arrays,
                                               pooled.classification.histograms if pooled is not None else None)
@@ -106,6 +114,10 @@ class FederatedRun:
         record = round_record(report, time.perf_counter() - self.started, checkpoint, self.efficiency,
                               self.central.evaluate(arrays) if self.central else None,
                               dict(self.strategy.epsilon) if self.config.privacy.dp_enabled else None)
+        self.phases["checkpoint_and_validation"] = time.perf_counter() - started
+        # Where the round's time went (server's view; "at_sites" includes the messages' transport).
+        record["phase_seconds"] = {name: round(value, 3) for name, value in self.phases.items()}
+        self.phases = {}
         self.records.append(record)
         if not record.get("stopped") and (why := self.early_stop_reason(server_round)):
             record["stopped"] = report.stopped = why
