@@ -8,6 +8,10 @@ Each repeat is a new Python process that imports the ClientApp, opens the site's
 the preprocess cache, model, features from the feature cache) and handles one train and one
 evaluate message through the ClientApp itself, timing each phase. The site's caches are filled once
 beforehand, as after a site's first round.
+
+Side by side, the same repeats as the site gate runs them (sitegate/gate.py): each task forked from a
+warm zygote that has imported the site-installed libraries (NumPy, PyTorch, torchvision, Flower) but
+no code of the app.
 """
 
 from __future__ import annotations
@@ -58,6 +62,25 @@ print(json.dumps({"import_clientapp_s": t1 - t0, "open_session_s": t3 - t2, "tra
                   "evaluate_message_s": t5 - t4}))
 '''
 
+# The gate's zygote: preload, then fork each repeat; the child runs CHILD with the same argv.
+FORKED = r'''
+import os, sys
+from sitegate.gate import preload
+preload()
+child = sys.argv.pop()
+for _ in range(int(sys.argv.pop())):
+    pid = os.fork()
+    if pid == 0:
+        exec(compile(child, "<child>", "exec"), {"__name__": "__child__"})
+        sys.stdout.flush()
+        os._exit(0)
+    os.waitpid(pid, 0)
+'''
+
+
+def _phases(lines: str) -> list[dict]:
+    return [json.loads(line) for line in lines.splitlines() if line.startswith("{")]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,13 +98,19 @@ def main() -> None:
         for _ in range(args.repeats):
             start = time.perf_counter()
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            phases.append({**json.loads(out.strip().splitlines()[-1]),
-                           "process_total_s": time.perf_counter() - start})
+            phases.append({**_phases(out)[-1], "process_total_s": time.perf_counter() - start})
+        forked_out = subprocess.run([sys.executable, "-c", FORKED, str(site), json.dumps(run_config),
+                                     str(args.repeats), CHILD], check=True, capture_output=True, text=True).stdout
+        forked = _phases(forked_out)
     summary = {key: round(statistics.median(p[key] for p in phases), 3) for key in phases[0]}
     overhead = summary["import_clientapp_s"] + summary["open_session_s"]
     summary["fixed_overhead_per_message_s"] = round(overhead, 3)
+    gate = {key: round(statistics.median(p[key] for p in forked), 3) for key in forked[0]}
+    gate["fixed_overhead_per_message_s"] = round(gate["import_clientapp_s"] + gate["open_session_s"], 3)
     write_result(args.out, {"studies": args.studies, "repeats": args.repeats, "median_seconds": summary,
-                            "runs": phases})
+                            "forked_from_warm_gate_median_seconds": gate,
+                            "fresh_vs_forked_overhead_ratio": round(overhead / gate["fixed_overhead_per_message_s"], 2),
+                            "runs": phases, "forked_runs": forked})
 
 
 if __name__ == "__main__":

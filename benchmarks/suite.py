@@ -93,9 +93,15 @@ def headline(parts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows.append(_row(f"DP step {dp['dp_step_ms']:.1f} ms / plain step {dp['plain_step_ms']:.1f} ms",
                      dp["dp_over_plain_ratio"], "x", "<= 3", dp["dp_over_plain_ratio"] <= 3.0))
     message = parts["site_message"]["median_seconds"]
-    rows.append(_row(f"per message at a site before any work (import {message['import_clientapp_s']:.1f} s + "
-                     f"open session {message['open_session_s']:.1f} s)", message["fixed_overhead_per_message_s"], "s",
+    rows.append(_row(f"per message at a site before any work, fresh process (import {message['import_clientapp_s']:.1f} s"
+                     f" + open session {message['open_session_s']:.1f} s)", message["fixed_overhead_per_message_s"], "s",
                      "report", None))
+    if gate := parts["site_message"].get("forked_from_warm_gate_median_seconds"):
+        rows.append(_row(f"the same, forked from the site gate's warm zygote (import {gate['import_clientapp_s']:.1f} s"
+                         f" + open session {gate['open_session_s']:.1f} s; "
+                         f"{parts['site_message']['fresh_vs_forked_overhead_ratio']}x less)",
+                         gate["fixed_overhead_per_message_s"], "s", "below the fresh process",
+                         parts["site_message"]["fresh_vs_forked_overhead_ratio"] > 1.0))
     for size in parts["scaling"]["sizes"]:
         growth = size.get("pss_growth_per_round_second_half_mib")
         rows.append(_row(f"{size['sites']} sites: peak PSS {size['peak_pss_mib']} MiB, later round "

@@ -170,5 +170,14 @@ def payload_bytes(message: Message) -> int:
     for record in content.metric_records.values():
         total += sum(8 * (len(v) if isinstance(v, list) else 1) for v in record.values())
     for record in content.config_records.values():
-        total += sum(len(k) + len(v if isinstance(v, bytes) else str(v)) for k, v in record.items())
+        total += sum(len(k) + _config_value_bytes(v) for k, v in record.items())
     return total
+
+
+def _config_value_bytes(value: object) -> int:
+    """Bytes as bytes (SecAgg+'s keys, shares and masked vectors are lists of bytes), else as text."""
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_config_value_bytes(item) for item in value)
+    return len(str(value))

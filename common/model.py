@@ -56,10 +56,11 @@ class ResNetTrunk(nn.Module):
     so they would silently diverge between sites if they were updated locally.
     """
 
-    def __init__(self, freeze: str = "frozen") -> None:
+    def __init__(self, freeze: str = "frozen", net: nn.Module | None = None) -> None:
         super().__init__()
-        net = resnet50(weights=None)
-        net.fc = nn.Identity()
+        if net is None:
+            net = resnet50(weights=None)
+            net.fc = nn.Identity()
         self.net = net
         self.freeze = freeze
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -344,23 +345,32 @@ def build_model(config: ModelConfig) -> InjuryNet:
         torch.manual_seed(config.seed)
         model = InjuryNet(config, backbone=shared)
     if shared is None:
-        state, _ = load_backbone(config.backbone_weights, config.seed)
-        model.backbone.net.load_state_dict(state)
+        model.backbone.net.load_state_dict(load_backbone(config.backbone_weights, config.seed))
     return model
 
 
 @lru_cache(maxsize=2)
 def frozen_trunk(weights: str, seed: int) -> "ResNetTrunk":
-    trunk = ResNetTrunk("frozen")
-    state, _ = load_backbone(weights, seed)
-    trunk.net.load_state_dict(state)
-    return trunk.eval()
+    # It holds the cached state's tensors themselves: nothing changes a frozen trunk.
+    net = _empty_trunk()
+    net.load_state_dict(load_backbone(weights, seed), assign=True)
+    return ResNetTrunk("frozen", net=net).eval()
+
+
+def _empty_trunk() -> nn.Module:
+    """A ResNet50 trunk (no fc) on the meta device, to be given real tensors with
+    ``load_state_dict(..., assign=True)``: a random init of 23.5 M parameters that is overwritten
+    anyway costs ~0.2 s, which a fresh site process would pay on every message."""
+    with torch.device("meta"):
+        net = resnet50(weights=None)
+    net.fc = nn.Identity()
+    return net
 
 
 @lru_cache(maxsize=2)
-def load_backbone(weights: str, seed: int) -> tuple[dict[str, Tensor], str]:
-    """The ResNet50 trunk state for ``backbone-weights`` and its content hash (cached per process:
-    reading and hashing 94 MB once per site process, not once per round)."""
+def load_backbone(weights: str, seed: int) -> dict[str, Tensor]:
+    """The ResNet50 trunk state for ``backbone-weights`` (cached per process: reading 94 MB once
+    per site process, not once per round)."""
     if weights == "none":
         log.warning("backbone-weights = none: the ResNet50 is randomly initialised (seed %d). "
                     "Use 'imagenet' or a .pth file for real data.", seed)
@@ -372,11 +382,11 @@ def load_backbone(weights: str, seed: int) -> tuple[dict[str, Tensor], str]:
         state = _imagenet_state()
     else:
         state = _file_state(Path(weights).expanduser())
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    trunk = resnet50(weights=None)
-    trunk.fc = nn.Identity()
+    # float32 as the model computes (assign keeps a file's dtype, where copying would cast it)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not k.startswith("fc.")}
+    trunk = _empty_trunk()
     try:
-        missing, unexpected = trunk.load_state_dict(state, strict=False)
+        missing, unexpected = trunk.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # shape mismatches
         raise BackboneWeightsError(f"backbone-weights {weights!r} does not fit a ResNet50: "
                                    f"{str(exc).splitlines()[-1].strip()}") from exc
@@ -384,8 +394,7 @@ def load_backbone(weights: str, seed: int) -> tuple[dict[str, Tensor], str]:
         raise BackboneWeightsError(
             f"backbone-weights {weights!r} is not a ResNet50 state dict: {len(missing)} missing keys "
             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
-    state = trunk.state_dict()
-    return state, tensor_hash(state)
+    return trunk.state_dict()
 
 
 def _imagenet_state() -> dict[str, Tensor]:

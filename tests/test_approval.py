@@ -61,6 +61,8 @@ def test_an_approved_bundle_trains(deployment):
     assert [r["round"] for r in records] == [0, 1] and set(records[1]["train"]) == set(SITES)
     log = (dep.state_dir("site-01") / "logs" / "gate.log").read_text()
     assert f"sha256 {published}: approved" in log
+    # every task was forked from the warm zygote, which had imported no code of the bundle
+    assert "tasks forked from a warm zygote" in log and "zygote preloaded numpy, torch, torchvision" in log
 
 
 def test_a_modified_bundle_is_refused_before_any_of_its_code_runs(deployment, tmp_path):
