@@ -28,7 +28,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from common.config import AGGREGATIONS
+from common.config import AGGREGATIONS, RunConfig
 from common.processes import absolute_paths, parse_assignments, write_config_file
 from sitegate.approvals import bundle_hash, project_bundle
 from server.centre import CONNECTION, PROJECT_ROOT, Centre, CentreError, flwr, key_fingerprint, parse_json_output, \
@@ -144,11 +144,14 @@ def run_overrides(args: argparse.Namespace, centre: Centre) -> dict[str, object]
             values[key] = getattr(args, flag)
     if getattr(args, "dp", False):
         values["dp-enabled"] = True
+    if getattr(args, "secure_aggregation", False):
+        values["secure-aggregation"] = True
     values.update(parse_assignments(args.set))
     return absolute_paths(values)
 
 
 def submit_run(centre: Centre, values: dict[str, object], app: Path = PROJECT_ROOT) -> int:
+    RunConfig.from_mapping(values)  # a bad or incompatible setting is refused here, in one line
     if running_superlink(centre) is None:
         raise CentreError("the SuperLink is not running: clinicfl-server start")
     digest = bundle_hash(project_bundle(app))
@@ -334,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--round-timeout", type=float)
         p.add_argument("--dp", action="store_true", help="DP-SGD at every site")
         p.add_argument("--dp-epsilon", type=float, help="dp-target-epsilon for the whole run")
+        p.add_argument("--secure-aggregation", action="store_true",
+                       help="SecAgg+: the centre sees only the sum of the sites' updates (docs/security.md)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run-config key")
         if name == "run":
             p.add_argument("--app", help="the app folder to ship (default: this install); sites must approve it")

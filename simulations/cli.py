@@ -22,6 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from tqdm import tqdm
 
+from common.config import ConfigError
 from common.processes import console_logging, parse_assignments
 from common.runlog import read_metrics, round_line
 from simulations.runner import PROJECT_ROOT, SimulationError, run_simulation
@@ -81,7 +82,7 @@ def _run_and_report(data_root: Path, run_root: Path, num_sites: int, overrides: 
 
     try:
         run_dir = run_simulation(data_root, run_root, num_sites, overrides, stream=verbose, on_round=show)
-    except SimulationError as exc:
+    except (SimulationError, ConfigError) as exc:
         progress.close()
         console.print(f"[red]error:[/] {exc}")
         return 1

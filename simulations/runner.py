@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from common.config import RunConfig
 from common.runlog import read_metrics
 from common.processes import absolute_paths, bin_path, flower_env as base_flower_env, free_port, port_open, \
     write_config_file
@@ -103,6 +104,7 @@ def run_simulation(data_root: Path, run_root: Path, num_sites: int, overrides: d
     log_path = flwr_home / "logs" / f"simulation-{stamp}-{os.getpid()}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     config = {"data-root": str(data_root.resolve()), "run-dir": str(run_root), **overrides}
+    RunConfig.from_mapping(config)  # a bad or incompatible setting is refused before Flower starts
     found: dict[str, Path] = {}
     returncode = run_flower_app(PROJECT_ROOT, config, num_sites, flwr_home, log_path, cpus_per_site, timeout,
                                 stream, found, lambda: _report_rounds(found, on_round))

@@ -198,3 +198,12 @@ def test_a_federated_run_with_secure_aggregation_and_dp_at_the_sites(tmp_path):
     first = torch.load(run_dir / "checkpoints" / "round-000.pt", weights_only=False)["trainable"]
     last = torch.load(run_dir / "checkpoints" / "round-002.pt", weights_only=False)["trainable"]
     assert any(not torch.equal(first[k], last[k]) for k in first), "the secure aggregate moved the model"
+
+
+def test_a_simulation_with_an_incompatible_combination_is_refused_before_flower_starts(tmp_path):
+    from simulations.runner import run_simulation
+
+    with pytest.raises(ConfigError, match="trimmed-mean"):
+        run_simulation(tmp_path, tmp_path / "runs", 2, {"secure-aggregation": True, "aggregation": "trimmed-mean"},
+                       flwr_home=tmp_path / "flwr-home", timeout=30)
+    assert not (tmp_path / "flwr-home" / "logs").exists() or not any((tmp_path / "flwr-home" / "logs").iterdir())
