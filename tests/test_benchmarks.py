@@ -36,3 +36,14 @@ def test_the_readme_performance_table_is_rendered_from_the_committed_json():
         assert section == render_table(json.loads(PUBLISHED.read_text()))
     else:
         assert section == BEGIN + "\n" + END, "no published benchmark: the table is empty"
+
+
+def test_the_secure_aggregation_cost_table_is_rendered_from_the_committed_json():
+    from benchmarks import secagg
+
+    doc = secagg.DOC.read_text()
+    section = secagg.BEGIN + doc.split(secagg.BEGIN, 1)[1].split(secagg.END, 1)[0] + secagg.END
+    published = json.loads(secagg.PUBLISHED.read_text())
+    assert section == secagg.render_table(published)
+    assert [size["sites"] for size in published["sizes"]] == [3, 10]
+    assert all(size["secagg"]["aggregated_rounds"] == size["secagg"]["rounds"] for size in published["sizes"])
