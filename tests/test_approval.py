@@ -54,11 +54,14 @@ def _finish(dep: Deployment, run_id: int) -> list[dict]:
 
 
 def test_an_approved_bundle_trains(deployment):
+    """Over real TLS, with secure aggregation: the sites' gates run Flower's secaggplus_mod."""
     dep, published = deployment
-    result = dep.server("run", "--rounds", "1", "--min-sites", "2", *RUN_SETTINGS)
+    result = dep.server("run", "--rounds", "1", "--min-sites", "2", "--secure-aggregation", *RUN_SETTINGS)
     assert f"app bundle sha256 {published}" in result.stderr, "the centre prints the hash it ships"
     records = _finish(dep, int(result.stdout.split()[0]))
     assert [r["round"] for r in records] == [0, 1] and set(records[1]["train"]) == set(SITES)
+    secure = records[1]["secure_aggregation"]
+    assert records[1]["aggregated"] and secure["sites"] == 2 and secure["dropped"] == {}, records[1]["notes"]
     log = (dep.state_dir("site-01") / "logs" / "gate.log").read_text()
     assert f"sha256 {published}: approved" in log
     # every task was forked from the warm zygote, which had imported no code of the bundle
