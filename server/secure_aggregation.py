@@ -185,9 +185,6 @@ class SecureAggregation:
                 forward[dst][0].append(node)
                 forward[dst][1].append(text)
         keyed = {node: forward[node] for node in replies if node not in state.dropped}
-        for sources, _ in keyed.values():  # only from sites that completed this stage
-            if set(sources) - set(keyed):
-                raise _Abort("key shares from a site whose reply was refused")
         self._check_threshold(state, set(keyed), Stage.SHARE_KEYS)
         return keyed
 
@@ -219,6 +216,9 @@ class SecureAggregation:
                 problem = None if taken is not None else "no update (see the round's rejections)"
                 if taken is not None:
                     vector, problem = self._masked_vector(reply)
+                if problem is None and report.train[site]["num-examples"] > self.settings.max_weight:
+                    problem = (f"num-examples {report.train[site]['num-examples']} exceeds secagg-max-weight "
+                               f"{self.settings.max_weight:g} (its weighted update would be clipped)")
             except Exception as exc:  # noqa: BLE001 - no reply may end the run
                 problem = f"malformed reply ({type(exc).__name__})"
                 report.reject(site, "train", problem)

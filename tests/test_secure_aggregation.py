@@ -207,3 +207,14 @@ def test_a_simulation_with_an_incompatible_combination_is_refused_before_flower_
         run_simulation(tmp_path, tmp_path / "runs", 2, {"secure-aggregation": True, "aggregation": "trimmed-mean"},
                        flwr_home=tmp_path / "flwr-home", timeout=30)
     assert not (tmp_path / "flwr-home" / "logs").exists() or not any((tmp_path / "flwr-home" / "logs").iterdir())
+
+
+def test_a_site_weighing_in_above_max_weight_is_left_out_of_the_sum_and_the_rest_aggregate(server_task):
+    updates, counts, start = _setting(4, seed=4)
+    counts[4] = 1500  # above secagg-max-weight: its clipped, weighted update would be wrong
+    result, report = _run(InProcessGrid(updates, counts), start)
+    expected = _fedavg(start, updates, counts, [1, 2, 3])
+    bound = SETTINGS.error_bound([counts[n] for n in (1, 2, 3)])
+    assert np.abs(result["head.w"].numpy() - expected["head.w"]).max() <= bound + 3 * np.finfo(np.float32).eps
+    assert "exceeds secagg-max-weight 1000" in report.secure_aggregation["dropped"]["site-4"]
+    assert any(r["site"] == "site-4" and "secagg-max-weight" in r["reason"] for r in report.rejected)
