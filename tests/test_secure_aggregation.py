@@ -37,6 +37,7 @@ class InProcessGrid:
         self.contexts = {node: Context(run_id=1, node_id=node, node_config={"site-name": f"site-{node}"},
                                        state=RecordDict(), run_config={}) for node in updates}
         self.silent: dict[int, str] = {}
+        self.not_held: set[int] = set()  # sites named a model by digest that they did not hold
         self.masked: dict[int, list[np.ndarray]] = {}  # node -> masked arrays, as the centre receives them
 
     def get_node_ids(self) -> list[int]:
@@ -55,7 +56,7 @@ class InProcessGrid:
                                 ttl=600.0, message_type=message.metadata.message_type)
             incoming = make_message(metadata, content=copy.deepcopy(message.content))
             reply = secure_aggregation_mod(incoming, self.contexts[node], self._train)
-            if stage == Stage.COLLECT_MASKED_VECTORS:
+            if stage == Stage.COLLECT_MASKED_VECTORS and RECORD_KEY_CONFIGS in reply.content.config_records:
                 self.masked[node] = [bytes_to_ndarray(b) for b in
                                      reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
             replies.append(reply)
@@ -63,8 +64,15 @@ class InProcessGrid:
 
     def _train(self, msg: Message, context: Context) -> Message:
         """A site's train handler: the global model it was sent, moved by its known update."""
+        from client.app import GlobalModelNotHeld, global_model
+
         node = context.node_id
-        start = {k: numpy_of(v) for k, v in msg.content["arrays"].items()}
+        try:
+            start = {k: numpy_of(v) for k, v in global_model(msg, context).items()}
+        except GlobalModelNotHeld:  # as the ClientApp answers it
+            self.not_held.add(node)
+            return Message(RecordDict({"site": ConfigRecord({"status": "error", "reason": "global-model-not-held",
+                                                             "site-name": f"site-{node}"})}), reply_to=msg)
         trained = {k: start[k] + self.updates[node][k] for k in start}
         content = update_for_masking(start, trained, self.num_examples[node])
         content["metrics"] = MetricRecord({"num-examples": self.num_examples[node], "train-loss": 0.5,
@@ -89,8 +97,8 @@ def _fedavg(start: ArrayRecord, updates: dict, counts: dict, nodes: list[int]) -
                                                                 for n in nodes) for name in SPEC}
 
 
-def _run(grid: InProcessGrid, start: ArrayRecord):
-    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=2)
+def _run(grid: InProcessGrid, start: ArrayRecord, strategy: ClinicFedAvg | None = None):
+    strategy = strategy or ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=2)
     for node in grid.updates:  # round 0's evaluation replies have named every node
         strategy.identities.resolve(node, f"site-{node}")
     result = SecureAggregation(SETTINGS, strategy, grid, timeout=60).train(1, start, ConfigRecord())
@@ -218,3 +226,22 @@ def test_a_site_weighing_in_above_max_weight_is_left_out_of_the_sum_and_the_rest
     assert np.abs(result["head.w"].numpy() - expected["head.w"]).max() <= bound + 3 * np.finfo(np.float32).eps
     assert "exceeds secagg-max-weight 1000" in report.secure_aggregation["dropped"]["site-4"]
     assert any(r["site"] == "site-4" and "secagg-max-weight" in r["reason"] for r in report.rejected)
+
+
+def test_a_site_named_a_model_it_does_not_hold_gets_it_in_full_within_the_protocol(server_task):
+    """The centre believes the sites hold the global model (they evaluated it), so the masked-vector
+    stage names it by digest; the sites lost it (restarted): the same stage is sent again with the
+    model itself, and the round completes."""
+    from tests.test_strategy import _eval_reply, _good_eval_record
+
+    updates, counts, start = _setting(3, seed=5)
+    grid = InProcessGrid(updates, counts)
+    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=2)
+    strategy.configure_evaluate(0, start, ConfigRecord(), grid)
+    strategy.aggregate_evaluate(0, [_eval_reply(_good_eval_record(), node, f"site-{node}") for node in (1, 2, 3)])
+    result, report = _run(grid, start, strategy)
+    assert grid.not_held == {1, 2, 3}
+    expected = _fedavg(start, updates, counts, [1, 2, 3])
+    bound = SETTINGS.error_bound([counts[n] for n in (1, 2, 3)])
+    assert np.abs(result["head.w"].numpy() - expected["head.w"]).max() <= bound + 3 * np.finfo(np.float32).eps
+    assert report.secure_aggregation["dropped"] == {} and not report.rejected
