@@ -15,3 +15,12 @@ def write_result(path: str | Path, result: dict[str, Any], hide: tuple[str, ...]
     print(json.dumps({k: v for k, v in result.items() if k not in hide}, indent=2))
     print(f"written to {out}")
     return out
+
+
+def replace_between(path: Path, begin: str, end: str, block: str) -> None:
+    """Replace ``begin``...``end`` in a document with ``block`` (which carries both markers)."""
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise ValueError(f"{path} has no {begin!r} ... {end!r} markers")
+    head, rest = text.split(begin, 1)
+    path.write_text(head + block + rest.split(end, 1)[1])

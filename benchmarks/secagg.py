@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import write_result
+from benchmarks import replace_between, write_result
 from common.runlog import read_metrics
 from simulations.runner import run_simulation
 from simulations.synthetic import SyntheticSpec, generate_clinics
@@ -94,9 +94,7 @@ def main() -> None:
     write_result(args.out, result)
     if args.publish:
         write_result(PUBLISHED, result)
-        text = DOC.read_text()
-        head, rest = text.split(BEGIN, 1)
-        DOC.write_text(head + render_table(result) + rest.split(END, 1)[1])
+        replace_between(DOC, BEGIN, END, render_table(result))
         print(f"published to {PUBLISHED} and {DOC}")
 
 

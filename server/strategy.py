@@ -109,6 +109,7 @@ class ClinicFedAvg(FedAvg):
         # Its next train message names that model instead of sending it again.
         self._held: dict[int, str] = {}
         self._evaluated: tuple[int, str] | None = None  # (round, digest of the model sent to evaluate)
+        self._last_wire: tuple[ArrayRecord, ArrayRecord, str] | None = None  # (global, on the wire, digest)
         self._round_start: tuple[int, dict[str, np.ndarray]] | None = None  # (round, model its updates start from)
 
     def _remember_sent(self, server_round: int, phase: str, messages: Iterable[Message],
@@ -122,14 +123,21 @@ class ClinicFedAvg(FedAvg):
         self._sent_messages[phase] = (self._sent_messages.get(phase, []) if append else []) + messages
         return messages
 
+    def _wire(self, arrays: ArrayRecord) -> tuple[ArrayRecord, str]:
+        """The global model as it goes on the wire, and its digest. The evaluation message and the
+        next train message carry the same model: it is converted and hashed once."""
+        if self._last_wire is None or self._last_wire[0] is not arrays:
+            wire = to_wire(arrays, self.wire_dtype, self.wire_compression)
+            self._last_wire = (arrays, wire, arrays_digest(wire))
+        return self._last_wire[1], self._last_wire[2]
+
     def start_round(self, server_round: int, arrays: ArrayRecord) -> None:
         """The global model this round's updates start from (for the update-norm bound)."""
         self._round_start = (server_round, {k: v.numpy() for k, v in arrays.items()})
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[override]
         self.start_round(server_round, arrays)
-        wire = to_wire(arrays, self.wire_dtype, self.wire_compression)
-        digest = arrays_digest(wire)
+        wire, digest = self._wire(arrays)
         messages = list(super().configure_train(server_round, wire, config, grid))
         for msg in messages:
             if self._held.get(msg.metadata.dst_node_id) == digest:
@@ -154,7 +162,7 @@ class ClinicFedAvg(FedAvg):
                 continue
             config = ConfigRecord({k: v for k, v in sent.content[self.configrecord_key].items()
                                    if k != GLOBAL_DIGEST_KEY})
-            resend.append(Message(RecordDict({self.arrayrecord_key: to_wire(arrays, self.wire_dtype, self.wire_compression),
+            resend.append(Message(RecordDict({self.arrayrecord_key: self._wire(arrays)[0],
                                               self.configrecord_key: config}),
                                   dst_node_id=node, message_type=MessageType.TRAIN))
         if resend:
@@ -162,8 +170,8 @@ class ClinicFedAvg(FedAvg):
         return self._remember_sent(server_round, "train", resend, append=True)
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[override]
-        wire = to_wire(arrays, self.wire_dtype, self.wire_compression)
-        self._evaluated = (server_round, arrays_digest(wire))
+        wire, digest = self._wire(arrays)
+        self._evaluated = (server_round, digest)
         return self._remember_sent(server_round, "evaluate", super().configure_evaluate(
             server_round, wire, config, grid))
 
