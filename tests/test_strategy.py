@@ -360,10 +360,16 @@ def test_a_compressed_array_that_inflates_beyond_its_declared_shape_is_refused()
 
     from common.exchange import COMPRESSED_STYPE
 
-    bomb = Array(dtype="float32", shape=(2, 3), stype=COMPRESSED_STYPE, data=zlib.compress(bytes(50_000_000)))
-    short = Array(dtype="float32", shape=(2, 3), stype=COMPRESSED_STYPE, data=zlib.compress(bytes(8)))
-    liar = Array(dtype="float32", shape=(3, 2), stype=COMPRESSED_STYPE, data=zlib.compress(bytes(24)))
+    # (2, 3) float32 on the wire: 6 x 3 low bytes as they are, then the 6 deflated top bytes.
+    low = bytes(18)
+
+    def packed(top: bytes, shape=(2, 3), head: bytes = low) -> Array:
+        return Array(dtype="float32", shape=shape, stype=COMPRESSED_STYPE, data=head + zlib.compress(top))
+
+    bomb, short, liar = packed(bytes(50_000_000)), packed(bytes(2)), packed(bytes(6), shape=(3, 2))
+    truncated = Array(dtype="float32", shape=(2, 3), stype=COMPRESSED_STYPE, data=bytes(10))
     spec = {"head.w": SPEC["head.w"]}
-    for array, reason in ((bomb, "do not inflate"), (short, "do not inflate"), (liar, r"shape \(3, 2\)")):
+    for array, reason in ((bomb, "do not inflate"), (short, "do not inflate"), (liar, r"shape \(3, 2\)"),
+                          (truncated, "shorter than the declared shape")):
         with pytest.raises(UpdateError, match=reason):
             check_arrays(ArrayRecord({"head.w": array}), spec)
