@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench bench-caches bench-dp bench-secagg clean browser
+.PHONY: install demo test bench bench-caches bench-dp bench-secagg bench-deployment clean browser
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ bench-dp: $(STAMP)
 # Secure aggregation's cost against FedAvg at 3 and 10 sites (docs/security.md's table with --publish).
 bench-secagg: $(STAMP)
 	$(BIN)/python -m benchmarks.secagg
+
+# A deployed round (TLS SuperLink, two site daemons): replies collected as they arrive against
+# Flower's fixed 3 s pull interval (docs/deployment.md, "What a round costs").
+bench-deployment: $(STAMP)
+	$(BIN)/python -m benchmarks.deployment_round
 
 clean:
 	rm -rf runs .flwr .pytest_cache

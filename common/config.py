@@ -194,6 +194,10 @@ class FederationConfig:
     max_update_norm: float = 0.0  # reject a site's update whose L2 distance from the global model exceeds this (0: off)
     resume_from: str = ""  # a run directory: continue from its last finished round (clinicfl-server resume)
     control_poll: float = 2.0  # seconds between checks of the pause flag while a run is paused
+    # How the centre waits for the sites' replies (server/transport.py): prompt pulls them 10 ms
+    # after the push, then every tenth of the time waited (at most 0.5 s); flower keeps Flower's
+    # fixed interval (3 s in a deployment, 0.1 s in a simulation).
+    reply_polling: str = "prompt"
     # The centre's sites.json (clinicfl-server register-site): replies are filed under the name
     # their authenticated node id is registered with. Empty in simulation: each node keeps the
     # name it first reports.
@@ -201,7 +205,7 @@ class FederationConfig:
     # Parameters on the wire: float32, or float16 (half the bytes both ways; the server checks,
     # widens and aggregates in float64, and keeps float32 checkpoints).
     wire_dtype: str = "float32"
-    # Lossless compression of the parameters on the wire (byte planes + zlib; common/exchange.py).
+    # Lossless compression of the parameters on the wire (the top byte plane deflated; common/exchange.py).
     wire_compression: str = "zlib"
     # The best global model: the round with the best pooled test loss (default), pooled AUC, or the
     # centre's own validation loss/AUC. export takes it by default. patience > 0 ends the run after
@@ -243,6 +247,8 @@ class FederationConfig:
             raise ConfigError(f"wire-dtype must be float32 or float16, got {self.wire_dtype!r}")
         if self.wire_compression not in ("zlib", "none"):
             raise ConfigError(f"wire-compression must be zlib or none, got {self.wire_compression!r}")
+        if self.reply_polling not in ("prompt", "flower"):
+            raise ConfigError(f"reply-polling must be prompt or flower, got {self.reply_polling!r}")
         if self.best_metric not in BEST_METRICS:
             raise ConfigError(f"best-metric must be one of {BEST_METRICS}, got {self.best_metric!r}")
         if self.patience < 0:

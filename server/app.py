@@ -23,6 +23,7 @@ from server.federation import FederatedRun
 from server.identities import SiteIdentities
 from server.runs import RunDirectory, last_finished_round, load_checkpoint_arrays
 from server.strategy import make_strategy
+from server.transport import PromptGrid
 from server.tracking import GuardedTracker, open_tracker
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ def main(grid: Grid, context: Context) -> None:
                if config.eval.server_val_path else None)
     tracker = GuardedTracker(open_tracker(fed.tracking, run.path, config.to_mapping(), fed.tracking_uri,
                                           fed.tracking_experiment))
+    # Replies are collected as they arrive, not at Flower's fixed interval (server/transport.py).
+    grid = PromptGrid(grid) if fed.reply_polling == "prompt" else grid
     federation = FederatedRun(config, grid, run, strategy, measure_efficiency(model, config), central, tracker,
                               backbone_hash, budget_id, records)
     state = "failed"

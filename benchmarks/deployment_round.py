@@ -1,0 +1,92 @@
+"""What a round costs in a real deployment: the centre collecting replies as they arrive
+(``reply-polling = prompt``) against Flower's fixed 3 s pull interval (``flower``), side by side on
+the same TLS SuperLink and site daemons.
+
+    .venv/bin/python -m benchmarks.deployment_round [--sites 2 --studies 16 --rounds 4] [--publish]
+
+``--publish`` also writes ``docs/benchmarks/deployment_round.json`` (docs/deployment.md cites it).
+
+Everything is real and local: ``clinicfl-server certs/start/register-site``, each site's
+``clinicfl-client approve`` and ``start`` (SuperNode, site gate and its zygote), then one
+``clinicfl-server run`` per arm. Reported per arm: the time of each round after the first (the
+run's own clock between the ends of consecutive rounds) and where it went (``phase_seconds``).
+A phase also waits for each SuperNode to fetch its message: Flower's SuperNode asks for work every
+3 s when idle, which the centre cannot change (it is part of every arm alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import write_result
+from simulations.synthetic import SyntheticSpec, generate_clinics
+from tests.deployment_helpers import Deployment, _wait
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "deployment_round.json"
+SETTINGS = ["--set", "image-size=32", "--set", "seq-len=4", "--set", "local-epochs=1", "--set", "min-site-cases=2"]
+
+
+def run_arm(dep: Deployment, sites: int, rounds: int, polling: str) -> dict:
+    run_id = dep.run("run", "--rounds", str(rounds), "--min-sites", str(sites), *SETTINGS,
+                     "--set", f"reply-polling={polling}")
+    _wait(lambda: dep.state(run_id).get("state") in ("finished", "stopped", "failed"), 900, f"the {polling} run")
+    records = dep.records(run_id)
+    if dep.state(run_id)["state"] != "finished" or len(records) != rounds + 1:
+        raise RuntimeError(f"the {polling} run did not finish its {rounds} rounds: {dep.state(run_id)}")
+    later = records[2:]  # round 0 scores the initial model; round 1 fills the sites' caches
+    phases = sorted({name for r in later for name in r["phase_seconds"]})
+    return {"round_seconds": [r["seconds"] for r in records[1:]],
+            "later_rounds_mean_s": round(statistics.fmean(r["seconds"] for r in later), 2),
+            "later_rounds_phase_seconds_mean": {p: round(statistics.fmean(r["phase_seconds"].get(p, 0.0)
+                                                                          for r in later), 2) for p in phases}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sites", type=int, default=2)
+    parser.add_argument("--studies", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--out", default="runs/benchmarks/deployment_round.json")
+    parser.add_argument("--publish", action="store_true", help="also write docs/benchmarks/deployment_round.json")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        dep = Deployment(Path(tmp))
+        names = [f"site-{i + 1:02d}" for i in range(args.sites)]
+        spec = SyntheticSpec(sites=args.sites, studies_per_site=args.studies, image_size=32, slices_per_study=4,
+                             seed=5)
+        dep.data.update(zip(names, generate_clinics(Path(tmp) / "data", spec, progress=False)))
+        dep.server("certs", "--host", "localhost", *[a for n in names for a in ("--site", n)])
+        dep.server("start", "--address", f"127.0.0.1:{dep.port}")
+        try:
+            for name in names:
+                dep.server("register-site", name, str(dep.centre / "sites" / f"{name}.pub"))
+                dep.approve(name)
+                dep.start_site(name)
+            dep.wait_online(set(names))
+            arms = {polling: run_arm(dep, args.sites, args.rounds, polling) for polling in ("prompt", "flower")}
+        finally:
+            for name in list(dep.daemons):
+                dep.client("stop", "--state-dir", str(dep.state_dir(name)), check=False)
+            for process in dep.daemons.values():
+                process.wait(timeout=60)
+            dep.server("shutdown", check=False)
+    prompt, flower = arms["prompt"], arms["flower"]
+    result = {
+        "workload": {"sites": args.sites, "studies_per_site": args.studies, "images": "4 x 32x32",
+                     "rounds": args.rounds, "transport": "TLS SuperLink, authenticated SuperNodes, site gate"},
+        "arms": arms,
+        "flower_vs_prompt_later_round": round(flower["later_rounds_mean_s"] / prompt["later_rounds_mean_s"], 2),
+        "benchmark_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_result(args.out, result)
+    if args.publish:
+        write_result(PUBLISHED, result)
+
+
+if __name__ == "__main__":
+    main()
