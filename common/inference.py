@@ -9,6 +9,7 @@ evaluation then run the sequence head only. Other policies encode every batch.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,15 @@ LOCK_TIMEOUT_S = 3600.0  # another process may be encoding the same site
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def move_to(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module.to(device)``, skipped when every tensor is there already: ``to`` walks every
+    submodule of the ResNet50 (about 4 ms on a CPU), and a site's model stays on one device."""
+    target = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as tensors report it
+    if any(t.device != target for t in itertools.chain(module.parameters(), module.buffers())):
+        module.to(device)
+    return module
 
 
 @dataclass
@@ -169,7 +179,7 @@ class Predictions:
 def predict(model: InjuryNet, data: SiteInputs, index: np.ndarray, device: torch.device,
             batch_size: int = 64) -> Predictions:
     """Every output of the model for the given studies."""
-    model.to(device).eval()
+    move_to(model, device).eval()
     parts: list[InjuryOutput] = []
     for start in range(0, len(index), batch_size):
         batch = torch.as_tensor(index[start:start + batch_size])

@@ -52,7 +52,7 @@ def _client(address: str, interceptors: list) -> RuntimeHttpClient:
 
 
 # Site-installed libraries the zygote imports before forking tasks; never a bundle's modules.
-PRELOAD = ("numpy", "torch", "torchvision", "flwr.app", "flwr.clientapp", "flwr.cli.install",
+PRELOAD = ("numpy", "torch", "torchvision", "pydicom", "flwr.app", "flwr.clientapp", "flwr.cli.install",
            "flwr.supernode.runtime.run_clientapp")
 
 
@@ -69,7 +69,7 @@ def preload() -> list[str]:
 
 
 def executor(address: str, secret_file: Path, approvals: Path, install_root: Path, log_file: str | None,
-             poll: float = 0.5, warm: bool = True) -> None:
+             poll: float = 0.2, warm: bool = True) -> None:
     secret = secret_file.read_bytes()
     client = _client(address, [RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                                SuperExecAuthHttpInterceptor(master_secret=secret,

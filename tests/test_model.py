@@ -12,14 +12,14 @@ from torchvision.models import resnet50
 
 from common.exchange import to_array_record, trainable_state
 from common.model import (BackboneMismatchError, BackboneWeightsError, build_model, check_backbone_hash,
-                          frozen_backbone_hash, load_backbone, tensor_hash)
+                          frozen_backbone_hash, loaded_trunk, tensor_hash)
 
 
 @pytest.fixture(autouse=True)
 def _fresh_backbone_cache():
-    load_backbone.cache_clear()
+    loaded_trunk.cache_clear()
     yield
-    load_backbone.cache_clear()
+    loaded_trunk.cache_clear()
 
 
 def _batch(b: int = 2, t: int = 4, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +131,9 @@ def test_backbone_hash_identifies_the_frozen_weights(tiny_model_config):
 
 
 def test_random_backbone_warns(tiny_model_config, caplog):
-    from common.model import frozen_trunk, load_backbone
+    from common.model import frozen_trunk, loaded_trunk
 
-    load_backbone.cache_clear()  # the warning is given once per process, when the weights are made
+    loaded_trunk.cache_clear()  # the warning is given once per process, when the weights are made
     frozen_trunk.cache_clear()
     with caplog.at_level(logging.WARNING):
         build_model(tiny_model_config)
