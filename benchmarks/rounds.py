@@ -3,12 +3,14 @@ the same Flower simulation path (a SuperLink of our own, Ray, ``flwr run``), on 
 
     .venv/bin/python -m benchmarks.rounds [--sites 3 --studies 40 --rounds 3] [--out runs/benchmarks/rounds.json]
 
-Arms (every one on the same synthetic DICOM sites, 1 local epoch, ``--rounds`` rounds):
+Arms (every one on the same synthetic DICOM sites, 1 local epoch, ``--rounds`` rounds, the same
+network: the model of clinicfl's default configuration, severity and reconstruction heads included):
 - plain: Flower's PyTorch quickstart pattern, the whole state dict each way and the ResNet50 on every
   batch (``benchmarks/recipes``);
 - lean: trainable parameters only, features encoded once per site (``benchmarks/recipes``);
-- clinicfl with its default configuration (every catalogue metric every round), clinicfl with the
-  heads off, and clinicfl with float16 on the wire.
+- clinicfl with its default configuration (every catalogue metric every round) and clinicfl with
+  float16 on the wire;
+- clinicfl with the heads off, beside the lean recipe with the heads off (the same smaller network).
 Reported: the mean time of the rounds after the first (each arm's own clock between the ends of
 consecutive rounds), the whole run's wall time (from starting the SuperLink to its end, as a user
 waits for it), bytes per site per round (payloads, both directions, evaluation included, against
@@ -35,9 +37,10 @@ from simulations.synthetic import SyntheticSpec, generate_clinics
 RECIPES = PROJECT_ROOT / "benchmarks" / "recipes"
 
 
-def recipe_arm(recipe: str, data_root: Path, sites: int, rounds: int, spec: SyntheticSpec, work: Path) -> dict:
+def recipe_arm(recipe: str, data_root: Path, sites: int, rounds: int, spec: SyntheticSpec, work: Path,
+               heads: bool = True) -> dict:
     result_path = work / f"{recipe}-{time.time_ns()}.json"
-    config = {"recipe": recipe, "data-root": str(data_root), "num-rounds": rounds, "local-epochs": 1,
+    config = {"recipe": recipe, "heads": heads, "data-root": str(data_root), "num-rounds": rounds, "local-epochs": 1,
               "image-size": spec.image_size, "seq-len": spec.slices_per_study, "result-path": str(result_path)}
     start = time.perf_counter()
     code = run_flower_app(RECIPES, config, sites, work / "flwr-home", work / f"{recipe}.log")
@@ -85,6 +88,7 @@ def main() -> None:
         "clinicfl default": lambda: clinicfl_arm(data, args.sites, args.rounds, spec, work, {}),
         "clinicfl heads off": lambda: clinicfl_arm(data, args.sites, args.rounds, spec, work,
                                                    {"severity-head": False, "recon-head": False}),
+        "lean recipe, heads off": lambda: recipe_arm("lean", data, args.sites, args.rounds, spec, work, heads=False),
         "clinicfl float16 wire": lambda: clinicfl_arm(data, args.sites, args.rounds, spec, work,
                                                       {"wire-dtype": "float16"}),
     }
@@ -115,6 +119,9 @@ def main() -> None:
             "clinicfl_later_round_vs_lean": round(ours["later_rounds_mean_s"] / lean["later_rounds_mean_s"], 2),
             "plain_later_round_vs_clinicfl": round(plain["later_rounds_mean_s"] / ours["later_rounds_mean_s"], 1),
             "clinicfl_whole_run_vs_lean": round(ours["whole_run_s"] / lean["whole_run_s"], 2),
+            "clinicfl_heads_off_later_round_vs_lean_heads_off": round(
+                results["clinicfl heads off"]["later_rounds_mean_s"]
+                / results["lean recipe, heads off"]["later_rounds_mean_s"], 2),
             "clinicfl_bytes_vs_full_state_dict": round(ours["bytes_per_site_per_round"] / full_bytes, 4),
             "plain_bytes_vs_full_state_dict": round(plain["bytes_per_site_per_round"] / full_bytes, 4),
             "clinicfl_float16_bytes_vs_full_state_dict": round(

@@ -41,7 +41,7 @@ END = "<!-- bench:end -->"
 
 # name: (arguments at the measured size, arguments at the tiny size)
 PARTS: dict[str, tuple[list[str], list[str]]] = {
-    "rounds": (["--sites", "3", "--studies", "40", "--rounds", "3"],
+    "rounds": (["--sites", "3", "--studies", "40", "--rounds", "5"],
                ["--sites", "2", "--studies", "6", "--image-size", "32", "--slices", "4", "--rounds", "1", "--no-warm"]),
     "site_message": (["--repeats", "3", "--studies", "40"], ["--repeats", "1", "--studies", "6"]),
     "scaling": (["--sites", "5", "10", "20", "--rounds", "6", "--studies", "16"],
@@ -80,6 +80,11 @@ def headline(parts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows.append(_row(f"later round: clinicfl {ours['later_rounds_mean_s']:.2f} s / lean recipe "
                      f"{lean['later_rounds_mean_s']:.2f} s", r["clinicfl_later_round_vs_lean"], "x", "<= 1.0",
                      r["clinicfl_later_round_vs_lean"] <= 1.0))
+    if "clinicfl_heads_off_later_round_vs_lean_heads_off" in r:
+        off, lean_off = arms["clinicfl heads off"], arms["lean recipe, heads off"]
+        rows.append(_row(f"later round, both without the severity and reconstruction heads: clinicfl "
+                         f"{off['later_rounds_mean_s']:.2f} s / lean recipe {lean_off['later_rounds_mean_s']:.2f} s",
+                         r["clinicfl_heads_off_later_round_vs_lean_heads_off"], "x", "report", None))
     rows.append(_row(f"later round: plain recipe {plain['later_rounds_mean_s']:.2f} s / clinicfl",
                      r["plain_later_round_vs_clinicfl"], "x faster", ">= 20", r["plain_later_round_vs_clinicfl"] >= 20))
     rows.append(_row(f"whole run: clinicfl {ours['whole_run_s']:.0f} s / lean recipe {lean['whole_run_s']:.0f} s",

@@ -1,8 +1,10 @@
 """The plain and lean reference recipes (benchmarks/rounds.py runs them beside clinicfl).
 
 Both train clinicfl's model (InjuryNet, frozen ResNet50, the same head and local loop) on the same
-synthetic DICOM sites, with Flower's own FedAvg and ``Strategy.start``. They differ from each
-other only in what clinicfl optimises:
+synthetic DICOM sites, with Flower's own FedAvg and ``Strategy.start``: by default the model of
+clinicfl's default configuration, severity and reconstruction heads included (``heads = false``:
+without them), so that an arm and clinicfl train the same network. They differ from each other
+only in what clinicfl optimises:
 - plain: the whole state dict (333 tensors, frozen ResNet50 included) travels every way, and each
   batch goes through the ResNet50;
 - lean: only the trainable parameters travel, and each site encodes its images once.
@@ -36,14 +38,15 @@ server = ServerApp()
 
 
 def _configs(run_config) -> tuple[ModelConfig, DataConfig, TrainConfig]:
-    size, steps = int(run_config["image-size"]), int(run_config["seq-len"])
-    return (ModelConfig(image_size=size, seq_len=steps, severity_head=False, recon_head=False),
+    size, steps, heads = int(run_config["image-size"]), int(run_config["seq-len"]), bool(run_config["heads"])
+    return (ModelConfig(image_size=size, seq_len=steps, severity_head=heads, recon_head=heads),
             DataConfig(image_size=size, seq_len=steps), TrainConfig(local_epochs=int(run_config["local-epochs"])))
 
 
 @lru_cache(maxsize=64)
-def _site(recipe: str, data_root: str, partition: int, image_size: int, seq_len: int, epochs: int):
-    model_config, data_config, _ = _configs({"image-size": image_size, "seq-len": seq_len, "local-epochs": epochs})
+def _site(recipe: str, data_root: str, partition: int, image_size: int, seq_len: int, epochs: int, heads: bool):
+    model_config, data_config, _ = _configs({"image-size": image_size, "seq-len": seq_len, "local-epochs": epochs,
+                                             "heads": heads})
     data = load_site(simulated_site_path(data_root, partition), data_config, 1, progress=False)
     model = build_model(model_config)
     device = pick_device()
@@ -51,7 +54,8 @@ def _site(recipe: str, data_root: str, partition: int, image_size: int, seq_len:
         inputs = prepare_inputs(model, data, None, device)  # encoded once, kept in memory
     else:
         images = torch.from_numpy(data.images).unsqueeze(2)
-        inputs = SiteInputs(images, torch.from_numpy(data.mask), torch.from_numpy(data.labels), False, images)
+        inputs = SiteInputs(images, torch.from_numpy(data.mask), torch.from_numpy(data.labels), False, images,
+                            torch.from_numpy(data.targets))
     fit_feature_norm(model, inputs, data.train_index, device)
     return data, model, inputs, device
 
@@ -75,7 +79,7 @@ def _arrays(model, recipe: str) -> ArrayRecord:
 def _open(context: Context):
     rc = context.run_config
     return _site(str(rc["recipe"]), str(rc["data-root"]), int(context.node_config["partition-id"]),
-                 int(rc["image-size"]), int(rc["seq-len"]), int(rc["local-epochs"]))
+                 int(rc["image-size"]), int(rc["seq-len"]), int(rc["local-epochs"]), bool(rc["heads"]))
 
 
 @client.train()
