@@ -141,8 +141,10 @@ def task(address: str, token: str, approvals: Path, install_root: Path) -> None:
     heartbeat.start()
     message = context = reply = None
     status, details = SubStatus.FAILED, "unknown"
+    marks = [("start", time.perf_counter())]  # where a task's time goes, for the gate's log
     try:
         message, context, run, fab = pull_task_input(client)
+        marks.append(("fetch", time.perf_counter()))
         digest = hashlib.sha256(fab.content).hexdigest()
         # The SuperLink's claims (run.fab_hash, fab.hash_str) must match the bytes as well.
         approved = digest in approved_hashes(approvals) and digest == fab.hash_str == run.fab_hash
@@ -153,9 +155,12 @@ def task(address: str, token: str, approvals: Path, install_root: Path) -> None:
             reply = Message(Error(ErrorCode.INVALID_FAB, details), reply_to=message)
             return
         app_dir = install_from_fab(fab.content, install_dir=install_root / digest, skip_prompt=True)
+        marks.append(("install", time.perf_counter()))
         load = get_load_client_app_fn(default_app_ref="", app_path=str(app_dir), multi_app=True)
         client_app = load(run.fab_id, run.fab_version, fab.hash_str)  # the bundle's first code runs here
+        marks.append(("load app", time.perf_counter()))
         reply = client_app(message=message, context=context)
+        marks.append(("handle", time.perf_counter()))
         status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # noqa: BLE001 - the runtime's own error reply (the app catches its own)
         details = f"{type(exc).__name__}"
@@ -166,8 +171,12 @@ def task(address: str, token: str, approvals: Path, install_root: Path) -> None:
         if reply is not None and context is not None:
             push_message(client, reply, context)
         push_task_output(client, context, status, details)
+        marks.append(("push", time.perf_counter()))
         heartbeat.stop()
         client.close()
+        log.info("task %s in %.2f s: %s", message.metadata.message_type if message is not None else "?",
+                 marks[-1][1] - marks[0][1],
+                 ", ".join(f"{name} {b - a:.2f} s" for (_, a), (name, b) in zip(marks, marks[1:])))
 
 
 def main(argv: list[str] | None = None) -> None:
