@@ -63,7 +63,7 @@ class ResNetTrunk(nn.Module):
             net.fc = nn.Identity()
         self.net = net
         self.freeze = freeze
-        self.frozen_hash: str | None = None  # frozen_backbone_hash, kept once computed (frozen only)
+        self.frozen_hash: tuple | None = None  # frozen_backbone_hash's last digest, with what it covered
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         trainable_prefixes = {"frozen": (), "layer4": ("layer4.",), "full": ("",)}[freeze]
@@ -448,14 +448,17 @@ def frozen_backbone_hash(model: InjuryNet) -> str:
     The policy is part of the hash, so a site fine-tuning layer4 never pairs with a frozen server.
     """
     trunk = model.backbone
-    if trunk.freeze == "frozen" and trunk.frozen_hash is not None:
-        return trunk.frozen_hash  # a frozen trunk never changes: 94 MB are hashed once per process
     params = dict(trunk.net.named_parameters())
     frozen = {name: t for name, t in trunk.net.state_dict().items()
               if name not in params or not params[name].requires_grad}
+    # Hashing 94 MB takes ~0.07 s, which a site process would pay on every message. The digest is
+    # kept with the tensors' identities and version counters (an in-place write, such as a
+    # load_state_dict, bumps them), so it is reused only for the very same, unchanged tensors.
+    identity = tuple((t.data_ptr(), t._version) for t in frozen.values())
+    if trunk.frozen_hash is not None and trunk.frozen_hash[0] == (model.config.freeze, identity):
+        return trunk.frozen_hash[1]
     digest = f"{model.config.freeze}:{tensor_hash(frozen)[:32]}"
-    if trunk.freeze == "frozen":
-        trunk.frozen_hash = digest
+    trunk.frozen_hash = ((model.config.freeze, identity), digest)
     return digest
 
 

@@ -130,6 +130,27 @@ def test_backbone_hash_identifies_the_frozen_weights(tiny_model_config):
         check_backbone_hash(a, other_seed)
 
 
+def test_the_kept_backbone_hash_follows_any_write_to_the_weights(tiny_model_config):
+    model = build_model(replace(tiny_model_config, freeze="layer4"))  # a trunk of its own, not the shared one
+    first = frozen_backbone_hash(model)
+    original = model.backbone.net.bn1.running_mean.clone()
+    assert frozen_backbone_hash(model) == first  # kept: the same tensors, unchanged
+    with torch.no_grad():
+        model.backbone.net.bn1.running_mean.add_(1.0)  # a frozen buffer written in place
+    changed = frozen_backbone_hash(model)
+    assert changed != first
+    model.backbone.net.load_state_dict({"bn1.running_mean": original}, strict=False)
+    assert frozen_backbone_hash(model) == first == tensor_hash_of(model)
+
+
+def tensor_hash_of(model) -> str:
+    """The digest computed from scratch (nothing kept)."""
+    params = dict(model.backbone.net.named_parameters())
+    frozen = {name: t for name, t in model.backbone.net.state_dict().items()
+              if name not in params or not params[name].requires_grad}
+    return f"{model.config.freeze}:{tensor_hash(frozen)[:32]}"
+
+
 def test_random_backbone_warns(tiny_model_config, caplog):
     from common.model import frozen_trunk, loaded_trunk
 
