@@ -129,11 +129,44 @@ def zygote(address: str, approvals: Path, install_root: Path) -> None:
                 os._exit(code)
 
 
+# The SuperNode hands out a task as soon as a message has arrived, while it may still be fetching
+# the message's arrays from the SuperLink. Flower's pull_task_input then waits 1 s, 2 s, ... for
+# them; an evaluation message (which carries the model) lost about a second at every site that way.
+# Here the task asks again after 20 ms, then at intervals doubling up to 0.5 s.
+TASK_INPUT_FIRST_RETRY_S = 0.02
+TASK_INPUT_LONGEST_RETRY_S = 0.5
+
+
+def pull_task_input(client: RuntimeHttpClient) -> tuple:
+    """Flower's ``run_clientapp.pull_task_input`` (1.42), with the short retry intervals above."""
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (make_confirm_message_received_fn_protobuf,
+                                                                      make_pull_object_fn_protobuf)
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, initial_backoff=TASK_INPUT_FIRST_RETRY_S, backoff_cap=TASK_INPUT_LONGEST_RETRY_S)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the inflated message lacks its own id
+    return message, context, run, fab
+
+
 def task(address: str, token: str, approvals: Path, install_root: Path) -> None:
     # Flower's runtime helpers only: no code of the bundle is imported before the check.
     from flwr.cli.install import install_from_fab
     from flwr.clientapp.utils import get_load_client_app_fn
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     client = _client(address, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                                RuntimeTokenHttpInterceptor(token)])
