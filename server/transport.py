@@ -8,10 +8,17 @@ stages) pays up to one interval for nothing. ``PromptGrid`` wraps the Grid the S
 and pulls every 10 ms at first, then every tenth of the time waited so far, at most every 0.5 s:
 the last reply is seen within 10% of the phase's time (and 0.5 s) after it came, and a site that
 takes minutes costs two pulls a second. Every other Grid call goes to the wrapped one unchanged.
+
+In a deployment a reply is listed by the SuperLink as soon as its SuperNode has announced it,
+while the SuperNode may still be uploading its arrays. Flower's grid then fetches them with
+retries after 1 s, 2 s, 4 s..., which a prompt pull meets on nearly every training reply (the
+deployment benchmark measured the training phase 1.5 s slower than with Flower's 3 s interval).
+So with Flower's ``HttpGrid`` the retries start after 20 ms and double up to 0.5 s.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 
@@ -24,9 +31,30 @@ LONGEST_PULL_INTERVAL_S = 0.5
 INTERVAL_FRACTION = 0.1  # of the time waited so far
 
 
+OBJECT_FIRST_RETRY_S = 0.02
+OBJECT_LONGEST_RETRY_S = 0.5
+
+
+def shorten_object_retries() -> None:
+    """Flower's HttpGrid (1.42) fetches a reply's arrays with ``pull_objects`` and its default
+    retry intervals (1 s, doubling to 10 s); give it 20 ms, doubling to 0.5 s. Idempotent. It
+    changes the name HttpGrid calls in this process, the ServerApp's own."""
+    from flwr.superlink.grid import http_grid
+
+    if not isinstance(http_grid.pull_objects, functools.partial):
+        # No cap on the number of tries (500 at 0.5 s would give up after about 4 min): Flower's
+        # overall limit of 2 h for a message's arrays still holds.
+        http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=OBJECT_FIRST_RETRY_S,
+                                                   backoff_cap=OBJECT_LONGEST_RETRY_S, max_tries_per_object=None)
+
+
 class PromptGrid(Grid):
     def __init__(self, grid: Grid, shortest_interval: float = SHORTEST_PULL_INTERVAL_S,
                  longest_interval: float = LONGEST_PULL_INTERVAL_S) -> None:
+        from flwr.superlink.grid import HttpGrid
+
+        if isinstance(grid, HttpGrid):
+            shorten_object_retries()
         self.grid = grid
         self.shortest_interval = shortest_interval
         self.longest_interval = longest_interval

@@ -47,3 +47,14 @@ def test_the_secure_aggregation_cost_table_is_rendered_from_the_committed_json()
     assert section == secagg.render_table(published)
     assert [size["sites"] for size in published["sizes"]] == [3, 10]
     assert all(size["secagg"]["aggregated_rounds"] == size["secagg"]["rounds"] for size in published["sizes"])
+
+
+def test_the_deployment_round_table_is_rendered_from_the_committed_json():
+    from benchmarks import deployment_round
+
+    doc = deployment_round.DOC.read_text()
+    section = deployment_round.BEGIN + doc.split(deployment_round.BEGIN, 1)[1].split(deployment_round.END, 1)[0] \
+        + deployment_round.END
+    published = json.loads(deployment_round.PUBLISHED.read_text())
+    assert section == deployment_round.render_table(published)
+    assert set(published["arms"]) == {"prompt", "flower"}

@@ -63,3 +63,34 @@ def test_a_site_that_never_answers_costs_the_timeout_and_the_others_are_kept():
     assert [r.metadata.src_node_id for r in replies] == [1]
     assert 0.3 <= time.monotonic() - started < 1.0
     assert max(b - a for a, b in zip(sites.pull_times, sites.pull_times[1:])) < 0.05 + 0.03  # capped interval
+
+
+def test_replies_arrays_are_fetched_with_short_retries_from_flowers_deployment_grid():
+    from flwr.superlink.grid import http_grid
+
+    from server.transport import OBJECT_FIRST_RETRY_S, OBJECT_LONGEST_RETRY_S, shorten_object_retries
+
+    original = http_grid.pull_objects
+    try:
+        shorten_object_retries()
+        shorten_object_retries()  # idempotent: one layer, not two
+        patched = http_grid.pull_objects
+        assert patched.func is original
+        assert patched.keywords == {"initial_backoff": OBJECT_FIRST_RETRY_S, "backoff_cap": OBJECT_LONGEST_RETRY_S,
+                                    "max_tries_per_object": None}
+        # It still pulls: an object that is unavailable twice arrives on the third try, within ~0.1 s.
+        from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+        tries = {"a": 0}
+
+        def pull(object_id: str) -> bytes:
+            tries[object_id] += 1
+            if tries[object_id] < 3:
+                raise ObjectUnavailableError(object_id)
+            return b"content"
+
+        started = time.monotonic()
+        assert patched(["a"], pull) == {"a": b"content"}
+        assert tries["a"] == 3 and time.monotonic() - started < 0.5
+    finally:
+        http_grid.pull_objects = original
