@@ -76,11 +76,7 @@ def main() -> None:
             dep.wait_online(set(names))
             arms = {polling: run_arm(dep, args.sites, args.rounds, polling) for polling in ("prompt", "flower")}
         finally:
-            for name in list(dep.daemons):
-                dep.client("stop", "--state-dir", str(dep.state_dir(name)), check=False)
-            for process in dep.daemons.values():
-                process.wait(timeout=60)
-            dep.server("shutdown", check=False)
+            dep.stop_all()
     prompt, flower = arms["prompt"], arms["flower"]
     result = {
         "workload": {"sites": args.sites, "studies_per_site": args.studies, "images": "4 x 32x32",

@@ -64,6 +64,14 @@ class Deployment:
                 pass
         process.wait(timeout=30)
 
+    def stop_all(self) -> None:
+        """Every site daemon stopped as its admin would stop it, then the SuperLink shut down."""
+        for name in list(self.daemons):
+            self.client("stop", "--state-dir", str(self.state_dir(name)), check=False)
+        for process in self.daemons.values():
+            process.wait(timeout=60)
+        self.server("shutdown", check=False)
+
     def online(self) -> set[str]:
         return {row["site"] for row in json.loads(self.server("sites", "--json").stdout) if row["status"] == "online"}
 

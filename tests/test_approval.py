@@ -41,11 +41,7 @@ def deployment(tmp_path_factory):
     try:
         yield dep, published
     finally:
-        for name in list(dep.daemons):
-            dep.client("stop", "--state-dir", str(dep.state_dir(name)), check=False)
-        for process in dep.daemons.values():
-            process.wait(timeout=60)
-        dep.server("shutdown", check=False)
+        dep.stop_all()
 
 
 def _finish(dep: Deployment, run_id: int) -> list[dict]:
