@@ -29,8 +29,6 @@ from flwr.supercore.run import Run
 SHORTEST_PULL_INTERVAL_S = 0.01
 LONGEST_PULL_INTERVAL_S = 0.5
 INTERVAL_FRACTION = 0.1  # of the time waited so far
-
-
 OBJECT_FIRST_RETRY_S = 0.02
 OBJECT_LONGEST_RETRY_S = 0.5
 
@@ -58,7 +56,6 @@ class PromptGrid(Grid):
         self.grid = grid
         self.shortest_interval = shortest_interval
         self.longest_interval = longest_interval
-        self.pulls = 0  # pull requests made (a test and the benchmark read it)
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
@@ -78,7 +75,6 @@ class PromptGrid(Grid):
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        self.pulls += 1
         return self.grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
