@@ -80,6 +80,14 @@ def headline(parts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows.append(_row(f"later round: clinicfl {ours['later_round_s']:.2f} s / lean recipe "
                      f"{lean['later_round_s']:.2f} s", r["clinicfl_later_round_vs_lean"], "x", "<= 1.0",
                      r["clinicfl_later_round_vs_lean"] <= 1.0))
+    if r.get("clinicfl_fid_round_vs_lean") is not None:
+        rows.append(_row(f"later round that computes FID (fid-every 5, and the last): clinicfl "
+                         f"{ours['later_round_with_fid_s']:.2f} s / lean recipe", r["clinicfl_fid_round_vs_lean"],
+                         "x", "report", None))
+        fid_rounds = ours["rounds_with_fid"][1:]
+        rows.append(_row(f"later rounds, mean (FID in {sum(fid_rounds)} of {len(fid_rounds)}): clinicfl "
+                         f"{ours['later_rounds_mean_s']:.2f} s / lean recipe", r["clinicfl_later_rounds_mean_vs_lean"],
+                         "x", "report", None))
     if "clinicfl_heads_off_later_round_vs_lean_heads_off" in r:
         off, lean_off = arms["clinicfl heads off"], arms["lean recipe, heads off"]
         rows.append(_row(f"later round, both without the severity and reconstruction heads: clinicfl "

@@ -25,7 +25,7 @@ from common.inference import evaluate_local
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.data.errors import DataError
 from client.budget import BadBudgetId, check_budget_id
-from common.exchange import ARRAYS_KEY, GLOBAL_DIGEST_KEY, GLOBAL_NOT_HELD, METRICS_KEY, SITE_KEY, \
+from common.exchange import ARRAYS_KEY, FID_KEY, GLOBAL_DIGEST_KEY, GLOBAL_NOT_HELD, METRICS_KEY, SITE_KEY, \
     STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, UPDATE_NAMES_KEY, UpdateError, arrays_digest, load_array_record, \
     to_array_record, trainable_state
 from common.model import BackboneMismatchError, BackboneWeightsError, check_backbone_hash
@@ -122,8 +122,11 @@ def proximal_mu(msg: Message) -> float:
 
 
 def _evaluate(session: SiteSession, msg: Message, context: Context) -> RecordDict:
+    with_fid = msg.content["config"].get(FID_KEY, True)  # a centre without fid-every asks every round
+    if not isinstance(with_fid, bool):
+        raise ConfigError(f"{FID_KEY} must be true or false, got {with_fid!r}")
     stats = evaluate_local(session.model, session.inputs, session.data.test_index, session.device,
-                           session.config.eval, session.fid)
+                           session.config.eval, session.fid, with_fid)
     return RecordDict({
         METRICS_KEY: MetricRecord({"num-examples": stats.n, **stats.to_record()}),
         SITE_KEY: _site_status(session, STATUS_OK),

@@ -28,6 +28,8 @@ STATUS_BUDGET_EXHAUSTED = "budget-exhausted"  # the site's privacy budget does n
 # A train message may name the global model by digest instead of carrying it: the site already
 # holds it from the evaluation message of the previous round (the same model, sent once).
 GLOBAL_DIGEST_KEY = "global-digest"
+# An evaluation message says whether its round computes FID (run config fid-every).
+FID_KEY = "fid"
 GLOBAL_NOT_HELD = "global-model-not-held"  # the site's reason code when it does not hold that model
 # Secure aggregation: the site record lists the names of the masked arrays, in their order.
 UPDATE_NAMES_KEY = "update-names"

@@ -40,10 +40,14 @@ def pick_device() -> torch.device:
 
 
 def move_to(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``module.to(device)``, skipped when every tensor is there already: ``to`` walks every
-    submodule of the ResNet50 (about 4 ms on a CPU), and a site's model stays on one device."""
+    """``module.to(device)``, skipped when it is there already: ``to`` walks every submodule of the
+    ResNet50 (about 4 ms on a CPU), and so would a check of every tensor (about 6 ms). A model is
+    moved whole or by its parts (``model.backbone.to``), so the first tensor of the module itself
+    and of each of its parts tells where it is."""
     target = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as tensors report it
-    if any(t.device != target for t in itertools.chain(module.parameters(), module.buffers())):
+    probes = [*module.parameters(recurse=False), *module.buffers(recurse=False),
+              *(next(itertools.chain(part.parameters(), part.buffers()), None) for part in module.children())]
+    if any(t is not None and t.device != target for t in probes):
         module.to(device)
     return module
 
@@ -205,11 +209,13 @@ def image_sample(mask: Tensor, size: int) -> tuple[Tensor, Tensor]:
 
 
 def evaluate_local(model: InjuryNet, data: SiteInputs, test_index: np.ndarray, device: torch.device,
-                   config: EvalConfig, fid: FidFeatureExtractor | None = None) -> EvaluationStats:
-    """Sufficient statistics of the site's test split: no per-study value leaves this function."""
+                   config: EvalConfig, fid: FidFeatureExtractor | None = None,
+                   with_fid: bool = True) -> EvaluationStats:
+    """Sufficient statistics of the site's test split: no per-study value leaves this function.
+    ``with_fid`` False: no FID moments (the round does not compute FID, see ``fid-every``)."""
     fid_dim = config.fid_dim if model.config.recon_head else None
     if len(test_index) == 0:
-        return EvaluationStats.empty(data.labels.shape[1], fid_dim)
+        return EvaluationStats.empty(data.labels.shape[1], fid_dim, with_fid)
     index = torch.as_tensor(test_index)
     pred = predict(model, data, test_index, device)
     labels = data.labels[index]
@@ -222,10 +228,11 @@ def evaluate_local(model: InjuryNet, data: SiteInputs, test_index: np.ndarray, d
         rows, slots = image_sample(data.mask[index], config.image_metrics_sample)
         real = data.images[index][rows, slots, 0]  # (k, H, W): the same images every round
         fake = upsample_reconstruction(pred.reconstruction[rows, slots], real.shape[-1])
-        fid = fid or FidFeatureExtractor(model, config.fid_dim, config.fid_inception_weights, config.fid_image_size)
-        real_features, fake_features = fid.real_and_fake(real, fake)
-        images = ImageStats(len(real), float(psnr(fake, real).sum()), float(ssim(fake, real).sum()),
-                            GaussianMoments.of(real_features), GaussianMoments.of(fake_features))
+        images = ImageStats(len(real), float(psnr(fake, real).sum()), float(ssim(fake, real).sum()), None, None)
+        if with_fid:
+            fid = fid or FidFeatureExtractor(model, config.fid_dim, config.fid_inception_weights, config.fid_image_size)
+            real_features, fake_features = fid.real_and_fake(real, fake)
+            images.real, images.fake = GaussianMoments.of(real_features), GaussianMoments.of(fake_features)
     return EvaluationStats(
         ClassificationStats.from_predictions(pred.probs.numpy(), labels.numpy(), loss_sum, config.threshold,
                                           histogram_bins(len(test_index), config.eval_bins)),

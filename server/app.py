@@ -23,11 +23,14 @@ from server.federation import FederatedRun
 from server.identities import SiteIdentities
 from server.runs import RunDirectory, last_finished_round, load_checkpoint_arrays
 from server.strategy import make_strategy
-from server.transport import PromptGrid
+from server.transport import PromptGrid, prompt_simulation_dispatch
 from server.tracking import GuardedTracker, open_tracker
 
 log = logging.getLogger(__name__)
 app = ServerApp()
+# In a Flower simulation, this import runs before the runtime starts dispatching messages to the
+# sites: the only point at which its dispatcher can be made to wake on a push (server/transport.py).
+prompt_simulation_dispatch()
 
 
 @app.main()

@@ -79,9 +79,9 @@ class CentralValidation:
         self.fid = FidFeatureExtractor(model, config.eval.fid_dim, config.eval.fid_inception_weights,
                                        config.eval.fid_image_size)
 
-    def evaluate(self, arrays: ArrayRecord) -> dict[str, MetricValue]:
+    def evaluate(self, arrays: ArrayRecord, with_fid: bool = True) -> dict[str, MetricValue]:
         load_array_record(self.model, arrays)
         if self.config.model.freeze != "frozen":
             fit_feature_norm(self.model, self.inputs, self.index, self.device)
-        stats = evaluate_local(self.model, self.inputs, self.index, self.device, self.config.eval, self.fid)
+        stats = evaluate_local(self.model, self.inputs, self.index, self.device, self.config.eval, self.fid, with_fid)
         return compute_catalogue(stats, self.config.model.names(), self.fid.name)

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.exchange import FID_KEY
 from common.runlog import round_line, select_best
 from server.evaluation import CentralValidation
 from server.runs import RunDirectory, round_record
@@ -95,13 +96,16 @@ class FederatedRun:
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> None:
         started = time.perf_counter()
-        messages = self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(self.evaluate_config)),
-                                                    self.grid)
+        config = ConfigRecord({**self.evaluate_config, FID_KEY: self.fid_round(server_round)})
+        messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
         replies = self.grid.send_and_receive(messages, timeout=self.fed.round_timeout)
         self.phases["evaluate_at_sites"] = time.perf_counter() - started
         started = time.perf_counter()
         self.strategy.aggregate_evaluate(server_round, replies)
         self.phases["evaluate_pooling"] = time.perf_counter() - started
+
+    def fid_round(self, server_round: int) -> bool:
+        return self.config.eval.fid_round(server_round, self.fed.num_rounds)
 
     def finish_round(self, server_round: int, arrays: ArrayRecord) -> str | None:
         """Checkpoint, record, track and report one round; returns why the run ends after it."""
@@ -111,7 +115,7 @@ class FederatedRun:
                                               pooled.classification.histograms if pooled is not None else None)
         report = self.strategy.report(server_round)
         record = round_record(report, time.perf_counter() - self.started, checkpoint, self.efficiency,
-                              self.central.evaluate(arrays) if self.central else None,
+                              self.central.evaluate(arrays, self.fid_round(server_round)) if self.central else None,
                               dict(self.strategy.epsilon) if self.config.privacy.dp_enabled else None)
         self.phases["checkpoint_and_validation"] = time.perf_counter() - started
         # Where the round's time went (server's view; "at_sites" includes the messages' transport).

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from common.config import AGGREGATIONS
-from common.exchange import ARRAYS_KEY, GLOBAL_DIGEST_KEY, GLOBAL_NOT_HELD, METRICS_KEY, STATUS_BUDGET_EXHAUSTED, \
+from common.exchange import ARRAYS_KEY, FID_KEY, GLOBAL_DIGEST_KEY, GLOBAL_NOT_HELD, METRICS_KEY, STATUS_BUDGET_EXHAUSTED, \
     STATUS_OK, ParamSpec, UpdateError, arrays_digest, check_arrays, payload_bytes, site_record, to_wire
 from common.metrics.catalogue import EvaluationStats, MetricValue, compute_catalogue
 from common.metrics.classification import ClassificationStats, roc_curve_from_histograms
@@ -104,6 +104,7 @@ class ClinicFedAvg(FedAvg):
         self.wire_dtype = wire_dtype
         self.wire_compression = wire_compression
         self._sent_bytes: dict[tuple[int, str, int], int] = {}  # (round, phase, node) -> payload bytes sent
+        self._fid_asked: dict[int, bool] = {}  # round -> whether its evaluation message asked for FID
         self._sent_messages: dict[str, list[Message]] = {}
         # node -> digest of the global model it holds: the one it last evaluated (and replied ok).
         # Its next train message names that model instead of sending it again.
@@ -172,6 +173,7 @@ class ClinicFedAvg(FedAvg):
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[override]
         wire, digest = self._wire(arrays)
         self._evaluated = (server_round, digest)
+        self._fid_asked[server_round] = bool(config.get(FID_KEY, True))
         return self._remember_sent(server_round, "evaluate", super().configure_evaluate(
             server_round, wire, config, grid))
 
@@ -315,7 +317,8 @@ class ClinicFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Sum every valid site's statistics and compute the whole catalogue from the sums."""
         report = self.report(server_round)
-        total = EvaluationStats.empty(self.num_labels, self.fid_dim)
+        with_fid = self._fid_asked.get(server_round, True)
+        total = EvaluationStats.empty(self.num_labels, self.fid_dim, with_fid)
         per_site: dict[str, dict[str, MetricValue]] = {}
         for msg in replies:
             site = self._site_of(msg, "evaluate", report)
@@ -330,7 +333,7 @@ class ClinicFedAvg(FedAvg):
                         raise ValueError("a second evaluation reply from the same site in one round")
                     try:
                         stats = EvaluationStats.from_record(dict(msg.content[METRICS_KEY]), self.num_labels,
-                                                            self.fid_dim)
+                                                            self.fid_dim, with_fid)
                     except (KeyError, ValueError, TypeError) as exc:
                         problem = f"malformed evaluation statistics: {exc}"
             except Exception as exc:  # noqa: BLE001 - no reply may end the run

@@ -14,11 +14,19 @@ while the SuperNode may still be uploading its arrays. Flower's grid then fetche
 retries after 1 s, 2 s, 4 s..., which a prompt pull meets on nearly every training reply (the
 deployment benchmark measured the training phase 1.5 s slower than with Flower's 3 s interval).
 So with Flower's ``HttpGrid`` the retries start after 20 ms and double up to 0.5 s.
+
+In a simulation the other half of an exchange waits too: Flower's runtime (``vce_api``) hands
+pushed messages to the site workers from a thread that looks every 0.1 s, so each phase started
+up to 0.1 s (measured: 25-100 ms) after its messages were pushed. ``prompt_simulation_dispatch``
+gives that thread a wake-up: ``PromptGrid.push_messages`` sets it, and the thread still looks
+every 0.1 s on its own, so with ``reply-polling = "flower"`` (no PromptGrid) it behaves as Flower's.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
+import threading
 import time
 from collections.abc import Iterable
 
@@ -31,6 +39,10 @@ LONGEST_PULL_INTERVAL_S = 0.5
 INTERVAL_FRACTION = 0.1  # of the time waited so far
 OBJECT_FIRST_RETRY_S = 0.02
 OBJECT_LONGEST_RETRY_S = 0.5
+DISPATCH_INTERVAL_S = 0.1  # Flower's own: the simulation dispatcher looks this often without a wake-up
+SIMULATION_RUNTIME = "flwr.server.superlink.fleet.vce.vce_api"
+
+_pushed = threading.Event()  # set by PromptGrid.push_messages, consumed by the simulation dispatcher
 
 
 def shorten_object_retries() -> None:
@@ -44,6 +56,32 @@ def shorten_object_retries() -> None:
         # overall limit of 2 h for a message's arrays still holds.
         http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=OBJECT_FIRST_RETRY_S,
                                                    backoff_cap=OBJECT_LONGEST_RETRY_S, max_tries_per_object=None)
+
+
+def prompt_simulation_dispatch() -> bool:
+    """Replace the simulation runtime's dispatcher (``vce_api.add_messages_to_queue``, Flower 1.42)
+    with one that a push wakes; returns whether this process runs that runtime. Idempotent.
+
+    The runtime starts the dispatcher's thread after it has imported the ServerApp, and looks the
+    function up when it does, so the ServerApp's module calls this when it is imported. A process
+    without the runtime (a deployment's ServerApp, an in-process federation) is left alone: the
+    runtime's module is not even imported."""
+    runtime = sys.modules.get(SIMULATION_RUNTIME)
+    if runtime is None:
+        return False
+    runtime.add_messages_to_queue = _add_messages_to_queue
+    return True
+
+
+def _add_messages_to_queue(state, queue, nodes_mapping, f_stop: threading.Event) -> None:  # noqa: ANN001
+    """Flower's dispatcher loop, woken by a push as well as by its 0.1 s clock. Clearing before
+    the scan means a push during the scan makes the wait return at once: nothing waits a tick."""
+    while not f_stop.is_set():
+        _pushed.clear()
+        for node_id in nodes_mapping.keys():
+            for message in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(message)
+        _pushed.wait(DISPATCH_INTERVAL_S)
 
 
 class PromptGrid(Grid):
@@ -72,7 +110,9 @@ class PromptGrid(Grid):
         return self.grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
+        message_ids = self.grid.push_messages(messages)
+        _pushed.set()  # in a simulation: the runtime's dispatcher looks now, not at its next tick
+        return message_ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from scipy import linalg
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn import metrics as skm
@@ -53,11 +53,22 @@ def pooled():
                 real_f=real_f, fake_f=fake_f)
 
 
-def _federated(pooled, fid_dim=FID_DIM, small_site: bool = False, with_images: bool = True):
-    """Split the pooled predictions over 3 sites and aggregate their records at the server."""
+class _ThreeNodes:
+    def get_node_ids(self) -> list[int]:
+        return [1, 2, 3]
+
+
+def _federated(pooled, fid_dim=FID_DIM, small_site: bool = False, with_images: bool = True,
+               asked_fid: bool | None = None, sent_fid: tuple[bool, ...] = (True, True, True)):
+    """Split the pooled predictions over 3 sites and aggregate their records at the server.
+    ``asked_fid``: what the round's evaluation message asked for (None: no message configured);
+    ``sent_fid``: whether each site sends its FID moments."""
     strategy = ClinicFedAvg(spec={"w": ParamSpec((1,), np.dtype("float32"))}, backbone_hash=HASH,
                             label_names=LABELS, min_sites=1, fid_dim=fid_dim if with_images else None,
                             fid_extractor="test features", min_site_cases=10)
+    if asked_fid is not None:
+        strategy.configure_evaluate(1, ArrayRecord({"w": Array(np.zeros(1, np.float32))}),
+                                    ConfigRecord({"fid": asked_fid}), _ThreeNodes())
     n, m = len(pooled["probs"]), len(pooled["real"])
     study_cuts = [0, 5, 120, n] if small_site else [0, 80, 170, n]
     image_cuts = [0, 10, 35, m]
@@ -67,6 +78,8 @@ def _federated(pooled, fid_dim=FID_DIM, small_site: bool = False, with_images: b
         stats = _site_stats(pooled["probs"][s], pooled["labels"][s], pooled["severity"][s], pooled["targets"][s],
                             pooled["real"][t] if with_images else None, pooled["fake"][t], pooled["real_f"][t],
                             pooled["fake_f"][t])
+        if stats.images is not None and not sent_fid[i]:
+            stats.images.real = stats.images.fake = None
         content = RecordDict({"metrics": MetricRecord({"num-examples": stats.n, **stats.to_record()}),
                               "site": ConfigRecord({"status": "ok", "site-name": f"site-{i}", "backbone-hash": HASH})})
         replies.append(reply(content, i + 1, "evaluate"))
@@ -142,6 +155,31 @@ def test_federated_image_metrics_equal_skimage_and_direct_fid(pooled):
               + np.trace(np.cov(b, rowvar=False)) - 2 * np.trace(covmean))
     assert _value(report, "fid") == pytest.approx(direct, rel=1e-7)
     assert "test features" in report.catalogue["fid"]["note"]
+
+
+def test_a_round_without_fid_keeps_psnr_and_ssim_and_says_why_fid_is_missing(pooled, server_task):
+    every_round = _federated(pooled, asked_fid=True)
+    without = _federated(pooled, asked_fid=False, sent_fid=(False, False, False))
+    assert not without.rejected
+    for name in ("psnr", "ssim", "auc", "is"):
+        assert _value(without, name) == pytest.approx(_value(every_round, name), rel=1e-12)
+    assert _value(without, "fid") is None and "fid-every" in without.catalogue["fid"]["reason"]
+    # A site that sends FID moments the round did not ask for, or leaves them out of a round that
+    # did, is refused (its statistics would not add up with the others').
+    uninvited = _federated(pooled, asked_fid=False, sent_fid=(True, False, False))
+    assert [r["site"] for r in uninvited.rejected] == ["site-0"]
+    assert "did not ask" in uninvited.rejected[0]["reason"]
+    missing = _federated(pooled, asked_fid=True, sent_fid=(True, True, False))
+    assert [r["site"] for r in missing.rejected] == ["site-2"] and "fid-real" in missing.rejected[0]["reason"]
+
+
+def test_fid_rounds_follow_fid_every():
+    from common.config import EvalConfig
+
+    assert [r for r in range(13) if EvalConfig(fid_every=5).fid_round(r, 12)] == [0, 5, 10, 12]
+    assert all(EvalConfig(fid_every=1).fid_round(r, 3) for r in range(4))
+    with pytest.raises(ValueError, match="fid-every"):
+        EvalConfig(fid_every=0)
 
 
 def test_federated_inception_score_equals_direct_computation(pooled):

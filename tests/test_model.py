@@ -237,3 +237,17 @@ def test_linear_bigru_equals_torch_gru_on_packed_sequences():
     packed, _ = ref(pack_padded_sequence(x, mask.sum(1), batch_first=True, enforce_sorted=False))
     expected, _ = pad_packed_sequence(packed, batch_first=True, total_length=6)
     assert torch.allclose(ours(x, mask), expected, atol=1e-6)
+
+
+def test_move_to_moves_a_model_only_when_it_or_one_of_its_parts_is_elsewhere():
+    from common.inference import move_to
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
+    moves = []
+    original = model.to
+    model.to = lambda *args, **kwargs: moves.append(args) or original(*args, **kwargs)
+    move_to(model, torch.device("cpu"))
+    assert moves == []  # already there: no walk over every submodule
+    model[1].to(torch.device("meta"))  # one part moved on its own
+    move_to(model, torch.device("meta"))
+    assert len(moves) == 1 and all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 
 from flwr.app import ConfigRecord, RecordDict
@@ -94,3 +96,61 @@ def test_replies_arrays_are_fetched_with_short_retries_from_flowers_deployment_g
         assert tries["a"] == 3 and time.monotonic() - started < 0.5
     finally:
         http_grid.pull_objects = original
+
+
+class PendingMessages:
+    """The simulation runtime's LinkState as its dispatcher sees it: messages waiting per node."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, list[str]] = {7: []}
+        self.scanned = threading.Event()
+
+    def get_message_ins(self, node_id: int, limit: int) -> list[str]:
+        taken, self.waiting[node_id] = self.waiting[node_id][:limit], self.waiting[node_id][limit:]
+        self.scanned.set()
+        return taken
+
+
+def test_a_push_wakes_the_simulation_dispatcher(monkeypatch):
+    import server.transport as transport
+
+    # Without a wake-up the dispatcher would look again only after 10 minutes.
+    monkeypatch.setattr(transport, "DISPATCH_INTERVAL_S", 600.0)
+    state, dispatched, stop = PendingMessages(), queue.Queue(), threading.Event()
+    dispatcher = threading.Thread(target=transport._add_messages_to_queue, args=(state, dispatched, {7: 0}, stop),
+                                  daemon=True)
+    dispatcher.start()
+    assert state.scanned.wait(10)  # its first look found nothing; now it waits
+    grid = PromptGrid(SlowSites({7: 0.0}))
+
+    def push(node_ids):  # the message lands in the runtime's state, as InMemoryGrid puts it there
+        state.waiting[7].append("train for site 7")
+        return [f"q{node}" for node in node_ids]
+
+    grid.grid.push_messages = push
+    grid.push_messages([7])
+    assert dispatched.get(timeout=30) == "train for site 7"
+    stop.set()
+    transport._pushed.set()
+    dispatcher.join(10)
+    assert not dispatcher.is_alive()
+
+
+def test_the_simulation_runtime_takes_the_prompt_dispatcher(monkeypatch):
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    import server.transport as transport
+
+    original = vce_api.add_messages_to_queue
+    try:
+        assert transport.prompt_simulation_dispatch()  # the runtime's module is loaded here
+        assert vce_api.add_messages_to_queue is transport._add_messages_to_queue
+        # The runtime looks the dispatcher up by this module-level name when it starts the thread
+        # (Flower 1.42): a release that binds it otherwise would silently keep the 0.1 s clock.
+        assert "add_messages_to_queue" in vce_api.run_api.__code__.co_names
+    finally:
+        vce_api.add_messages_to_queue = original
+    import sys
+
+    monkeypatch.delitem(sys.modules, transport.SIMULATION_RUNTIME)
+    assert not transport.prompt_simulation_dispatch()  # a deployment's ServerApp: nothing to change

@@ -68,6 +68,7 @@ REGISTRY: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
 # The keys of a site's evaluation record (the image keys only with the reconstruction head).
 RECORD_KEYS = {"n", "loss-sum", "bins", "tp", "fp", "tn", "fn", "hist-pos", "hist-neg", "err", "is"}
 IMAGE_KEYS = {"img", "fid-real", "fid-fake"}
+FID_NOT_THIS_ROUND = "not computed in this round (fid-every: FID at round 0, every fid-every rounds and the last round)"
 assert len(REGISTRY) == len(_SPECS), "one name per metric"
 
 
@@ -126,15 +127,16 @@ class EvaluationStats:
         return record
 
     @classmethod
-    def from_record(cls, record: dict, num_labels: int, fid_dim: int | None) -> "EvaluationStats":
+    def from_record(cls, record: dict, num_labels: int, fid_dim: int | None, with_fid: bool = True) -> "EvaluationStats":
         """A site's statistics, checked on their own and against each other; ValueError says what
-        is wrong. fid_dim None: the reconstruction head is off and no image statistics are expected."""
+        is wrong. fid_dim None: the reconstruction head is off and no image statistics are expected;
+        ``with_fid``: whether the round asked for FID moments (``fid-every``)."""
         if fid_dim is None and any(key in record for key in IMAGE_KEYS):
             raise ValueError("image statistics sent but the reconstruction head is disabled")
         unexpected = sorted(set(record) - RECORD_KEYS - IMAGE_KEYS - {"num-examples"})
         if unexpected:
             raise ValueError(f"unexpected statistics: {', '.join(unexpected[:5])}")
-        images = ImageStats.from_record(record, fid_dim) if fid_dim is not None else None
+        images = ImageStats.from_record(record, fid_dim, with_fid) if fid_dim is not None else None
         stats = cls(ClassificationStats.from_record(record, num_labels), ErrorStats.from_record(record), images,
                     InceptionStats.from_record(record, num_labels))
         n = stats.n
@@ -145,9 +147,9 @@ class EvaluationStats:
         return stats
 
     @classmethod
-    def empty(cls, num_labels: int, fid_dim: int | None) -> "EvaluationStats":
+    def empty(cls, num_labels: int, fid_dim: int | None, with_fid: bool = True) -> "EvaluationStats":
         return cls(ClassificationStats.empty(num_labels), ErrorStats(),
-                   None if fid_dim is None else ImageStats.empty(fid_dim), InceptionStats.empty(num_labels))
+                   None if fid_dim is None else ImageStats.empty(fid_dim, with_fid), InceptionStats.empty(num_labels))
 
 
 def compute_catalogue(stats: EvaluationStats, label_names: list[str], fid_extractor: str = "") -> dict[str, MetricValue]:
@@ -194,7 +196,9 @@ def compute_catalogue(stats: EvaluationStats, label_names: list[str], fid_extrac
         out["psnr"] = MetricValue(safe_mean(img.psnr_sum, img.n_images), note="input vs reconstruction, data range 1")
         out["ssim"] = MetricValue(safe_mean(img.ssim_sum, img.n_images),
                                   note="Wang et al. 2004: Gaussian 11x11, sigma 1.5, data range 1")
-        if min(img.real.n, img.fake.n) < 2:
+        if img.real is None or img.fake is None:
+            out["fid"] = not_available(FID_NOT_THIS_ROUND)
+        elif min(img.real.n, img.fake.n) < 2:
             out["fid"] = not_available("fewer than 2 images")
         else:
             try:

@@ -115,30 +115,44 @@ def frechet_distance(a: GaussianMoments, b: GaussianMoments) -> float:
 
 @dataclass
 class ImageStats:
-    """Reconstruction quality sums and FID moments of one or more sites."""
+    """Reconstruction quality sums and FID moments of one or more sites (moments None: FID was not
+    computed in this round, see ``fid-every``)."""
 
     n_images: int
     psnr_sum: float
     ssim_sum: float
-    real: GaussianMoments
-    fake: GaussianMoments
+    real: GaussianMoments | None
+    fake: GaussianMoments | None
 
     @classmethod
-    def empty(cls, dim: int) -> "ImageStats":
+    def empty(cls, dim: int, with_fid: bool = True) -> "ImageStats":
+        if not with_fid:
+            return cls(0, 0.0, 0.0, None, None)
         return cls(0, 0.0, 0.0, GaussianMoments.empty(dim), GaussianMoments.empty(dim))
 
+    @property
+    def with_fid(self) -> bool:
+        return self.real is not None and self.fake is not None
+
     def __add__(self, other: "ImageStats") -> "ImageStats":
-        return ImageStats(self.n_images + other.n_images, self.psnr_sum + other.psnr_sum,
-                          self.ssim_sum + other.ssim_sum, self.real + other.real, self.fake + other.fake)
+        if self.with_fid != other.with_fid:
+            raise ValueError("FID statistics from some sites and not from others")
+        return ImageStats(self.n_images + other.n_images, self.psnr_sum + other.psnr_sum, self.ssim_sum + other.ssim_sum,
+                          self.real + other.real if self.with_fid else None,
+                          self.fake + other.fake if self.with_fid else None)
 
     def to_record(self) -> dict[str, list[float]]:
-        return {"img": [float(self.n_images), self.psnr_sum, self.ssim_sum],
-                "fid-real": [float(self.real.n), *self.real.total.tolist(), *self.real.outer.ravel().tolist()],
-                "fid-fake": [float(self.fake.n), *self.fake.total.tolist(), *self.fake.outer.ravel().tolist()]}
+        record = {"img": [float(self.n_images), self.psnr_sum, self.ssim_sum]}
+        if self.real is not None and self.fake is not None:
+            record["fid-real"] = [float(self.real.n), *self.real.total.tolist(), *self.real.outer.ravel().tolist()]
+            record["fid-fake"] = [float(self.fake.n), *self.fake.total.tolist(), *self.fake.outer.ravel().tolist()]
+        return record
 
     @classmethod
-    def from_record(cls, record: dict, dim: int) -> "ImageStats":
-        """Parse and check a site's image statistics (ValueError when malformed or implausible)."""
+    def from_record(cls, record: dict, dim: int, with_fid: bool = True) -> "ImageStats":
+        """Parse and check a site's image statistics (ValueError when malformed or implausible);
+        ``with_fid``: whether this round asked for the FID moments (they must then be there, and
+        must not be otherwise)."""
         img = _vector(record["img"], 3, "img")
         n = img[0]
         if n < 0 or n % 1:
@@ -155,6 +169,10 @@ class ImageStats:
                     or (np.diag(m.outer) < 0).any() or not np.allclose(m.outer, m.outer.T, rtol=1e-6, atol=1e-6):
                 raise ValueError(f"{key}: expected n images, bounded sums and a symmetric {dim}x{dim} matrix")
             return m
+        if not with_fid:
+            if "fid-real" in record or "fid-fake" in record:
+                raise ValueError("FID statistics sent in a round that did not ask for them")
+            return cls(int(n), float(img[1]), float(img[2]), None, None)
         return cls(int(n), float(img[1]), float(img[2]), moments("fid-real"), moments("fid-fake"))
 
 
