@@ -15,11 +15,13 @@ retries after 1 s, 2 s, 4 s..., which a prompt pull meets on nearly every traini
 deployment benchmark measured the training phase 1.5 s slower than with Flower's 3 s interval).
 So with Flower's ``HttpGrid`` the retries start after 20 ms and double up to 0.5 s.
 
-In a simulation the other half of an exchange waits too: Flower's runtime (``vce_api``) hands
-pushed messages to the site workers from a thread that looks every 0.1 s, so each phase started
-up to 0.1 s (measured: 25-100 ms) after its messages were pushed. ``prompt_simulation_dispatch``
-gives that thread a wake-up: ``PromptGrid.push_messages`` sets it, and the thread still looks
-every 0.1 s on its own, so with ``reply-polling = "flower"`` (no PromptGrid) it behaves as Flower's.
+In a simulation the runtime (``vce_api``) waits too: it hands pushed messages to the site
+workers from a thread that looks every 0.1 s, so each phase started up to 0.1 s (measured:
+25-100 ms) after its messages were pushed. ``prompt_simulation_dispatch`` gives that thread a
+wake-up, which ``PromptGrid.push_messages`` sets (the thread still looks every 0.1 s on its own,
+so with ``reply-polling = "flower"``, without PromptGrid, it behaves as Flower's), and makes the
+runtime's reply thread signal each reply it stores, which ends PromptGrid's wait for the next
+pull at once. In a deployment neither exists and PromptGrid pulls on its own schedule.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
+from queue import Empty
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -43,6 +46,7 @@ DISPATCH_INTERVAL_S = 0.1  # Flower's own: the simulation dispatcher looks this 
 SIMULATION_RUNTIME = "flwr.server.superlink.fleet.vce.vce_api"
 
 _pushed = threading.Event()  # set by PromptGrid.push_messages, consumed by the simulation dispatcher
+_replied = threading.Event()  # set by the simulation runtime when it has stored a reply
 
 
 def shorten_object_retries() -> None:
@@ -70,6 +74,7 @@ def prompt_simulation_dispatch() -> bool:
     if runtime is None:
         return False
     runtime.add_messages_to_queue = _add_messages_to_queue
+    runtime.put_message_into_state = _put_message_into_state
     return True
 
 
@@ -82,6 +87,17 @@ def _add_messages_to_queue(state, queue, nodes_mapping, f_stop: threading.Event)
             for message in state.get_message_ins(node_id=node_id, limit=1):
                 queue.put(message)
         _pushed.wait(DISPATCH_INTERVAL_S)
+
+
+def _put_message_into_state(state, queue, f_stop: threading.Event) -> None:  # noqa: ANN001
+    """Flower's reply loop (``vce_api.put_message_into_state``), signalling each stored reply."""
+    while not f_stop.is_set():
+        try:
+            reply = queue.get(timeout=1.0)
+        except Empty:
+            continue
+        state.store_message_res(reply)
+        _replied.set()
 
 
 class PromptGrid(Grid):
@@ -127,7 +143,10 @@ class PromptGrid(Grid):
         while waiting:
             now = time.monotonic()
             interval = min(self.longest_interval, max(self.shortest_interval, INTERVAL_FRACTION * (now - started)))
-            time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - now)))
+            # A simulation's runtime ends the wait when it stores a reply; clearing before the pull
+            # means a reply stored after it is not missed.
+            _replied.wait(interval if deadline is None else max(0.0, min(interval, deadline - now)))
+            _replied.clear()
             arrived = list(self.pull_messages(waiting))
             replies.extend(arrived)
             waiting.difference_update(reply.metadata.reply_to_message_id for reply in arrived)

@@ -141,16 +141,53 @@ def test_the_simulation_runtime_takes_the_prompt_dispatcher(monkeypatch):
 
     import server.transport as transport
 
-    original = vce_api.add_messages_to_queue
+    original = vce_api.add_messages_to_queue, vce_api.put_message_into_state
     try:
         assert transport.prompt_simulation_dispatch()  # the runtime's module is loaded here
         assert vce_api.add_messages_to_queue is transport._add_messages_to_queue
-        # The runtime looks the dispatcher up by this module-level name when it starts the thread
-        # (Flower 1.42): a release that binds it otherwise would silently keep the 0.1 s clock.
-        assert "add_messages_to_queue" in vce_api.run_api.__code__.co_names
+        assert vce_api.put_message_into_state is transport._put_message_into_state
+        # The runtime looks both loops up by these module-level names when it starts their threads
+        # (Flower 1.42): a release that binds them otherwise would silently keep the 0.1 s clock.
+        assert {"add_messages_to_queue", "put_message_into_state"} <= set(vce_api.run_api.__code__.co_names)
     finally:
-        vce_api.add_messages_to_queue = original
+        vce_api.add_messages_to_queue, vce_api.put_message_into_state = original
     import sys
 
     monkeypatch.delitem(sys.modules, transport.SIMULATION_RUNTIME)
     assert not transport.prompt_simulation_dispatch()  # a deployment's ServerApp: nothing to change
+
+
+class StoredReplies:
+    """The simulation runtime's LinkState as PromptGrid's pulls see it: replies stored so far."""
+
+    def __init__(self) -> None:
+        self.stored: list = []
+
+    def store_message_res(self, message) -> None:
+        self.stored.append(message)
+
+    def push_messages(self, messages):
+        return [f"q{node}" for node in messages]
+
+    def pull_messages(self, message_ids):
+        return [m for m in self.stored if m.metadata.reply_to_message_id in set(message_ids)]
+
+
+def test_a_stored_reply_ends_the_wait_for_the_next_pull():
+    import server.transport as transport
+
+    state, replies, stop = StoredReplies(), queue.Queue(), threading.Event()
+    storer = threading.Thread(target=transport._put_message_into_state, args=(state, replies, stop), daemon=True)
+    storer.start()
+    # Pulls 10 minutes apart: only the runtime's signal can end the wait in time.
+    grid = PromptGrid(state, shortest_interval=600.0, longest_interval=600.0)
+    collected = []
+    waiter = threading.Thread(target=lambda: collected.extend(grid.send_and_receive([7], timeout=None)), daemon=True)
+    waiter.start()
+    answer = reply(RecordDict({"site": ConfigRecord({"status": "ok"})}), 7)
+    answer.metadata.__dict__["_reply_to_message_id"] = "q7"
+    replies.put(answer)  # a site worker's reply, as the runtime queues it
+    waiter.join(30)
+    stop.set()
+    storer.join(10)
+    assert [m.metadata.src_node_id for m in collected] == [7]
