@@ -44,7 +44,7 @@ PARTS: dict[str, tuple[list[str], list[str]]] = {
     "rounds": (["--sites", "3", "--studies", "40", "--rounds", "5"],
                ["--sites", "2", "--studies", "6", "--image-size", "32", "--slices", "4", "--rounds", "1", "--no-warm"]),
     "site_message": (["--repeats", "3", "--studies", "40"], ["--repeats", "1", "--studies", "6"]),
-    "scaling": (["--sites", "5", "10", "20", "--rounds", "6", "--studies", "16"],
+    "scaling": (["--sites", "5", "10", "20", "--rounds", "10", "--studies", "16"],
                 ["--sites", "2", "--rounds", "2", "--studies", "4", "--image-size", "32", "--slices", "4", "--no-warm"]),
     "backbone": (["--seconds", "4"], ["--seconds", "0.3", "--studies", "4", "--batch", "8", "--image-size", "32"]),
     "dp_step": (["--steps", "40"], ["--steps", "4", "--batch", "8"]),

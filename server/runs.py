@@ -49,6 +49,7 @@ class RunDirectory:
         self.path = path
         self.config = config
         self.backbone_hash = backbone_hash
+        self._csv_rows: list[str] | None = None  # metrics.csv's rows, one string per round record
         (path / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path / "config.json", json.dumps(
             {"config": config, "backbone-hash": backbone_hash, "budget-id": budget_id,
@@ -69,7 +70,8 @@ class RunDirectory:
             if source.is_file():
                 shutil.copy2(source, self.checkpoint_path(record["round"]))
         atomic_write_bytes(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
-        write_csv(self.path, records)
+        self._csv_rows = [csv_rows(r) for r in records]
+        write_csv(self.path, self._csv_rows)
         return records
 
     def control(self) -> str:
@@ -105,8 +107,15 @@ class RunDirectory:
         return path
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        append_record(self.path, json.dumps(json_safe(record)))
-        write_csv(self.path, read_metrics(self.path))
+        line = json.dumps(json_safe(record))
+        append_record(self.path, line)
+        # The CSV is rewritten whole (atomically) but only the new round's rows are formatted:
+        # rereading and reformatting every round made each round cost more than the last.
+        if self._csv_rows is None:
+            self._csv_rows = [csv_rows(r) for r in read_metrics(self.path)]
+        else:
+            self._csv_rows.append(csv_rows(json.loads(line)))
+        write_csv(self.path, self._csv_rows)
 
 
 def read_control(run_dir: Path) -> str:
@@ -221,23 +230,30 @@ def round_record(report: RoundReport, seconds: float, checkpoint: Path | None,
     return record
 
 
-def write_csv(run_dir: Path, records: list[dict[str, Any]]) -> None:
-    """metrics.csv in long form: round, scope (global, a site, server-validation), metric, value."""
+CSV_HEADER = "round,scope,metric,value,aggregation,reason\r\n"
+
+
+def write_csv(run_dir: Path, rows: list[str]) -> None:
+    """metrics.csv in long form: round, scope (global, a site, server-validation), metric, value;
+    ``rows``: each round record's rows (``csv_rows``)."""
+    atomic_write_bytes(run_dir / CSV_FILE, (CSV_HEADER + "".join(rows)).encode())
+
+
+def csv_rows(record: dict[str, Any]) -> str:
+    """One round record's rows of metrics.csv."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["round", "scope", "metric", "value", "aggregation", "reason"])
-    for record in records:
-        sources = [("global", record.get("catalogue") or {})]
-        if record.get("server_validation"):
-            sources.append(("server-validation", record["server_validation"]))
-        for scope, catalogue in sources:
-            for name, entry in catalogue.items():
-                writer.writerow([record["round"], scope, name, _csv_value(entry.get("value")),
-                                 entry.get("aggregation", ""), entry.get("reason", "")])
-                if scope == "global":
-                    for site, value in (entry.get("per_site") or {}).items():
-                        writer.writerow([record["round"], site, name, _csv_value(value), "site", ""])
-    atomic_write_bytes(run_dir / CSV_FILE, buffer.getvalue().encode())
+    sources = [("global", record.get("catalogue") or {})]
+    if record.get("server_validation"):
+        sources.append(("server-validation", record["server_validation"]))
+    for scope, catalogue in sources:
+        for name, entry in catalogue.items():
+            writer.writerow([record["round"], scope, name, _csv_value(entry.get("value")),
+                             entry.get("aggregation", ""), entry.get("reason", "")])
+            if scope == "global":
+                for site, value in (entry.get("per_site") or {}).items():
+                    writer.writerow([record["round"], site, name, _csv_value(value), "site", ""])
+    return buffer.getvalue()
 
 
 def _csv_value(value: Any) -> str:
