@@ -63,11 +63,12 @@ def shorten_object_retries() -> None:
 
 
 def prompt_simulation_dispatch() -> bool:
-    """Replace the simulation runtime's dispatcher (``vce_api.add_messages_to_queue``, Flower 1.42)
-    with one that a push wakes; returns whether this process runs that runtime. Idempotent.
+    """Replace the simulation runtime's dispatcher and reply loop (``vce_api.add_messages_to_queue``
+    and ``put_message_into_state``, Flower 1.42) with ones that a push wakes and that signal each
+    stored reply; returns whether this process runs that runtime. Idempotent.
 
-    The runtime starts the dispatcher's thread after it has imported the ServerApp, and looks the
-    function up when it does, so the ServerApp's module calls this when it is imported. A process
+    The runtime starts both threads after it has imported the ServerApp, and looks the functions
+    up when it does, so the ServerApp's module calls this when it is imported. A process
     without the runtime (a deployment's ServerApp, an in-process federation) is left alone: the
     runtime's module is not even imported."""
     runtime = sys.modules.get(SIMULATION_RUNTIME)
