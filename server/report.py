@@ -65,17 +65,25 @@ def _curves(records: list[dict[str, Any]], path: Path) -> str:
     cols = 4
     fig, axes = plt.subplots(math.ceil(len(CURVES) / cols), cols, figsize=(16, 10), constrained_layout=True)
     for ax, name in zip(axes.ravel(), CURVES):
-        glob = [((r.get("catalogue") or {}).get(name) or {}).get("value") for r in records]
-        ax.plot(rounds, [np.nan if v is None else v for v in glob], "o-", lw=2.5, color="black", label="global")
+        # FID is computed only in the rounds fid-every names: its lines join those rounds. Any
+        # other figure that is not available leaves a gap.
+        scheduled = name == "fid"
+
+        def plot(values: list[Any], style: str, **kwargs: Any) -> None:
+            points = [(r, v) for r, v in zip(rounds, values) if v is not None or not scheduled]
+            ax.plot([r for r, _ in points], [np.nan if v is None else v for _, v in points], style, **kwargs)
+
+        plot([((r.get("catalogue") or {}).get(name) or {}).get("value") for r in records], "o-", lw=2.5,
+             color="black", label="global")
         sites = sorted({s for r in records for s in (((r.get("catalogue") or {}).get(name) or {}).get("per_site") or {})})
         for site in sites:
-            values = [(((r.get("catalogue") or {}).get(name) or {}).get("per_site") or {}).get(site) for r in records]
-            ax.plot(rounds, [np.nan if v is None else v for v in values], "-", lw=1, alpha=0.7, label=site)
+            plot([(((r.get("catalogue") or {}).get(name) or {}).get("per_site") or {}).get(site) for r in records],
+                 "-", lw=1, alpha=0.7, label=site)
         central = [((r.get("server_validation") or {}).get(name) or {}).get("value") for r in records]
         if any(v is not None for v in central):
-            ax.plot(rounds, [np.nan if v is None else v for v in central], "s--", color="tab:red",
-                    label="server validation")
-        ax.set_title(name.upper() if len(name) <= 4 else name)
+            plot(central, "s--", color="tab:red", label="server validation")
+        ax.set_title("FID (the rounds that compute it: fid-every)" if scheduled else
+                     name.upper() if len(name) <= 4 else name)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes.ravel()[0].legend(fontsize=8)
