@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import replace_between
+from common.config import EvalConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = PROJECT_ROOT / "docs" / "benchmarks" / "suite.json"
@@ -81,8 +82,8 @@ def headline(parts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                      f"{lean['later_round_s']:.2f} s", r["clinicfl_later_round_vs_lean"], "x", "<= 1.0",
                      r["clinicfl_later_round_vs_lean"] <= 1.0))
     if r.get("clinicfl_fid_round_vs_lean") is not None:
-        rows.append(_row(f"later round that computes FID (fid-every 5, and the last): clinicfl "
-                         f"{ours['later_round_with_fid_s']:.2f} s / lean recipe", r["clinicfl_fid_round_vs_lean"],
+        rows.append(_row(f"later round that computes FID (fid-every {EvalConfig().fid_every}, and the last): "
+                         f"clinicfl {ours['later_round_with_fid_s']:.2f} s / lean recipe", r["clinicfl_fid_round_vs_lean"],
                          "x", "report", None))
         fid_rounds = ours["rounds_with_fid"][1:]
         rows.append(_row(f"later rounds, mean (FID in {sum(fid_rounds)} of {len(fid_rounds)}): clinicfl "

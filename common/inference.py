@@ -228,11 +228,13 @@ def evaluate_local(model: InjuryNet, data: SiteInputs, test_index: np.ndarray, d
         rows, slots = image_sample(data.mask[index], config.image_metrics_sample)
         real = data.images[index][rows, slots, 0]  # (k, H, W): the same images every round
         fake = upsample_reconstruction(pred.reconstruction[rows, slots], real.shape[-1])
-        images = ImageStats(len(real), float(psnr(fake, real).sum()), float(ssim(fake, real).sum()), None, None)
+        real_moments = fake_moments = None
         if with_fid:
             fid = fid or FidFeatureExtractor(model, config.fid_dim, config.fid_inception_weights, config.fid_image_size)
             real_features, fake_features = fid.real_and_fake(real, fake)
-            images.real, images.fake = GaussianMoments.of(real_features), GaussianMoments.of(fake_features)
+            real_moments, fake_moments = GaussianMoments.of(real_features), GaussianMoments.of(fake_features)
+        images = ImageStats(len(real), float(psnr(fake, real).sum()), float(ssim(fake, real).sum()), real_moments,
+                            fake_moments)
     return EvaluationStats(
         ClassificationStats.from_predictions(pred.probs.numpy(), labels.numpy(), loss_sum, config.threshold,
                                           histogram_bins(len(test_index), config.eval_bins)),

@@ -107,14 +107,14 @@ class RunDirectory:
         return path
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        line = json.dumps(json_safe(record))
-        append_record(self.path, line)
+        safe = json_safe(record)  # as metrics.jsonl holds it (and read_metrics returns it)
+        append_record(self.path, json.dumps(safe))
         # The CSV is rewritten whole (atomically) but only the new round's rows are formatted:
         # rereading and reformatting every round made each round cost more than the last.
         if self._csv_rows is None:
             self._csv_rows = [csv_rows(r) for r in read_metrics(self.path)]
         else:
-            self._csv_rows.append(csv_rows(json.loads(line)))
+            self._csv_rows.append(csv_rows(safe))
         write_csv(self.path, self._csv_rows)
 
 

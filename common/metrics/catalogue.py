@@ -196,7 +196,7 @@ def compute_catalogue(stats: EvaluationStats, label_names: list[str], fid_extrac
         out["psnr"] = MetricValue(safe_mean(img.psnr_sum, img.n_images), note="input vs reconstruction, data range 1")
         out["ssim"] = MetricValue(safe_mean(img.ssim_sum, img.n_images),
                                   note="Wang et al. 2004: Gaussian 11x11, sigma 1.5, data range 1")
-        if img.real is None or img.fake is None:
+        if not img.with_fid:
             out["fid"] = not_available(FID_NOT_THIS_ROUND)
         elif min(img.real.n, img.fake.n) < 2:
             out["fid"] = not_available("fewer than 2 images")

@@ -143,7 +143,7 @@ class ImageStats:
 
     def to_record(self) -> dict[str, list[float]]:
         record = {"img": [float(self.n_images), self.psnr_sum, self.ssim_sum]}
-        if self.real is not None and self.fake is not None:
+        if self.with_fid:
             record["fid-real"] = [float(self.real.n), *self.real.total.tolist(), *self.real.outer.ravel().tolist()]
             record["fid-fake"] = [float(self.fake.n), *self.fake.total.tolist(), *self.fake.outer.ravel().tolist()]
         return record
