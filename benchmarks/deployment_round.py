@@ -26,7 +26,7 @@ from pathlib import Path
 
 from benchmarks import replace_between, write_result
 from simulations.synthetic import SyntheticSpec, generate_clinics
-from tests.deployment_helpers import Deployment, _wait
+from tests.deployment_helpers import Deployment
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "docs" / "benchmarks" / "deployment_round.json"
@@ -38,7 +38,7 @@ SETTINGS = ["--set", "image-size=32", "--set", "seq-len=4", "--set", "local-epoc
 def run_arm(dep: Deployment, sites: int, rounds: int, polling: str) -> dict:
     run_id = dep.run("run", "--rounds", str(rounds), "--min-sites", str(sites), *SETTINGS,
                      "--set", f"reply-polling={polling}")
-    _wait(lambda: dep.state(run_id).get("state") in ("finished", "stopped", "failed"), 900, f"the {polling} run")
+    dep.wait(lambda: dep.state(run_id).get("state") in ("finished", "stopped", "failed"), 900, f"the {polling} run")
     records = dep.records(run_id)
     if dep.state(run_id)["state"] != "finished" or len(records) != rounds + 1:
         raise RuntimeError(f"the {polling} run did not finish its {rounds} rounds: {dep.state(run_id)}")

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 QUICK_EXIT_S = 20.0  # a SuperNode that ends this fast on its first start is misconfigured, not unlucky
 MAX_BACKOFF_S = 60.0
+GATE_CHECK_S = 1.0  # how often the daemon checks that the site gate is still running
 
 
 @dataclass
@@ -142,17 +143,26 @@ class SupernodeDaemon:
             self.process = subprocess.Popen(self.settings.command(), env=env, stdout=log_file,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True)
-            if self.settings.approval:
-                self.gate = subprocess.Popen(self.settings.gate_command(), env=env, stdout=log_file,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
+        if self.settings.approval:
+            self._start_gate(env)
         gate = f"; app approval on (gate pid {self.gate.pid}, {approvals_file(self.settings.state_dir)})" \
             if self.gate is not None else "; app approval OFF"
         print(f"SuperNode running: pid {self.process.pid}, connecting to {self.settings.superlink}{gate}; "
               f"log {self.log_path}", flush=True)
-        code = self.process.wait()
+        # The SuperNode waits for each message's reply before it takes the next one, and only the
+        # gate runs apps: a gate that has ended would leave the site online but silent for good.
+        while (code := self.process.poll()) is None:
+            if self.gate is not None and self.gate.poll() is not None and not self.stopping:
+                print(f"site gate ended (code {self.gate.returncode}); starting it again", flush=True)
+                self._start_gate(env)
+            time.sleep(GATE_CHECK_S)
         self._stop_gate()
         return code
+
+    def _start_gate(self, env: dict[str, str]) -> None:
+        with self.log_path.open("ab") as log_file:
+            self.gate = subprocess.Popen(self.settings.gate_command(), env=env, stdout=log_file,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def _stop_gate(self) -> None:
         gate, self.gate = self.gate, None

@@ -34,7 +34,7 @@ from sitegate.approvals import bundle_hash, project_bundle
 from server.centre import CONNECTION, PROJECT_ROOT, Centre, CentreError, flwr, key_fingerprint, parse_json_output, \
     running_superlink, start_superlink, stop_superlink
 from common.runlog import read_metrics
-from server.runs import best_round, print_rounds, read_run_state, write_control
+from server.runs import best_round, print_rounds, read_run_state, record_stop, write_control
 
 
 def _centre(args: argparse.Namespace) -> Centre:
@@ -202,7 +202,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = read_run_state(run_dir)
     records = read_metrics(run_dir)
     print(f"{run_dir.name}: {state.get('state', 'starting')}"
-          f"{', last finished round ' + str(state['last-round']) if 'last-round' in state else ''}"
+          f"{', last finished round ' + str(state['last-round']) if state.get('last-round') is not None else ''}"
           f"{' (' + state['detail'] + ')' if state.get('detail') else ''}")
     if not records:
         print("no finished round yet")
@@ -238,7 +238,8 @@ def _list_runs(centre: Centre) -> int:
         try:
             run_dir = centre.run_dir(run_id)
             state = read_run_state(run_dir)
-            name, progress, last = run_dir.name, state.get("state", "-"), str(state.get("last-round", "-"))
+            last_round = state.get("last-round")
+            name, progress, last = run_dir.name, state.get("state", "-"), "-" if last_round is None else str(last_round)
         except CentreError:
             name, progress, last = "-", "-", "-"
         table.add_row(str(run_id), str(run.get("status", "")), str(run.get("elapsed", "")), name, progress, last)
@@ -260,10 +261,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     centre = _centre(args)
     try:  # a paused run is waiting on its flag: let it end cleanly as well
-        write_control(centre.run_dir(int(args.run)), "stop")
+        run_dir: Path | None = centre.run_dir(int(args.run))
+        write_control(run_dir, "stop")
     except CentreError:
-        pass
+        run_dir = None
     parse_json_output(flwr(centre, "stop", str(args.run), CONNECTION, "--format", "json"), f"stopping run {args.run}")
+    if run_dir is not None:
+        record_stop(run_dir, "stopped by the coordinating centre")
     print(f"run {args.run} stopped; continue it later with clinicfl-server resume {args.run}")
     return 0
 

@@ -53,7 +53,15 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ the loop
     def execute(self, arrays: ArrayRecord, first_round: int) -> str:
-        """Run rounds ``first_round``..num-rounds from ``arrays``; returns the final state."""
+        """Run rounds ``first_round``..num-rounds from ``arrays``; returns the final state. An
+        error ends the run as failed, with its reason in state.json, and is raised again."""
+        try:
+            return self._rounds(arrays, first_round)
+        except Exception as error:
+            self.fail(error)
+            raise
+
+    def _rounds(self, arrays: ArrayRecord, first_round: int) -> str:
         for record in self.records:
             self.tracker.log_round(record)
         if first_round == 1:
@@ -160,6 +168,14 @@ class FederatedRun:
                 time.sleep(self.fed.control_poll)
             print(f"clinicfl: {self.run.control()} requested after round {server_round}", flush=True)
         return "stop" if self.run.control() == "stop" else "running"
+
+    def fail(self, error: Exception) -> None:
+        """The run cannot go on: state.json says failed and why (else it would say 'running' for
+        good, and the centre would wait on a run that no longer exists)."""
+        last_round = self.records[-1]["round"] if self.records else None
+        detail = f"{type(error).__name__}: {error}"
+        self.run.set_state("failed", last_round, detail, best=self.best())
+        print(f"clinicfl: run failed after round {last_round}: {detail}", flush=True)
 
     def end(self, state: str, last_round: int, detail: str) -> str:
         best = self.best()

@@ -4,7 +4,7 @@
       config.json               the run config, backbone hash, budget id, and the run it resumes
       checkpoints/round-003.pt  trainable parameters + config + backbone hash
       metrics.jsonl             one JSON record per round (global and per-site figures)
-      state.json                running / paused / finished, and the last finished round
+      state.json                running / paused / finished / stopped / failed, the last finished round
       control.json              written by clinicfl-server pause/continue/stop, read between rounds
 
 Every file is written to a temporary name and renamed (metrics.jsonl is appended and fsynced),
@@ -41,6 +41,7 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 CONTROL_STATES = ("running", "paused", "stop")
+ENDED_STATES = ("finished", "stopped", "failed")
 
 
 class RunDirectory:
@@ -78,12 +79,11 @@ class RunDirectory:
         """What the coordinating centre asked for: running, paused or stop."""
         return read_control(self.path)
 
-    def set_state(self, state: str, last_round: int, detail: str = "", best: dict[str, Any] | None = None) -> None:
-        """state.json: running / paused / finished / stopped, the last finished round, why, and the
-        best round so far ({"round", "metric", "value"})."""
-        atomic_write_bytes(self.path / "state.json", json.dumps(
-            {"state": state, "last-round": last_round, "detail": detail, "best": best,
-             "updated": time.time()}).encode())
+    def set_state(self, state: str, last_round: int | None, detail: str = "",
+                  best: dict[str, Any] | None = None) -> None:
+        """state.json: running / paused / finished / stopped / failed, the last finished round
+        (None before round 0 has finished), why, and the best round so far ({"round", "metric", "value"})."""
+        write_run_state(self.path, state, last_round, detail, best)
 
     def checkpoint_path(self, server_round: int) -> Path:
         return self.path / CHECKPOINT_DIR / f"round-{server_round:03d}.pt"
@@ -138,6 +138,20 @@ def write_control(run_dir: Path, state: str) -> None:
 def read_run_state(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "state.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_run_state(run_dir: Path, state: str, last_round: int | None, detail: str = "",
+                    best: dict[str, Any] | None = None) -> None:
+    atomic_write_bytes(run_dir / "state.json", json.dumps(
+        {"state": state, "last-round": last_round, "detail": detail, "best": best, "updated": time.time()}).encode())
+
+
+def record_stop(run_dir: Path, detail: str) -> None:
+    """A run the centre stopped, in its state.json. A ServerApp stopped mid-round ends without
+    writing it (its state would say 'running' for good); one that already ended is left as it is."""
+    if read_run_state(run_dir).get("state") in ENDED_STATES:
+        return
+    write_run_state(run_dir, "stopped", last_finished_round(run_dir), detail, best_round(run_dir))
 
 
 def last_finished_round(run_dir: Path) -> int | None:

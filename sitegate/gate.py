@@ -233,8 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("flwr").propagate = False
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
     if args.command == "executor":
-        executor(args.runtime_api_address, Path(args.secret_file), Path(args.approvals), Path(args.install_root),
-                 args.log_file, warm=not args.no_preload)
+        try:
+            executor(args.runtime_api_address, Path(args.secret_file), Path(args.approvals), Path(args.install_root),
+                     args.log_file, warm=not args.no_preload)
+        except Exception:  # the site daemon starts the gate again; its log says why it ended
+            log.exception("gate executor ended")
+            raise SystemExit(1) from None
     elif args.command == "zygote":
         zygote(args.runtime_api_address, Path(args.approvals), Path(args.install_root))
     else:

@@ -22,6 +22,10 @@ RUN_SETTINGS = ["--set", "image-size=32", "--set", "seq-len=4", "--set", "proj-d
                 "--set", "control-poll=0.5"]
 
 
+# Lines of the SuperLink's log that every poll writes: left out of a diagnosis.
+LOG_NOISE = ("PullMessages", "Heartbeat", "PullObject", "PushObject", "ConfirmMessageReceived")
+
+
 class Deployment:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -76,7 +80,43 @@ class Deployment:
         return {row["site"] for row in json.loads(self.server("sites", "--json").stdout) if row["status"] == "online"}
 
     def wait_online(self, names: set[str], timeout: float = 180) -> None:
-        _wait(lambda: names <= self.online(), timeout, f"sites {sorted(names)} online")
+        self.wait(lambda: names <= self.online(), timeout, f"sites {sorted(names)} online")
+
+    def wait(self, condition, timeout: float, what: str) -> None:
+        """``_wait``, and on a timeout the state of every run and the end of every log, so that a
+        failure on a CI machine (whose files are gone afterwards) says where it stopped."""
+        try:
+            _wait(condition, timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnosis()}") from None
+
+    def wait_until_ended(self, run_id: int, timeout: float = 600) -> None:
+        """Wait until the run has ended, and fail at once (with the diagnosis) unless it finished."""
+        self.wait(lambda: self.state(run_id).get("state") not in (None, "running", "paused"), timeout,
+                  f"run {run_id} to end")
+        assert self.state(run_id)["state"] == "finished", f"run {run_id} did not finish\n{self.diagnosis()}"
+
+    def diagnosis(self, lines: int = 25) -> str:
+        parts = []
+        for run_dir in sorted(self.centre.glob("runs/*")):
+            state = run_dir / "state.json"
+            records = run_dir / "metrics.jsonl"
+            rounds = [json.loads(line)["round"] for line in records.read_text().splitlines()] if records.is_file() else []
+            parts.append(f"{run_dir.name}: {state.read_text() if state.is_file() else 'no state.json'}; "
+                         f"rounds recorded {rounds}")
+            try:  # the ServerApp's own output, as the SuperLink keeps it
+                result = self.server("logs", run_dir.name.rsplit("-run", 1)[-1], check=False, timeout=60)
+                parts.append("\n".join((result.stdout + result.stderr).splitlines()[-lines:]))
+            except subprocess.TimeoutExpired:
+                parts.append("(clinicfl-server logs timed out)")
+        logs = [self.centre / "superlink/superlink.log", *sorted(self.root.glob("state/*/supernode.log")),
+                *sorted(self.root.glob("state/*/logs/gate.log")), *sorted(self.root.glob("*.daemon.log"))]
+        for log in logs:
+            if log.is_file():
+                tail = [line for line in log.read_text(errors="replace").splitlines()
+                        if not any(noise in line for noise in LOG_NOISE)][-lines:]
+                parts.append(f"--- {log.relative_to(self.root)} (last {len(tail)} lines)\n" + "\n".join(tail))
+        return "\n".join(parts)
 
     def run_dir(self, run_id: int) -> Path:
         return next(self.centre.glob(f"runs/*-run{run_id}"))

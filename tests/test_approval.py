@@ -1,7 +1,7 @@
 """A hospital runs only the app bundles it approved (sitegate/), on a real loopback deployment:
 TLS SuperLink with node authentication, two site daemons with approval on (the default).
 
-- With the approved bundle, a run trains.
+- With the approved bundle, a run trains (after one site's gate was killed: its daemon restarts it).
 - A one-line change to the ClientApp is another bundle: every site refuses it with
   app-not-approved, the centre records the refusal with the bundle's hash, and no code of the
   modified bundle ran at any site (its planted side effect, a file written on import, is absent).
@@ -11,12 +11,14 @@ TLS SuperLink with node authentication, two site daemons with approval on (the d
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 
 from simulations.synthetic import SyntheticSpec, generate_clinics
-from tests.deployment_helpers import ROOT, RUN_SETTINGS, Deployment, _wait
+from tests.deployment_helpers import ROOT, RUN_SETTINGS, Deployment
 
 SITES = ["site-01", "site-02"]
 
@@ -45,13 +47,17 @@ def deployment(tmp_path_factory):
 
 
 def _finish(dep: Deployment, run_id: int) -> list[dict]:
-    _wait(lambda: dep.state(run_id).get("state") in ("finished", "stopped"), 600, f"run {run_id} to end")
+    dep.wait(lambda: dep.state(run_id).get("state") in ("finished", "stopped"), 600, f"run {run_id} to end")
     return dep.records(run_id)
 
 
 def test_an_approved_bundle_trains(deployment):
     """Over real TLS, with secure aggregation: the sites' gates run Flower's secaggplus_mod."""
     dep, published = deployment
+    # site-02's gate dies before the run: its daemon starts it again (else the site stays online, silent)
+    daemon_log = dep.root / "site-02.daemon.log"
+    os.killpg(int(daemon_log.read_text().split("gate pid ")[-1].split(",")[0]), signal.SIGKILL)
+    dep.wait(lambda: "site gate ended" in daemon_log.read_text(), 60, "site-02's daemon to see its gate end")
     result = dep.server("run", "--rounds", "1", "--min-sites", "2", "--secure-aggregation", *RUN_SETTINGS)
     assert f"app bundle sha256 {published}" in result.stderr, "the centre prints the hash it ships"
     records = _finish(dep, int(result.stdout.split()[0]))

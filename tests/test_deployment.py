@@ -5,7 +5,7 @@ only through the two CLIs (clinicfl-server, clinicfl-client) as a centre and its
 One federation (run A) covers: 3 rounds with checkpoints and metrics; a site killed during
 round 2 (the round completes without it); pause, the dead site rejoining while paused, continue.
 Run B adds two sites that send a NaN and a wrong-shaped update (both rejected, the model stays
-finite), is stopped after round 2 together with the server, and is resumed after a server
+finite), is stopped after round 1 or 2 together with the server, and is resumed after a server
 restart: rounds 0..3 each exactly once. Every process is stopped by its PID at the end.
 """
 
@@ -26,7 +26,7 @@ import torch
 from common.model import load_exported
 from common.processes import port_open
 from simulations.synthetic import SyntheticSpec, generate_clinics
-from tests.deployment_helpers import DATA_ARGS, ROOT, RUN_SETTINGS, Deployment, _alive, _wait
+from tests.deployment_helpers import DATA_ARGS, ROOT, RUN_SETTINGS, Deployment, _alive
 
 SITES = ["site-01", "site-02", "site-03"]
 DRILLS = {"drill-nan": "nan-update", "drill-shape": "wrong-shape-update"}
@@ -101,12 +101,12 @@ def test_federation_survives_a_dead_site_and_pauses(deployment):
         deployment.start_site(name)
     deployment.wait_online(set(SITES))
     run_id = deployment.run("run", "--rounds", "3", "--min-sites", "2", *RUN_SETTINGS)
-    _wait(lambda: any(r["round"] == 1 for r in deployment.records(run_id)), 600, "round 1")
+    deployment.wait(lambda: any(r["round"] == 1 for r in deployment.records(run_id)), 600, "round 1")
     # Round 2 has started: site-03 dies in the middle of it (in its training, or between its train
     # reply and the evaluation: a message costs a site about a second), and the run pauses after it.
     deployment.kill_site("site-03")
     deployment.server("pause", str(run_id))
-    _wait(lambda: deployment.state(run_id).get("state") == "paused", 600, "the run to pause")
+    deployment.wait(lambda: deployment.state(run_id).get("state") == "paused", 600, "the run to pause")
     assert deployment.state(run_id)["last-round"] == 2, "the pause took effect after round 2"
     records = deployment.records(run_id)
     round2 = records[-1]
@@ -121,7 +121,7 @@ def test_federation_survives_a_dead_site_and_pauses(deployment):
     deployment.start_site("site-03")  # the site comes back and rejoins
     deployment.wait_online({"site-03"})
     deployment.server("continue", str(run_id))
-    _wait(lambda: deployment.state(run_id).get("state") == "finished", 600, "the run to finish")
+    deployment.wait_until_ended(run_id)
     records = deployment.records(run_id)
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     assert set(records[1]["train"]) == set(SITES) and set(records[3]["train"]) == set(SITES)
@@ -150,29 +150,33 @@ def test_bad_updates_are_rejected_and_a_stopped_server_resumes(deployment):
         deployment.start_site(name, extra=("--node-config", f"drill={drill}"))
     deployment.wait_online(set(SITES) | set(DRILLS))
     run_id = deployment.run("run", "--rounds", "3", "--min-sites", "3", *RUN_SETTINGS)
-    _wait(lambda: any(r["round"] == 2 for r in deployment.records(run_id)), 600, "round 2")
-    # Stop the run and the server (round 3 is under way), then restart the server.
+    deployment.wait(lambda: any(r["round"] == 1 for r in deployment.records(run_id)), 600, "round 1")
+    # Stop the run and the server while round 2 (or, on a slow machine, round 3) is under way, then
+    # restart the server. A round takes about 20 s here, the two commands a few seconds.
     deployment.server("stop", str(run_id))
     deployment.server("shutdown")
     records = deployment.records(run_id)
-    assert [r["round"] for r in records] == [0, 1, 2]
+    done = len(records) - 1
+    assert 1 <= done < 3 and [r["round"] for r in records] == list(range(done + 1)), "stopped in round 2 or 3"
+    stopped = deployment.state(run_id)
+    assert (stopped["state"], stopped["last-round"]) == ("stopped", done), "the centre's stop is recorded"
     for record in records[1:]:
         reasons = {r["site"]: r["reason"] for r in record["rejected"] if r["phase"] == "train"}
         assert "non-finite" in reasons["drill-nan"] and "shape" in reasons["drill-shape"], reasons
         assert set(record["train"]) == set(SITES)
     run_dir = deployment.run_dir(run_id)
-    for i in range(3):
+    for i in range(done + 1):
         trainable = torch.load(run_dir / f"checkpoints/round-{i:03d}.pt", weights_only=True)["trainable"]
         assert all(torch.isfinite(v).all() for v in trainable.values())
 
     deployment.server("start", "--address", f"127.0.0.1:{deployment.port}")
     deployment.wait_online(set(SITES))  # the sites reconnect by themselves
     resumed = deployment.run("resume", str(run_id))
-    _wait(lambda: deployment.state(resumed).get("state") == "finished", 600, "the resumed run to finish")
+    deployment.wait_until_ended(resumed)
     records = deployment.records(resumed)
     assert [r["round"] for r in records] == [0, 1, 2, 3], "every round exactly once across the restart"
     meta = json.loads((deployment.run_dir(resumed) / "config.json").read_text())
     assert meta["resumed-from"] == str(run_dir) and meta["budget-id"] == str(run_id)
-    assert set(records[3]["train"]) == set(SITES)
+    assert all(set(record["train"]) == set(SITES) for record in records[done + 1:])
     listing = deployment.server("status").stdout
     assert str(run_id) in listing and str(resumed) in listing

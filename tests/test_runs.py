@@ -146,3 +146,39 @@ def test_patience_ends_the_run_after_rounds_without_improvement():
     assert reason == "early stop: loss has not improved for 2 rounds (patience 2; best round 1)"
     run.fed = RunConfig.from_mapping({"patience": 0}).federation
     assert run.early_stop_reason(3) is None, "patience 0: never"
+
+
+def test_an_error_in_a_round_ends_the_run_as_failed_with_its_reason(tmp_path):
+    import pytest
+
+    from common.config import RunConfig
+    from server.federation import FederatedRun
+    from server.runs import read_run_state
+
+    class BrokenStrategy:
+        def configure_train(self, *args, **kwargs):
+            raise ConnectionError("the SuperLink went away")
+
+    run = FederatedRun.__new__(FederatedRun)  # the loop's state, without a Grid or model
+    run.fed = RunConfig.from_mapping({"num-rounds": 3}).federation
+    run.run, run.records = _run(tmp_path, rounds=2), [_record(0, 0.7, 0.5), _record(1, 0.6, 0.6)]
+    run.strategy, run.secure, run.train_config, run.grid = BrokenStrategy(), None, {}, None
+    run.tracker = type("Tracker", (), {"log_round": lambda self, record: None})()
+    with pytest.raises(ConnectionError):
+        run.execute(ArrayRecord(), first_round=2)
+    state = read_run_state(run.run.path)
+    assert state["state"] == "failed" and state["last-round"] == 1
+    assert state["detail"] == "ConnectionError: the SuperLink went away", "not 'running' for good"
+
+
+def test_a_stop_by_the_centre_is_recorded_unless_the_run_already_ended(tmp_path):
+    from server.runs import read_run_state, record_stop, write_run_state
+
+    run = _run(tmp_path, rounds=2)
+    write_run_state(run.path, "running", 1)  # the ServerApp was stopped mid-round: it wrote nothing more
+    record_stop(run.path, "stopped by the coordinating centre")
+    state = read_run_state(run.path)
+    assert (state["state"], state["last-round"], state["detail"]) == ("stopped", 1, "stopped by the coordinating centre")
+    write_run_state(run.path, "finished", 1)
+    record_stop(run.path, "stopped by the coordinating centre")
+    assert read_run_state(run.path)["state"] == "finished", "an ended run keeps its own state"
