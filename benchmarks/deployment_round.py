@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks import replace_between, write_result
+from server.runs import ENDED_STATES
 from simulations.synthetic import SyntheticSpec, generate_clinics
 from tests.deployment_helpers import Deployment
 
@@ -38,7 +39,7 @@ SETTINGS = ["--set", "image-size=32", "--set", "seq-len=4", "--set", "local-epoc
 def run_arm(dep: Deployment, sites: int, rounds: int, polling: str) -> dict:
     run_id = dep.run("run", "--rounds", str(rounds), "--min-sites", str(sites), *SETTINGS,
                      "--set", f"reply-polling={polling}")
-    dep.wait(lambda: dep.state(run_id).get("state") in ("finished", "stopped", "failed"), 900, f"the {polling} run")
+    dep.wait(lambda: dep.state(run_id).get("state") in ENDED_STATES, 900, f"the {polling} run")
     records = dep.records(run_id)
     if dep.state(run_id)["state"] != "finished" or len(records) != rounds + 1:
         raise RuntimeError(f"the {polling} run did not finish its {rounds} rounds: {dep.state(run_id)}")

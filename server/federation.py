@@ -57,8 +57,8 @@ class FederatedRun:
         error ends the run as failed, with its reason in state.json, and is raised again."""
         try:
             return self._rounds(arrays, first_round)
-        except Exception as error:
-            self.fail(error)
+        except Exception as error:  # state.json says failed and why, not 'running' for good
+            self.end("failed", self.records[-1]["round"] if self.records else None, f"{type(error).__name__}: {error}")
             raise
 
     def _rounds(self, arrays: ArrayRecord, first_round: int) -> str:
@@ -169,15 +169,7 @@ class FederatedRun:
             print(f"clinicfl: {self.run.control()} requested after round {server_round}", flush=True)
         return "stop" if self.run.control() == "stop" else "running"
 
-    def fail(self, error: Exception) -> None:
-        """The run cannot go on: state.json says failed and why (else it would say 'running' for
-        good, and the centre would wait on a run that no longer exists)."""
-        last_round = self.records[-1]["round"] if self.records else None
-        detail = f"{type(error).__name__}: {error}"
-        self.run.set_state("failed", last_round, detail, best=self.best())
-        print(f"clinicfl: run failed after round {last_round}: {detail}", flush=True)
-
-    def end(self, state: str, last_round: int, detail: str) -> str:
+    def end(self, state: str, last_round: int | None, detail: str) -> str:
         best = self.best()
         self.run.set_state(state, last_round, detail if state != "finished" else "", best=best)
         if best is not None:

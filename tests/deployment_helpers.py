@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from common.processes import free_port
+from common.runlog import read_metrics
+from server.runs import ENDED_STATES, read_run_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ARGS = ["--image-size", "32", "--seq-len", "4"]
@@ -92,18 +94,14 @@ class Deployment:
 
     def wait_until_ended(self, run_id: int, timeout: float = 600) -> None:
         """Wait until the run has ended, and fail at once (with the diagnosis) unless it finished."""
-        self.wait(lambda: self.state(run_id).get("state") not in (None, "running", "paused"), timeout,
-                  f"run {run_id} to end")
+        self.wait(lambda: self.state(run_id).get("state") in ENDED_STATES, timeout, f"run {run_id} to end")
         assert self.state(run_id)["state"] == "finished", f"run {run_id} did not finish\n{self.diagnosis()}"
 
     def diagnosis(self, lines: int = 25) -> str:
         parts = []
         for run_dir in sorted(self.centre.glob("runs/*")):
-            state = run_dir / "state.json"
-            records = run_dir / "metrics.jsonl"
-            rounds = [json.loads(line)["round"] for line in records.read_text().splitlines()] if records.is_file() else []
-            parts.append(f"{run_dir.name}: {state.read_text() if state.is_file() else 'no state.json'}; "
-                         f"rounds recorded {rounds}")
+            parts.append(f"{run_dir.name}: {read_run_state(run_dir) or 'no state.json'}; "
+                         f"rounds recorded {[r['round'] for r in read_metrics(run_dir)]}")
             try:  # the ServerApp's own output, as the SuperLink keeps it
                 result = self.server("logs", run_dir.name.rsplit("-run", 1)[-1], check=False, timeout=60)
                 parts.append("\n".join((result.stdout + result.stderr).splitlines()[-lines:]))
@@ -123,17 +121,15 @@ class Deployment:
 
     def records(self, run_id: int) -> list[dict]:
         try:
-            path = self.run_dir(run_id) / "metrics.jsonl"
+            return read_metrics(self.run_dir(run_id))
         except StopIteration:
             return []
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
     def state(self, run_id: int) -> dict:
         try:
-            path = self.run_dir(run_id) / "state.json"
+            return read_run_state(self.run_dir(run_id))
         except StopIteration:
             return {}
-        return json.loads(path.read_text()) if path.is_file() else {}
 
     def run(self, *args: str) -> int:
         return int(self.server(*args).stdout.split()[0])
