@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.processes import bin_path, flower_env, write_config_file
+from common.processes import flower_env, write_config_file
 from sitegate.approvals import approvals_file
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,9 @@ class SupernodeSettings:
         values = {"data-path": str(self.data_path), "state-dir": str(self.state_dir), "site-name": self.site_name,
                   "layout": self.layout, **self.node_config}
         node_config = write_config_file(values, self.state_dir / "node-config.toml")
-        command = [bin_path("flower-supernode"), "--superlink", self.superlink, "--node-config", str(node_config),
-                   "--port", str(self.port)]
+        # Flower's SuperNode with its replies kept in step with its messages (client/supernode.py).
+        command = [sys.executable, "-m", "client.supernode", "--superlink", self.superlink,
+                   "--node-config", str(node_config), "--port", str(self.port)]
         if self.ca_cert is None:
             command.append("--insecure")
         else:
