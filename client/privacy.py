@@ -40,7 +40,7 @@ from client.budget import BadBudgetId, check_budget_id  # noqa: F401 - part of t
 from common.config import PrivacyConfig, RunConfig, SiteConfig, TrainConfig
 from common.files import atomic_write_bytes
 from common.opacus_import import PrivacyEngine, create_accountant, get_noise_multiplier
-from common.inference import SiteInputs
+from common.inference import SiteInputs, StudyBatches
 from common.model import InjuryNet
 
 STATE_KEY = "clinicfl-privacy"
@@ -254,7 +254,8 @@ def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], c
     rng = np.random.default_rng(secrets.randbits(128))  # which study of a sampled patient
     params = [p for p in private_head.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    total, seen = 0.0, 0
+    batches = StudyBatches(data, device, model.config.recon_size if model.config.recon_head else None)
+    total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     # Opacus records per-sample activations with full backward hooks; the head's input (cached
     # features) needs no gradient, and torch warns about exactly that on every step.
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
@@ -262,13 +263,12 @@ def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], c
     for _ in range(train.local_epochs):
         for (unit_batch,) in loader:
             # One study per sampled unit: a batch row is the privacy unit.
-            batch = torch.as_tensor([int(rng.choice(units[u])) for u in unit_batch.tolist()], dtype=torch.long)
-            features = data.inputs[batch].to(device)
-            mask = data.mask[batch].to(device)
-            standardised = (model.feature_norm(features) * mask.unsqueeze(-1)
-                            if model.config.feature_norm == "site" else features)
-            out = private_head(standardised, mask, data.biomech_of(batch, device))
-            losses = per_study_loss(model, data, batch, out, train, device)
+            batch = batches(torch.as_tensor([int(rng.choice(units[u])) for u in unit_batch.tolist()],
+                                            dtype=torch.long))
+            standardised = (model.feature_norm(batch.inputs) * batch.mask.unsqueeze(-1)
+                            if model.config.feature_norm == "site" else batch.inputs)
+            out = private_head(standardised, batch.mask, batch.biomech)
+            losses = per_study_loss(out, batch, train)
             loss = losses.sum() / max(len(batch), 1)  # the mean, and 0 (not NaN) for an empty Poisson batch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -277,7 +277,7 @@ def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], c
                     for p, a in zip(params, anchor):
                         p.grad.add_(p.detach() - a, alpha=proximal_mu)
                 optimizer.original_optimizer.step()
-            total += float(losses.detach().sum())
+            total += losses.detach().sum()
             seen += len(batch)
     with torch.no_grad():
         for name, param in model.head.named_parameters():
@@ -288,6 +288,6 @@ def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], c
         # The reservation must be exactly what ran, or the ledger under-counts.
         raise RuntimeError(f"DP round ran {ran}, but the ledger reserved "
                            f"{(charge.noise_multiplier, charge.sample_rate, charge.steps)}")
-    result = TrainResult(num_examples=len(units), loss=total / max(seen, 1), seconds=time.perf_counter() - start)
+    result = TrainResult(num_examples=len(units), loss=float(total) / max(seen, 1), seconds=time.perf_counter() - start)
     return PrivateRoundResult(result, charge.epsilon, budget.target_delta, charge.noise_multiplier,
                               budget.max_grad_norm, charge.sample_rate, charge.total_steps)

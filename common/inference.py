@@ -8,9 +8,11 @@ evaluation then run the sequence head only. Other policies encode every batch.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from common.metrics.classification import ClassificationStats, histogram_bins
 from common.metrics.errors import ErrorStats
 from common.metrics.features import FidFeatureExtractor
 from common.metrics.images import GaussianMoments, ImageStats, InceptionStats, psnr, ssim
-from common.model import InjuryNet, InjuryOutput, frozen_backbone_hash, upsample_reconstruction
+from common.model import InjuryNet, InjuryOutput, check_mask, frozen_backbone_hash, upsample_reconstruction
 
 log = logging.getLogger(__name__)
 LOCK_TIMEOUT_S = 3600.0  # another process may be encoding the same site
@@ -67,11 +69,80 @@ class SiteInputs:
     def biomech_of(self, index: Tensor, device: torch.device) -> Tensor | None:
         return self.biomech[index].to(device) if self.biomech is not None else None
 
-    def recon_targets(self, index: Tensor, size: int) -> Tensor:
-        """The images of these studies downsampled to the decoder's resolution: (n, T, r, r)."""
-        images = self.images[index]
-        n, t = images.shape[:2]
-        return F.adaptive_avg_pool2d(images.view(n * t, 1, *images.shape[-2:]), size).view(n, t, size, size)
+
+@dataclass
+class StudyBatch:
+    """One batch of studies, on the device a loop runs on."""
+
+    inputs: Tensor  # (B, T, 2048) features, or (B, T, 1, H, W) images
+    mask: Tensor  # (B, T) bool
+    labels: Tensor  # (B, L)
+    is_features: bool
+    real: Tensor | None = None  # images only: positions of the real images in the flattened (B * T)
+    targets: Tensor | None = None  # (B,) severity, NaN where unknown
+    biomech: Tensor | None = None  # (B, T, F)
+    recon: Tensor | None = None  # (B, T, r, r) reconstruction targets
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+
+class StudyBatches:
+    """A site's studies, batch by batch, on the device a loop runs on; ``batches(index)`` takes a
+    host index tensor.
+
+    On a GPU each tensor the loop reads is copied there once, when it fits in a quarter of the free
+    memory, and a batch is gathered on the device; a tensor that does not fit (a large site's images)
+    is gathered on the host and copied from pinned memory without blocking. The positions of the real
+    images come from the host mask. So a step never waits for the device: a blocking copy or a
+    boolean-mask gather would make the host wait for the GPU at every step, and the GPU then idles
+    while the host prepares the next one (``benchmarks/device_path.py`` counts the waits). On a CPU
+    the batches are plain slices of the site's tensors.
+
+    The reconstruction targets (the images pooled to the decoder's size) are computed once here,
+    not per step."""
+
+    def __init__(self, data: SiteInputs, device: torch.device, recon_size: int | None = None,
+                 resident_fraction: float = 0.25) -> None:
+        self.is_features, self.device = data.is_features, device
+        self.cuda = device.type == "cuda"
+        recon = None
+        if recon_size is not None:
+            if data.images is None:
+                raise ValueError("the reconstruction head needs the site's images; these inputs have none")
+            n, t = data.images.shape[:2]
+            recon = F.adaptive_avg_pool2d(data.images.reshape(n * t, 1, *data.images.shape[-2:]),
+                                          recon_size).view(n, t, recon_size, recon_size)
+        check_mask(data.mask)  # here, on the host, once: the model does not check a mask on a GPU
+        self.host_mask = data.mask
+        self.host: dict[str, Tensor | None] = {"inputs": data.inputs, "mask": data.mask, "labels": data.labels,
+                                               "targets": data.targets, "biomech": data.biomech, "recon": recon}
+        self.resident: dict[str, Tensor] = {}
+        if self.cuda:
+            budget = torch.cuda.mem_get_info(device)[0] * resident_fraction
+            for name, tensor in sorted(((k, v) for k, v in self.host.items() if v is not None),
+                                       key=lambda item: item[1].nbytes):
+                if tensor.nbytes <= budget:  # one blocking copy per loop, outside its steps
+                    self.resident[name], budget = tensor.to(device), budget - tensor.nbytes
+
+    def __call__(self, index: Tensor) -> StudyBatch:
+        device_index = self._to_device(index)
+
+        def take(name: str) -> Tensor | None:
+            if name in self.resident:
+                return self.resident[name].index_select(0, device_index)
+            tensor = self.host[name]
+            return None if tensor is None else self._to_device(tensor[index])
+
+        # Which images are real, from the host mask: on the device this would make the host wait.
+        real = None if self.is_features else self._to_device(self.host_mask[index].flatten().nonzero().squeeze(1))
+        return StudyBatch(take("inputs"), take("mask"), take("labels"), self.is_features, real, take("targets"),
+                          take("biomech"), take("recon"))
+
+    def _to_device(self, tensor: Tensor) -> Tensor:
+        if not self.cuda:
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
 
 def prepare_inputs(model: InjuryNet, site: SiteData, cache_dir: Path | None, device: torch.device,
@@ -125,23 +196,55 @@ def encode_cached(model: InjuryNet, site: SiteData, cache_dir: Path | None, devi
         lock.release()
 
 
+# A frozen trunk's copy for each device it encodes on (see encoder_trunk), dropped with the trunk.
+_TRUNK_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def encoder_trunk(model: InjuryNet, device: torch.device) -> tuple[torch.nn.Module, torch.dtype]:
+    """The backbone as ``encode`` runs it on ``device``, and the dtype its inputs take.
+
+    On a GPU: a copy in the mixed-precision dtype (bfloat16 where supported), channels-last.
+    Autocast would cast every weight again in every batch (it caches the casts of trainable weights
+    only, and a frozen trunk has none): at 64x64 on an H200 that made the autocast forward slower
+    than float32 (``benchmarks/backbone.py``). A frozen trunk never changes, so its copy is made
+    once per process and device; a trunk that trains is copied on each call. On a CPU: the trunk
+    itself, in float32."""
+    trunk = model.backbone
+    if device.type != "cuda":
+        return move_to(trunk, device).eval(), torch.float32
+    copies = _TRUNK_COPIES.setdefault(trunk, {}) if trunk.freeze == "frozen" else {}
+    key = str(torch.empty(0, device=device).device)
+    if key not in copies:
+        dtype = amp_dtype(device)
+        copies[key] = copy.deepcopy(trunk).to(device, dtype).to(memory_format=torch.channels_last).eval()
+    return copies[key], amp_dtype(device)
+
+
 @torch.no_grad()
 def encode(model: InjuryNet, images: Tensor, mask: Tensor, device: torch.device, batch_size: int = 32) -> Tensor:
-    """Raw backbone features (N, T, 2048). On CUDA: channels-last weights and inputs, autocast,
-    inputs copied from pinned memory without blocking, and the features kept on the GPU until the
-    end, so the loop never waits for the device."""
+    """Raw backbone features (N, T, 2048) of the real images (the mask's), batch by batch.
+
+    On CUDA: the trunk's mixed-precision copy (``encoder_trunk``); each batch copied whole from
+    pinned memory without blocking (one parallel host copy; the padding slots cross too, which costs
+    less than gathering the real images on the host) and its real images gathered on the device, at
+    positions found from the host mask. The features stay on the GPU until the end, so the loop
+    never waits for the device. On a CPU the real images are gathered before the forward."""
     cuda = device.type == "cuda"
-    model.backbone.to(device).eval()
-    if cuda:
-        model.backbone.to(memory_format=torch.channels_last)
+    trunk, dtype = encoder_trunk(model, device)
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc="encoding images", unit="batch", leave=False,
                       disable=None):
-        x, m = images[start:start + batch_size], mask[start:start + batch_size]
+        m = mask[start:start + batch_size]
+        real = m.flatten().nonzero().squeeze(1)
+        x = images[start:start + batch_size].flatten(0, 1)
         if cuda:
-            x, m = x.pin_memory().to(device, non_blocking=True), m.pin_memory().to(device, non_blocking=True)
-        with autocast(device):
-            chunks.append(model.encode(x, m).float())
+            x = x.pin_memory().to(device, non_blocking=True)
+            real = real.pin_memory().to(device, non_blocking=True)
+            x = x.index_select(0, real).to(dtype).contiguous(memory_format=torch.channels_last)
+        else:
+            x = x.index_select(0, real)
+        flat = trunk(x).float()
+        chunks.append(flat.new_zeros(m.numel(), flat.shape[-1]).index_copy_(0, real, flat).view(*m.shape, -1))
     return torch.cat(chunks).cpu() if chunks else torch.zeros((0, mask.shape[1], 2048))
 
 
@@ -154,8 +257,10 @@ def fit_feature_norm(model: InjuryNet, data: SiteInputs, train_index: np.ndarray
     model.feature_norm.fit(features[data.mask[idx]].to(model.feature_norm.mean.device))
 
 
-def forward(model: InjuryNet, data: SiteInputs, x: Tensor, m: Tensor, biomech: Tensor | None = None):
-    return model.forward_features(x, m, biomech) if data.is_features else model(x, m, biomech)
+def forward(model: InjuryNet, batch: StudyBatch) -> InjuryOutput:
+    if batch.is_features:
+        return model.forward_features(batch.inputs, batch.mask, batch.biomech)
+    return model.forward_features(model.encode(batch.inputs, batch.mask, batch.real), batch.mask, batch.biomech)
 
 
 def autocast(device: torch.device):
@@ -184,16 +289,16 @@ def predict(model: InjuryNet, data: SiteInputs, index: np.ndarray, device: torch
             batch_size: int = 64) -> Predictions:
     """Every output of the model for the given studies."""
     move_to(model, device).eval()
+    batches = StudyBatches(data, device)
     parts: list[InjuryOutput] = []
     for start in range(0, len(index), batch_size):
-        batch = torch.as_tensor(index[start:start + batch_size])
         with autocast(device):
-            parts.append(forward(model, data, data.inputs[batch].to(device), data.mask[batch].to(device),
-                                 data.biomech_of(batch, device)))
+            parts.append(forward(model, batches(torch.as_tensor(index[start:start + batch_size]))))
 
     def cat(name: str) -> Tensor | None:
         values = [getattr(p, name) for p in parts]
-        return None if not values or values[0] is None else torch.cat([v.float().cpu() for v in values])
+        # one copy to the host per output: a copy per batch would make the host wait for each
+        return None if not values or values[0] is None else torch.cat([v.float() for v in values]).cpu()
 
     return Predictions(torch.sigmoid(cat("logits")), cat("attention"), cat("severity"), cat("reconstruction"))
 

@@ -184,12 +184,13 @@ class LinearGRU(nn.Module):
         trace = self._trace
         if trace is None or trace["d_gates_x"] is None or any(g is None for g in trace["d_gates_h"]):
             raise RuntimeError("LinearGRU per-sample gradients need a backward pass through the recurrence")
-        scale = 1.0
+        scale: Tensor | float = 1.0
         recorded = trace.get("d_output")
         if output_grad is not None and recorded is not None:
+            # torch.where, not an if: reading the tensor on the host would wait for a GPU every step
             denominator = (recorded * recorded).sum()
-            if denominator > 0:
-                scale = (output_grad * recorded).sum() / denominator
+            positive = denominator > 0
+            scale = torch.where(positive, (output_grad * recorded).sum() / torch.where(positive, denominator, 1.0), 1.0)
         d_x, x = trace["d_gates_x"] * scale, trace["x"].detach().to(trace["d_gates_x"].dtype)
         d_h = torch.stack(trace["d_gates_h"], dim=1) * scale  # (B, T, 3H)
         h_prev = torch.stack(trace["h_prev"], dim=1).to(d_h.dtype)  # (B, T, H)
@@ -270,7 +271,7 @@ class SequenceHead(nn.Module):
         self.biomech_features = config.biomech_features
 
     def forward(self, features: Tensor, mask: Tensor, biomech: Tensor | None = None) -> InjuryOutput:
-        _prefix_lengths(mask)  # validates the mask
+        check_mask(mask)
         projected = torch.relu(self.project(features))
         reconstruction = self.decoder(projected) if self.decoder is not None else None
         x = self.dropout(projected)
@@ -295,17 +296,21 @@ def upsample_reconstruction(reconstruction: Tensor, size: int) -> Tensor:
     return up.view(*lead, size, size)
 
 
-def _prefix_lengths(mask: Tensor) -> Tensor:
-    """Number of real images per study; the data pipeline puts them first, padding after."""
+def check_mask(mask: Tensor) -> None:
+    """A mask (B, T) must mark a prefix of each study (real images first, then padding), with at
+    least one real image. Checked where the mask is on the host; on a GPU the check would make the
+    host wait for the device at every step, and the masks there come through
+    ``common.inference.StudyBatches``, which checks the site's whole mask on the host once."""
     if mask.dtype != torch.bool:
         raise TypeError("mask must be a bool tensor (B, T)")
+    if mask.device.type != "cpu":
+        return
     lengths = mask.sum(1)
     if (lengths == 0).any():
         raise ValueError("every study needs at least one image")
     expected = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
     if not torch.equal(mask, expected):
         raise ValueError("mask must mark a prefix of each sequence (real images first, then padding)")
-    return lengths
 
 
 class InjuryNet(nn.Module):
@@ -318,13 +323,14 @@ class InjuryNet(nn.Module):
         self.feature_norm = FeatureStandardizer(FEATURE_DIM)
         self.head = SequenceHead(config)
 
-    def encode(self, images: Tensor, mask: Tensor) -> Tensor:
-        """(B, T, C, H, W) -> (B, T, 2048) raw backbone features; only real images are encoded."""
-        b, t = mask.shape
-        flat = self.backbone(images[mask])
-        features = flat.new_zeros(b, t, flat.shape[-1])
-        features[mask] = flat
-        return features
+    def encode(self, images: Tensor, mask: Tensor, real: Tensor | None = None) -> Tensor:
+        """(B, T, C, H, W) -> (B, T, 2048) raw backbone features; only real images are encoded.
+        ``real``: the positions of the real images in the flattened (B * T), when the caller found
+        them on the host (on a GPU, finding them from the mask makes the host wait for the device)."""
+        if real is None:
+            real = mask.flatten().nonzero().squeeze(1)
+        flat = self.backbone(images.flatten(0, 1).index_select(0, real))
+        return flat.new_zeros(mask.numel(), flat.shape[-1]).index_copy(0, real, flat).view(*mask.shape, -1)
 
     def forward_features(self, features: Tensor, mask: Tensor, biomech: Tensor | None = None) -> InjuryOutput:
         """The trainable path from raw backbone features (used with cached features)."""

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from common.config import TrainConfig
-from common.inference import SiteInputs, amp_dtype, autocast, forward, move_to
+from common.inference import SiteInputs, StudyBatch, StudyBatches, amp_dtype, autocast, forward, move_to
 from common.model import InjuryNet, InjuryOutput
 
 
@@ -39,16 +39,16 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
     # A loss scaler only for float16; bfloat16 has float32's range.
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype(device) == torch.float16)
     generator = torch.Generator().manual_seed(config.seed * 100_003 + server_round)
+    batches = StudyBatches(data, device, model.config.recon_size if model.config.recon_head else None)
     total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     for _ in range(config.local_epochs):
         order = torch.as_tensor(train_index)[torch.randperm(len(train_index), generator=generator)]
         for start_i in range(0, len(order), config.batch_size):
-            batch = order[start_i:start_i + config.batch_size]
-            x, m = data.inputs[batch].to(device), data.mask[batch].to(device)
+            batch = batches(order[start_i:start_i + config.batch_size])
             optimizer.zero_grad(set_to_none=True)
             with autocast(device):
-                out = forward(model, data, x, m, data.biomech_of(batch, device))
-                data_loss = per_study_loss(model, data, batch, out, config, device).mean()
+                out = forward(model, batch)
+                data_loss = per_study_loss(out, batch, config).mean()
                 loss = data_loss + proximal_penalty(params, anchor, proximal_mu) if anchor is not None else data_loss
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -64,26 +64,23 @@ def proximal_penalty(params: list[Tensor], anchor: list[Tensor], mu: float) -> T
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
 
 
-def per_study_loss(model: InjuryNet, data: SiteInputs, batch: Tensor, out: InjuryOutput, config: TrainConfig,
-                   device: torch.device) -> Tensor:
+def per_study_loss(out: InjuryOutput, batch: StudyBatch, config: TrainConfig) -> Tensor:
     """(B,) loss of each study on its own: BCE over its labels + weighted squared severity error
     (when it has a target) + weighted MSE of its own real images' reconstructions.
 
     Every term depends on one study only, so with DP-SGD a study's gradient is its own and the
     clipping bound holds per study."""
-    losses = F.binary_cross_entropy_with_logits(out.logits.float(), data.labels[batch].to(device),
-                                                reduction="none").mean(1)
+    losses = F.binary_cross_entropy_with_logits(out.logits.float(), batch.labels, reduction="none").mean(1)
     # Every head present gets a term, even at weight 0 or without targets: DP-SGD needs a
     # (possibly zero) per-sample gradient for every trainable parameter.
     if out.severity is not None:
-        targets = data.targets[batch].to(device) if data.targets is not None else out.severity.new_full(
+        targets = batch.targets if batch.targets is not None else out.severity.new_full(
             out.severity.shape, float("nan"))
         known = torch.isfinite(targets)
         error = torch.where(known, out.severity.float() - torch.nan_to_num(targets), torch.zeros_like(targets))
         losses = losses + config.severity_weight * error ** 2
     if out.reconstruction is not None:
-        target = data.recon_targets(batch, model.config.recon_size).to(device)
-        mask = data.mask[batch].to(device).to(target.dtype)
-        per_image = ((out.reconstruction.float() - target) ** 2).flatten(2).mean(2)  # (B, T)
+        mask = batch.mask.to(batch.recon.dtype)
+        per_image = ((out.reconstruction.float() - batch.recon) ** 2).flatten(2).mean(2)  # (B, T)
         losses = losses + config.recon_weight * (per_image * mask).sum(1) / mask.sum(1).clamp_min(1)
     return losses
