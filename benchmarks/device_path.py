@@ -220,7 +220,8 @@ def main() -> None:
 
 
 def against_cpu(config: ModelConfig, data: SiteInputs, device: torch.device, train: TrainConfig) -> dict[str, Any]:
-    """The same features and the same training on the device (autocast) and on the CPU (float32)."""
+    """The same features and the same training on the device (mixed precision) and on the CPU
+    (float32). Dropout draws from the global generator, so the losses agree in size, not exactly."""
     cpu = torch.device("cpu")
     outcome: dict[str, Any] = {}
     model = build_model(config)
