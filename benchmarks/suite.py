@@ -61,8 +61,6 @@ PARTS: dict[str, tuple[str, list[str], list[str]]] = {
     "dp_step": ("dp_step", ["--steps", "40"], ["--steps", "4", "--batch", "8"]),
 }
 CUDA_ONLY = {"backbone_224"}
-# What needs Flower's simulation (Ray) or a deployed site: not on a machine that has only torch.
-NEEDS_FLOWER = {"rounds", "site_message", "scaling"}
 DEVICE_PARTS = {"backbone", "backbone_224", "device_path"}  # the parts that take --device
 
 

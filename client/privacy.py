@@ -254,7 +254,7 @@ def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], c
     rng = np.random.default_rng(secrets.randbits(128))  # which study of a sampled patient
     params = [p for p in private_head.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    batches = StudyBatches(data, device, model.config.recon_size if model.config.recon_head else None)
+    batches = StudyBatches.for_training(model, data, device)
     total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     # Opacus records per-sample activations with full backward hooks; the head's input (cached
     # features) needs no gradient, and torch warns about exactly that on every step.

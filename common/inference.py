@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +66,29 @@ class SiteInputs:
     targets: Tensor | None = None  # (N,) severity, NaN where unknown
     biomech: Tensor | None = None  # (N, T, F) site-standardised biomechanical series
 
+    _recon: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
     def biomech_of(self, index: Tensor, device: torch.device) -> Tensor | None:
         return self.biomech[index].to(device) if self.biomech is not None else None
+
+    def recon_targets(self, size: int) -> Tensor:
+        """Every study's images pooled to the decoder's resolution, (N, T, r, r): the reconstruction
+        targets, computed once for the site (its images do not change)."""
+        if self.images is None:
+            raise ValueError("the reconstruction head needs the site's images; these inputs have none")
+        if size not in self._recon:
+            n, t = self.images.shape[:2]
+            self._recon[size] = F.adaptive_avg_pool2d(self.images.reshape(n * t, 1, *self.images.shape[-2:]),
+                                                      size).view(n, t, size, size)
+        return self._recon[size]
+
+
+def copy_to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """To a GPU from pinned memory without blocking, so the host does not wait for the device; on a
+    CPU the tensor itself."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -99,50 +120,43 @@ class StudyBatches:
     while the host prepares the next one (``benchmarks/device_path.py`` counts the waits). On a CPU
     the batches are plain slices of the site's tensors.
 
-    The reconstruction targets (the images pooled to the decoder's size) are computed once here,
-    not per step."""
+    ``recon_size``: batches carry the reconstruction targets at that size (``for_training`` sets it
+    when the model has the reconstruction head)."""
 
     def __init__(self, data: SiteInputs, device: torch.device, recon_size: int | None = None,
                  resident_fraction: float = 0.25) -> None:
         self.is_features, self.device = data.is_features, device
-        self.cuda = device.type == "cuda"
-        recon = None
-        if recon_size is not None:
-            if data.images is None:
-                raise ValueError("the reconstruction head needs the site's images; these inputs have none")
-            n, t = data.images.shape[:2]
-            recon = F.adaptive_avg_pool2d(data.images.reshape(n * t, 1, *data.images.shape[-2:]),
-                                          recon_size).view(n, t, recon_size, recon_size)
         check_mask(data.mask)  # here, on the host, once: the model does not check a mask on a GPU
-        self.host_mask = data.mask
-        self.host: dict[str, Tensor | None] = {"inputs": data.inputs, "mask": data.mask, "labels": data.labels,
-                                               "targets": data.targets, "biomech": data.biomech, "recon": recon}
+        self.host: dict[str, Tensor | None] = {
+            "inputs": data.inputs, "mask": data.mask, "labels": data.labels, "targets": data.targets,
+            "biomech": data.biomech, "recon": data.recon_targets(recon_size) if recon_size is not None else None}
         self.resident: dict[str, Tensor] = {}
-        if self.cuda:
+        if device.type == "cuda":
             budget = torch.cuda.mem_get_info(device)[0] * resident_fraction
             for name, tensor in sorted(((k, v) for k, v in self.host.items() if v is not None),
                                        key=lambda item: item[1].nbytes):
                 if tensor.nbytes <= budget:  # one blocking copy per loop, outside its steps
                     self.resident[name], budget = tensor.to(device), budget - tensor.nbytes
 
+    @classmethod
+    def for_training(cls, model: InjuryNet, data: SiteInputs, device: torch.device) -> "StudyBatches":
+        """Batches for a training loop: with the reconstruction targets when the model has that head."""
+        return cls(data, device, model.config.recon_size if model.config.recon_head else None)
+
     def __call__(self, index: Tensor) -> StudyBatch:
-        device_index = self._to_device(index)
+        device_index = copy_to_device(index, self.device)
 
         def take(name: str) -> Tensor | None:
             if name in self.resident:
                 return self.resident[name].index_select(0, device_index)
             tensor = self.host[name]
-            return None if tensor is None else self._to_device(tensor[index])
+            return None if tensor is None else copy_to_device(tensor[index], self.device)
 
         # Which images are real, from the host mask: on the device this would make the host wait.
-        real = None if self.is_features else self._to_device(self.host_mask[index].flatten().nonzero().squeeze(1))
+        real = None if self.is_features else copy_to_device(
+            self.host["mask"][index].flatten().nonzero().squeeze(1), self.device)
         return StudyBatch(take("inputs"), take("mask"), take("labels"), self.is_features, real, take("targets"),
                           take("biomech"), take("recon"))
-
-    def _to_device(self, tensor: Tensor) -> Tensor:
-        if not self.cuda:
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
 
 
 def prepare_inputs(model: InjuryNet, site: SiteData, cache_dir: Path | None, device: torch.device,
@@ -238,8 +252,7 @@ def encode(model: InjuryNet, images: Tensor, mask: Tensor, device: torch.device,
         real = m.flatten().nonzero().squeeze(1)
         x = images[start:start + batch_size].flatten(0, 1)
         if cuda:
-            x = x.pin_memory().to(device, non_blocking=True)
-            real = real.pin_memory().to(device, non_blocking=True)
+            x, real = copy_to_device(x, device), copy_to_device(real, device)
             x = x.index_select(0, real).to(dtype).contiguous(memory_format=torch.channels_last)
         else:
             x = x.index_select(0, real)

@@ -39,7 +39,7 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
     # A loss scaler only for float16; bfloat16 has float32's range.
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype(device) == torch.float16)
     generator = torch.Generator().manual_seed(config.seed * 100_003 + server_round)
-    batches = StudyBatches(data, device, model.config.recon_size if model.config.recon_head else None)
+    batches = StudyBatches.for_training(model, data, device)
     total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     for _ in range(config.local_epochs):
         order = torch.as_tensor(train_index)[torch.randperm(len(train_index), generator=generator)]
