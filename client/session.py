@@ -62,7 +62,7 @@ def open_session(config: RunConfig, site: SiteConfig) -> SiteSession:
     inputs = prepare_inputs(model, data, site.state_dir / "cache", device)
     fit_feature_norm(model, inputs, data.train_index, device)
     fid = FidFeatureExtractor(model, config.eval.fid_dim, config.eval.fid_inception_weights,
-                              config.eval.fid_image_size)
+                              config.eval.fid_image_size, site.state_dir / "cache")
     session = SiteSession(config, site, data, model, inputs, device, frozen_backbone_hash(model), fid)
     session.keep_stats()
     return session

@@ -11,20 +11,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
-import logging
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 from torch import Tensor
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from common.config import EvalConfig
-from common.files import atomic_torch_save
+from common.files import load_or_compute
 from common.data.site import SiteData
 from common.metrics.catalogue import EvaluationStats
 from common.metrics.classification import ClassificationStats, histogram_bins
@@ -32,9 +30,6 @@ from common.metrics.errors import ErrorStats
 from common.metrics.features import FidFeatureExtractor
 from common.metrics.images import GaussianMoments, ImageStats, InceptionStats, psnr, ssim
 from common.model import InjuryNet, InjuryOutput, check_mask, frozen_backbone_hash, upsample_reconstruction
-
-log = logging.getLogger(__name__)
-LOCK_TIMEOUT_S = 3600.0  # another process may be encoding the same site
 
 
 def pick_device() -> torch.device:
@@ -179,35 +174,14 @@ def encode_cached(model: InjuryNet, site: SiteData, cache_dir: Path | None, devi
     key.update(frozen_backbone_hash(model).encode())
     key.update(site.images.tobytes())
     key.update(site.mask.tobytes())
+
     def compute() -> Tensor:
         return encode(model, torch.from_numpy(site.images).unsqueeze(2), torch.from_numpy(site.mask), device,
                       batch_size)
 
     if cache_dir is None:
         return compute()
-    path = cache_dir / f"features-{key.hexdigest()[:24]}.pt"
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path.with_suffix(".lock")), timeout=LOCK_TIMEOUT_S)
-        lock.acquire()
-    except OSError as exc:  # a read-only state dir costs speed, not the round
-        log.warning("cannot use the feature cache in %s (%s); set node config state-dir to a writable folder",
-                    cache_dir, exc.strerror or type(exc).__name__)
-        return compute()
-    try:  # one process encodes; another one waits for its result instead of encoding again
-        if path.is_file():
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # a torn or foreign file: recompute, never trust it
-                log.warning("feature cache %s unreadable (%s); recomputing", path.name, type(exc).__name__)
-        features = compute()
-        try:
-            atomic_torch_save(features, path)
-        except OSError as exc:
-            log.warning("cannot write the feature cache in %s (%s)", cache_dir, exc.strerror or type(exc).__name__)
-        return features
-    finally:
-        lock.release()
+    return load_or_compute(cache_dir / f"features-{key.hexdigest()[:24]}.pt", compute, "feature cache")
 
 
 # A frozen trunk's copy for each device it encodes on (see encoder_trunk), dropped with the trunk.

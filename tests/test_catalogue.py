@@ -278,3 +278,43 @@ def test_fid_extractor_uses_a_local_inception_file_and_names_it(tmp_path, tiny_m
     assert np.array_equal(again, real_features) and len(default._real) == 1, "real features computed once"
     with pytest.raises(BackboneWeightsError, match="fid-inception-weights"):
         FidFeatureExtractor(model, dim=8, inception_weights=str(tmp_path / "missing.pth"))
+
+
+def test_fid_real_features_are_kept_on_disk_for_a_frozen_backbone_only(tmp_path, tiny_model_config):
+    """A second process of the site (a new extractor) reads the real images' features from the
+    site's cache and runs the backbone on the reconstructions only; a backbone that trains has
+    its real features computed again, since they move with it."""
+    import dataclasses
+
+    from common.metrics.features import FidFeatureExtractor
+    from common.model import build_model
+
+    model = build_model(tiny_model_config)
+    calls: list[int] = []
+    model.backbone.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    real, fake = torch.rand(6, 32, 32), torch.rand(6, 32, 32)
+    first = FidFeatureExtractor(model, dim=8, image_size=32, cache_dir=tmp_path)
+    real_features, _ = first.real_and_fake(real, fake)
+    assert calls == [6, 6] and len(list(tmp_path.glob("fid-real-*.pt"))) == 1
+    calls.clear()
+    second = FidFeatureExtractor(model, dim=8, image_size=32, cache_dir=tmp_path)
+    again, fake_features = second.real_and_fake(real, torch.rand(6, 32, 32))
+    assert calls == [6], "only the reconstructions go through the backbone"
+    assert np.array_equal(again, real_features) and fake_features.shape == (6, 8)
+
+    cache_file = next(tmp_path.glob("fid-real-*.pt"))
+    cache_file.write_bytes(b"torn")
+    calls.clear()
+    recomputed, _ = FidFeatureExtractor(model, dim=8, image_size=32, cache_dir=tmp_path).real_and_fake(real, fake)
+    assert calls == [6, 6] and np.allclose(recomputed, real_features, atol=1e-6), "a torn cache is recomputed"
+
+    trainable = build_model(dataclasses.replace(tiny_model_config, freeze="layer4"))
+    moving = FidFeatureExtractor(trainable, dim=8, image_size=32, cache_dir=tmp_path / "partial")
+    before, _ = moving.real_and_fake(real, fake)
+    with torch.no_grad():
+        for p in trainable.backbone.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    after, _ = moving.real_and_fake(real, fake)
+    assert not np.allclose(before, after), "real features follow a backbone that trains"
+    assert not (tmp_path / "partial").exists() and not moving._real

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.model import BackboneWeightsError, InjuryNet
+from common.files import load_or_compute
+from common.model import BackboneWeightsError, InjuryNet, frozen_backbone_hash
 
 _IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -33,18 +34,31 @@ class FidFeatureExtractor:
 
     With the model's ResNet50 (no InceptionV3 file), images are resized to ``image_size`` and the
     pool features are standardised with the statistics of the *real* images' features (a random,
-    frozen backbone gives features that are nearly one vector otherwise), then projected. The
-    real images of a site's fixed sample never change, so their raw features are computed once
-    and kept; each round only the reconstructions go through the backbone.
+    frozen backbone gives features that are nearly one vector otherwise), then projected.
+
+    The real images of a site's fixed sample never change, and neither does a frozen backbone or
+    an InceptionV3 file: their raw features are computed once, kept in memory and, with
+    ``cache_dir``, on disk, so that no other process of the site (a simulation's workers, a
+    deployment's fresh ClientApp processes) runs the backbone on them again. Each round only the
+    reconstructions go through it. A backbone that trains moves the real features too: they are
+    computed again each time, never taken from a cache.
     """
 
-    def __init__(self, model: InjuryNet, dim: int, inception_weights: str = "", image_size: int = 0) -> None:
+    def __init__(self, model: InjuryNet, dim: int, inception_weights: str = "", image_size: int = 0,
+                 cache_dir: Path | None = None) -> None:
         self.model = model
-        self.inception = _load_inception(Path(inception_weights).expanduser()) if inception_weights else None
+        self.inception = None
+        self._inception_identity = ""
+        if inception_weights:
+            path = Path(inception_weights).expanduser()
+            self.inception = _load_inception(path)
+            stat = path.stat()
+            self._inception_identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         self.projection = fixed_projection(2048, dim)
         self.image_size = image_size or model.config.image_size
         self.name = self.describe(dim, inception_weights, self.image_size)
-        self._real: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # content key -> raw features, mean, inv std
+        self.cache_dir = cache_dir
+        self._real: dict[str, Tensor] = {}  # key of the extractor and the images -> their raw features
 
     @staticmethod
     def describe(dim: int, inception_weights: str = "", image_size: int = 0) -> str:
@@ -58,17 +72,33 @@ class FidFeatureExtractor:
     @torch.no_grad()
     def real_and_fake(self, real: Tensor, fake: Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(N, H, W) real and reconstructed images in [0, 1] -> two (N, dim) float64 arrays."""
+        real_raw, fake_raw = self._real_raw(real), self._raw(fake)
         if self.inception is not None:
-            return self._project(self._raw(real)), self._project(self._raw(fake))
-        key = hashlib.sha256(real.contiguous().numpy().tobytes()).hexdigest()
+            return self._project(real_raw), self._project(fake_raw)
+        std = real_raw.std(0, unbiased=False)
+        floor = 0.01 * std.median().clamp_min(1e-12)
+        inv_std = torch.where(std > floor, 1.0 / std.clamp_min(1e-12), torch.zeros_like(std))
+        mean = real_raw.mean(0)
+        return self._project((real_raw - mean) * inv_std), self._project((fake_raw - mean) * inv_std)
+
+    def _real_raw(self, real: Tensor) -> Tensor:
+        """The real images' raw features: computed once per extractor and images where they cannot change."""
+        if self.inception is not None:
+            extractor = f"inception:{self._inception_identity}"
+        elif self.model.config.freeze == "frozen":
+            extractor = f"resnet50:{frozen_backbone_hash(self.model)}:{self.image_size}"
+        else:
+            return self._raw(real)
+        digest = hashlib.sha256(f"{extractor}|{real.dtype}|{tuple(real.shape)}|".encode())
+        digest.update(real.contiguous().numpy().tobytes())
+        key = digest.hexdigest()[:24]
         if key not in self._real:
-            raw = self._raw(real)
-            std = raw.std(0, unbiased=False)
-            floor = 0.01 * std.median().clamp_min(1e-12)
-            inv_std = torch.where(std > floor, 1.0 / std.clamp_min(1e-12), torch.zeros_like(std))
-            self._real[key] = (raw, raw.mean(0), inv_std)
-        raw, mean, inv_std = self._real[key]
-        return self._project((raw - mean) * inv_std), self._project((self._raw(fake) - mean) * inv_std)
+            if self.cache_dir is None:
+                self._real[key] = self._raw(real)
+            else:
+                self._real[key] = load_or_compute(self.cache_dir / f"fid-real-{key}.pt", lambda: self._raw(real),
+                                                  "FID feature cache")
+        return self._real[key]
 
     def _project(self, features: Tensor) -> np.ndarray:
         return (features.float() @ self.projection).double().numpy()
