@@ -45,7 +45,7 @@ END_CUDA = "<!-- bench-cuda:end -->"
 
 # name: (module, arguments at the measured size, arguments at the tiny size)
 PARTS: dict[str, tuple[str, list[str], list[str]]] = {
-    "rounds": ("rounds", ["--sites", "3", "--studies", "40", "--rounds", "5"],
+    "rounds": ("rounds", ["--sites", "3", "--studies", "40", "--rounds", "10"],
                ["--sites", "2", "--studies", "6", "--image-size", "32", "--slices", "4", "--rounds", "1", "--no-warm"]),
     "site_message": ("site_message", ["--repeats", "3", "--studies", "40"], ["--repeats", "1", "--studies", "6"]),
     "scaling": ("scaling", ["--sites", "5", "10", "20", "--rounds", "20", "--studies", "16"],
