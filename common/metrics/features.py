@@ -7,7 +7,6 @@ their size is chosen on purpose: 2 x (d + d^2) float64 values per site (64-d: 66
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor
 
 from common.files import load_or_compute
-from common.model import BackboneWeightsError, InjuryNet, frozen_backbone_hash
+from common.model import BackboneWeightsError, InjuryNet, frozen_backbone_hash, tensor_hash
 
 _IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -89,9 +88,7 @@ class FidFeatureExtractor:
             extractor = f"resnet50:{frozen_backbone_hash(self.model)}:{self.image_size}"
         else:
             return self._raw(real)
-        digest = hashlib.sha256(f"{extractor}|{real.dtype}|{tuple(real.shape)}|".encode())
-        digest.update(real.contiguous().numpy().tobytes())
-        key = digest.hexdigest()[:24]
+        key = tensor_hash({extractor: real})[:24]  # the extractor as the name: over it, dtype, shape, bytes
         if key not in self._real:
             if self.cache_dir is None:
                 self._real[key] = self._raw(real)
