@@ -25,9 +25,9 @@ from common.inference import evaluate_local
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.data.errors import DataError
 from client.budget import BadBudgetId, check_budget_id
-from common.exchange import ARRAYS_KEY, FID_KEY, GLOBAL_DIGEST_KEY, GLOBAL_NOT_HELD, METRICS_KEY, SITE_KEY, \
-    STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, UPDATE_NAMES_KEY, UpdateError, arrays_digest, load_array_record, \
-    to_array_record, trainable_state
+from common.exchange import ARRAYS_KEY, EVALUATE_FIRST_KEY, EVALUATION_KEY, FID_KEY, GLOBAL_DIGEST_KEY, \
+    GLOBAL_NOT_HELD, METRICS_KEY, SITE_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, UPDATE_NAMES_KEY, \
+    UpdateError, arrays_digest, load_array_record, to_array_record, trainable_state
 from common.model import BackboneMismatchError, BackboneWeightsError, check_backbone_hash
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,19 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _train(session: SiteSession, msg: Message, context: Context) -> RecordDict:
+    """Train from the global model; first score it, when the message asks (``evaluate-first``):
+    the previous round's evaluation rides in this round's training message."""
+    evaluate_first = msg.content["config"].get(EVALUATE_FIRST_KEY, False)
+    if not isinstance(evaluate_first, bool):
+        raise ConfigError(f"{EVALUATE_FIRST_KEY} must be true or false, got {evaluate_first!r}")
+    evaluation = _evaluation(session, msg) if evaluate_first else None
+    content = _train_from_global(session, msg, context)
+    if evaluation is not None:
+        content[EVALUATION_KEY] = evaluation
+    return content
+
+
+def _train_from_global(session: SiteSession, msg: Message, context: Context) -> RecordDict:
     server_round = int(msg.content["config"].get("server-round", 0))
     if session.config.privacy.dp_enabled:
         return _train_private(session, msg, context, server_round)
@@ -122,15 +135,17 @@ def proximal_mu(msg: Message) -> float:
 
 
 def _evaluate(session: SiteSession, msg: Message, context: Context) -> RecordDict:
+    return RecordDict({METRICS_KEY: _evaluation(session, msg), SITE_KEY: _site_status(session, STATUS_OK)})
+
+
+def _evaluation(session: SiteSession, msg: Message) -> MetricRecord:
+    """The site's evaluation statistics of the model loaded in the session."""
     with_fid = msg.content["config"].get(FID_KEY, True)  # a centre without fid-every asks every round
     if not isinstance(with_fid, bool):
         raise ConfigError(f"{FID_KEY} must be true or false, got {with_fid!r}")
     stats = evaluate_local(session.model, session.inputs, session.data.test_index, session.device,
                            session.config.eval, session.fid, with_fid)
-    return RecordDict({
-        METRICS_KEY: MetricRecord({"num-examples": stats.n, **stats.to_record()}),
-        SITE_KEY: _site_status(session, STATUS_OK),
-    })
+    return MetricRecord({"num-examples": stats.n, **stats.to_record()})
 
 
 class GlobalModelNotHeld(UpdateError):

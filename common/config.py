@@ -208,6 +208,12 @@ class FederationConfig:
     # after the push, then every tenth of the time waited (at most 0.5 s); flower keeps Flower's
     # fixed interval (3 s in a deployment, 0.1 s in a simulation).
     reply_polling: str = "prompt"
+    # One message per site per round: the message that trains round r first has the site evaluate
+    # the model it starts from (round r-1's), so a round costs one exchange, not two, and a
+    # deployed site starts one ClientApp process per round. The last round is evaluated on its own.
+    # Off (two phases, as Flower's FedAvg) with DP or secure aggregation (a round trained before an
+    # early stop would spend privacy budget for nothing), and with fraction-train/-evaluate below 1.
+    evaluate_with_training: bool = True
     # The centre's sites.json (clinicfl-server register-site): replies are filed under the name
     # their authenticated node id is registered with. Empty in simulation: each node keeps the
     # name it first reports.

@@ -30,6 +30,11 @@ STATUS_BUDGET_EXHAUSTED = "budget-exhausted"  # the site's privacy budget does n
 GLOBAL_DIGEST_KEY = "global-digest"
 # An evaluation message says whether its round computes FID (run config fid-every).
 FID_KEY = "fid"
+# A train message with this flag carries the global model and asks the site to evaluate it before
+# training from it (federation evaluate-with-training): the previous round's evaluation and this
+# round's training in one message. The reply holds the evaluation statistics under EVALUATION_KEY.
+EVALUATE_FIRST_KEY = "evaluate-first"
+EVALUATION_KEY = "evaluation"
 GLOBAL_NOT_HELD = "global-model-not-held"  # the site's reason code when it does not hold that model
 # Secure aggregation: the site record lists the names of the masked arrays, in their order.
 UPDATE_NAMES_KEY = "update-names"

@@ -2,6 +2,11 @@
 aggregate, evaluate and checkpoint every round, until the last round, an early stop or the
 centre's stop.
 
+By default (``evaluate-with-training``) a round is one exchange with each site: the message that
+trains round r has the site score the model it starts from first, which is round r-1's evaluation,
+so round r-1 is recorded once round r's replies are in, and the last round is scored on its own.
+With DP, secure aggregation or sampled sites a round is two exchanges, training then evaluation.
+
 Between rounds the run honours the centre's control flag (pause / continue / stop), keeps the
 best round by the configured criterion (``best-metric``), stops early after ``patience`` rounds
 without improvement, and logs every round to the experiment tracker. Every early end is recorded
@@ -12,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.exchange import FID_KEY
+from common.exchange import EVALUATE_FIRST_KEY, FID_KEY, STATUS_OK, site_record
 from common.runlog import round_line, select_best
 from server.evaluation import CentralValidation
 from server.runs import RunDirectory, round_record
@@ -64,53 +69,94 @@ class FederatedRun:
     def _rounds(self, arrays: ArrayRecord, first_round: int) -> str:
         for record in self.records:
             self.tracker.log_round(record)
-        if first_round == 1:
-            self.evaluate(0, arrays)
-            self.finish_round(0, arrays)
-            if not self.strategy.report(0).evaluation:
-                rejected = self.strategy.report(0).rejected
-                reasons = "; ".join(f"{r['site']}: {r['reason']}" for r in rejected) or "no site replied"
-                return self.end("stopped", 0, f"no site could take part in round 0 ({reasons})")
+        unscored = 0 if first_round == 1 else None  # the last round whose model the sites have not scored
         for server_round in range(first_round, self.fed.num_rounds + 1):
+            together = unscored is not None and self.evaluate_with_training and self.run.control() == "running"
+            if unscored is not None and not together:  # scored before the centre's pause or stop takes effect
+                if stopped := self.evaluate_and_finish(unscored, arrays):
+                    return self.end("stopped", unscored, stopped)
             control = self.wait_while_paused(server_round - 1)
             if control == "stop":
                 return self.end("stopped", server_round - 1, "stopped by the coordinating centre")
             log.info("[ROUND %d/%d]", server_round, self.fed.num_rounds)
             started = time.perf_counter()
-            arrays = self.train(server_round, arrays)
-            self.phases["train"] = time.perf_counter() - started
-            self.evaluate(server_round, arrays)
-            report = self.strategy.report(server_round)
-            if report.exhausted and not report.train:
-                report.stopped = "every site that replied has exhausted its privacy budget"
-            stopped = self.finish_round(server_round, arrays)
-            if stopped:
-                return self.end("stopped", server_round, stopped)
+            if together:
+                replies = self.send_train(server_round, arrays, evaluate_first=True)
+                self.phases["evaluate_and_next_training_at_sites"] = time.perf_counter() - started
+                self.pool_evaluation(server_round - 1, replies, within_training=True)
+                if stopped := self.finish_scored(server_round - 1, arrays):
+                    if any(not r.has_error() and site_record(r).get("status") == STATUS_OK for r in replies):
+                        stopped += f"; round {server_round}'s training came with that evaluation and was not aggregated"
+                    return self.end("stopped", server_round - 1, stopped)
+                started = time.perf_counter()
+                new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
+                arrays = new_arrays if new_arrays is not None else arrays
+                self.phases["train_pooling"] = time.perf_counter() - started
+            else:
+                arrays = self.train(server_round, arrays)
+                self.phases["train"] = time.perf_counter() - started
+            unscored = server_round
+        if unscored is not None and (stopped := self.evaluate_and_finish(unscored, arrays)):
+            return self.end("stopped", unscored, stopped)
         return self.end("finished", self.fed.num_rounds, f"finished {self.fed.num_rounds} rounds")
+
+    @property
+    def evaluate_with_training(self) -> bool:
+        """Whether a round's evaluation rides in the next round's training messages: not with DP
+        or secure aggregation (a round trained before an early stop would spend privacy budget
+        for nothing), nor with sampled sites (each phase samples its own)."""
+        return (self.fed.evaluate_with_training and not self.config.privacy.dp_enabled and self.secure is None
+                and self.fed.fraction_train == 1.0 and self.fed.fraction_evaluate == 1.0)
 
     def train(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         if self.secure is not None:  # SecAgg+: only the sum of the updates is ever seen
             new_arrays = self.secure.train(server_round, arrays, ConfigRecord(dict(self.train_config)))
             return new_arrays if new_arrays is not None else arrays
-        messages = self.strategy.configure_train(server_round, arrays, ConfigRecord(dict(self.train_config)), self.grid)
+        replies = self.send_train(server_round, arrays)
+        new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
+        return new_arrays if new_arrays is not None else arrays
+
+    def send_train(self, server_round: int, arrays: ArrayRecord, evaluate_first: bool = False) -> list[Message]:
+        """The sites' replies to this round's train messages (``evaluate_first``: each message
+        also has its site score the model it carries, as round server_round - 1's evaluation)."""
+        config = ConfigRecord(dict(self.train_config))
+        if evaluate_first:
+            config = ConfigRecord({**self.train_config, **self.evaluate_config, EVALUATE_FIRST_KEY: True,
+                                   FID_KEY: self.fid_round(server_round - 1)})
+        messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
         replies = list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout))
         resend = self.strategy.resend_in_full(server_round, arrays, replies)
         if resend:  # sites that did not hold the model the message named by digest
             again = {m.metadata.dst_node_id for m in resend}
             replies = [r for r in replies if r.has_error() or r.metadata.src_node_id not in again]
             replies += self.grid.send_and_receive(resend, timeout=self.fed.round_timeout)
-        new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
-        return new_arrays if new_arrays is not None else arrays
+        return replies
 
-    def evaluate(self, server_round: int, arrays: ArrayRecord) -> None:
+    def evaluate_and_finish(self, server_round: int, arrays: ArrayRecord) -> str | None:
+        """The evaluation phase of ``server_round`` on its own, then its record; why the run ends, if it does."""
         started = time.perf_counter()
         config = ConfigRecord({**self.evaluate_config, FID_KEY: self.fid_round(server_round)})
         messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
         replies = self.grid.send_and_receive(messages, timeout=self.fed.round_timeout)
         self.phases["evaluate_at_sites"] = time.perf_counter() - started
+        self.pool_evaluation(server_round, replies)
+        return self.finish_scored(server_round, arrays)
+
+    def pool_evaluation(self, server_round: int, replies: Iterable[Message], within_training: bool = False) -> None:
         started = time.perf_counter()
-        self.strategy.aggregate_evaluate(server_round, replies)
+        self.strategy.aggregate_evaluate(server_round, replies, within_training)
         self.phases["evaluate_pooling"] = time.perf_counter() - started
+
+    def finish_scored(self, server_round: int, arrays: ArrayRecord) -> str | None:
+        """Record a round the sites have scored; why the run ends after it, if it does."""
+        report = self.strategy.report(server_round)
+        if server_round > 0 and report.exhausted and not report.train:
+            report.stopped = "every site that replied has exhausted its privacy budget"
+        stopped = self.finish_round(server_round, arrays)
+        if server_round == 0 and not report.evaluation:
+            reasons = "; ".join(f"{r['site']}: {r['reason']}" for r in report.rejected) or "no site replied"
+            return f"no site could take part in round 0 ({reasons})"
+        return stopped
 
     def fid_round(self, server_round: int) -> bool:
         return self.config.eval.fid_round(server_round, self.fed.num_rounds)

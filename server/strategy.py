@@ -25,8 +25,9 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from common.config import AGGREGATIONS
-from common.exchange import ARRAYS_KEY, FID_KEY, GLOBAL_DIGEST_KEY, GLOBAL_NOT_HELD, METRICS_KEY, STATUS_BUDGET_EXHAUSTED, \
-    STATUS_OK, ParamSpec, UpdateError, arrays_digest, check_arrays, payload_bytes, site_record, to_wire
+from common.exchange import ARRAYS_KEY, EVALUATE_FIRST_KEY, EVALUATION_KEY, FID_KEY, GLOBAL_DIGEST_KEY, \
+    GLOBAL_NOT_HELD, METRICS_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_OK, ParamSpec, UpdateError, arrays_digest, \
+    check_arrays, payload_bytes, site_record, to_wire
 from common.metrics.catalogue import EvaluationStats, MetricValue, compute_catalogue
 from common.metrics.classification import ClassificationStats, roc_curve_from_histograms
 from server.identities import SiteIdentities
@@ -114,10 +115,11 @@ class ClinicFedAvg(FedAvg):
         self._round_start: tuple[int, dict[str, np.ndarray]] | None = None  # (round, model its updates start from)
 
     def _remember_sent(self, server_round: int, phase: str, messages: Iterable[Message],
-                       append: bool = False) -> list[Message]:
+                       append: bool = False, counted_as: tuple[int, str] | None = None) -> list[Message]:
+        """Keep the messages of a phase; their bytes count for that round and phase (or ``counted_as``)."""
         messages = list(messages)
         for msg in messages:
-            key = (server_round, phase, msg.metadata.dst_node_id)
+            key = (*(counted_as or (server_round, phase)), msg.metadata.dst_node_id)
             self._sent_bytes[key] = self._sent_bytes.get(key, 0) + payload_bytes(msg)
         # The grid sets each message's id when it pushes it; an error reply the SuperLink makes
         # for an unreachable node names only that id, so keep the messages to find the node.
@@ -137,9 +139,15 @@ class ClinicFedAvg(FedAvg):
         self._round_start = (server_round, {k: v.numpy() for k, v in arrays.items()})
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[override]
+        """Train messages. With ``evaluate-first`` each carries the model, which the site scores
+        (as round server_round - 1's evaluation) before it trains from it; the bytes sent are
+        counted as that evaluation's, as a separate evaluation message's would be."""
         self.start_round(server_round, arrays)
         wire, digest = self._wire(arrays)
         messages = list(super().configure_train(server_round, wire, config, grid))
+        if config.get(EVALUATE_FIRST_KEY, False):
+            self._fid_asked[server_round - 1] = bool(config.get(FID_KEY, True))
+            return self._remember_sent(server_round, "train", messages, counted_as=(server_round - 1, "evaluate"))
         for msg in messages:
             if self._held.get(msg.metadata.dst_node_id) == digest:
                 by_digest = ConfigRecord(dict(msg.content[self.configrecord_key]))
@@ -314,34 +322,41 @@ class ClinicFedAvg(FedAvg):
         return None, values
 
     # ---------------------------------------------------------------- evaluation
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Sum every valid site's statistics and compute the whole catalogue from the sums."""
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           within_training: bool = False) -> MetricRecord | None:
+        """Sum every valid site's statistics and compute the whole catalogue from the sums.
+        ``within_training``: the replies are round server_round + 1's training replies, whose
+        ``evaluation`` record holds the statistics (their bytes are counted by aggregate_train)."""
         report = self.report(server_round)
         with_fid = self._fid_asked.get(server_round, True)
         total = EvaluationStats.empty(self.num_labels, self.fid_dim, with_fid)
         per_site: dict[str, dict[str, MetricValue]] = {}
+        key = EVALUATION_KEY if within_training else METRICS_KEY
         for msg in replies:
             site = self._site_of(msg, "evaluate", report)
             node = self._node_of(msg)
             self._held.pop(node, None)
             try:
                 report.count_traffic(site, self._sent_bytes.get((server_round, "evaluate", node), 0),
-                                     payload_bytes(msg))
+                                     0 if within_training else payload_bytes(msg))
                 problem = _common_problem(msg, self.backbone_hash)
                 if problem is None:
                     if site in report.evaluation:
                         raise ValueError("a second evaluation reply from the same site in one round")
-                    try:
-                        stats = EvaluationStats.from_record(dict(msg.content[METRICS_KEY]), self.num_labels,
-                                                            self.fid_dim, with_fid)
-                    except (KeyError, ValueError, TypeError) as exc:
-                        problem = f"malformed evaluation statistics: {exc}"
+                    if key not in msg.content.metric_records:
+                        problem = "reply lacks the evaluation statistics"
+                    else:
+                        try:
+                            stats = EvaluationStats.from_record(dict(msg.content[key]), self.num_labels,
+                                                                self.fid_dim, with_fid)
+                        except (KeyError, ValueError, TypeError) as exc:
+                            problem = f"malformed evaluation statistics: {exc}"
             except Exception as exc:  # noqa: BLE001 - no reply may end the run
                 problem = f"malformed reply ({type(exc).__name__}: {str(exc)[:120]})"
             if problem:
                 report.reject(site, "evaluate", problem)
                 continue
-            if self._evaluated is not None and self._evaluated[0] == server_round:
+            if not within_training and self._evaluated is not None and self._evaluated[0] == server_round:
                 self._held[node] = self._evaluated[1]  # the site keeps the model it evaluated
             total = total + stats
             # Small sites still count in the global figures; their own figures are not shown.

@@ -101,9 +101,11 @@ def test_federation_survives_a_dead_site_and_pauses(deployment):
         deployment.start_site(name)
     deployment.wait_online(set(SITES))
     run_id = deployment.run("run", "--rounds", "3", "--min-sites", "2", *RUN_SETTINGS)
-    deployment.wait(lambda: any(r["round"] == 1 for r in deployment.records(run_id)), 600, "round 1")
-    # Round 2 has started: site-03 dies in the middle of it (in its training, or between its train
-    # reply and the evaluation: a message costs a site about a second), and the run pauses after it.
+    deployment.wait(lambda: any(r["round"] == 0 for r in deployment.records(run_id)), 600, "round 0")
+    # Round 0's record comes with round 1's training (one message per site per round: the sites
+    # score the model they train from), so the message that scores round 1 and trains round 2 is
+    # under way: site-03 dies in the middle of it, or before round 2's own evaluation (a message
+    # costs a site about a second), and the run pauses after round 2.
     deployment.kill_site("site-03")
     deployment.server("pause", str(run_id))
     deployment.wait(lambda: deployment.state(run_id).get("state") == "paused", 600, "the run to pause")
@@ -152,7 +154,10 @@ def test_bad_updates_are_rejected_and_a_stopped_server_resumes(deployment):
     run_id = deployment.run("run", "--rounds", "3", "--min-sites", "3", *RUN_SETTINGS)
     deployment.wait(lambda: any(r["round"] == 1 for r in deployment.records(run_id)), 600, "round 1")
     # Stop the run and the server while round 2 (or, on a slow machine, round 3) is under way, then
-    # restart the server. A round takes about 20 s here, the two commands a few seconds.
+    # restart the server. A round takes about 20 s here, the two commands a few seconds. Round 1's
+    # record comes with round 2's training (the sites score the model they train from), so the
+    # stop ends the run in the message that scores round 2 and trains round 3: round 1 is the last
+    # finished round, and the resumed run trains rounds 2 and 3 again.
     deployment.server("stop", str(run_id))
     deployment.server("shutdown")
     records = deployment.records(run_id)

@@ -182,3 +182,85 @@ def test_a_stop_by_the_centre_is_recorded_unless_the_run_already_ended(tmp_path)
     write_run_state(run.path, "finished", 1)
     record_stop(run.path, "stopped by the coordinating centre")
     assert read_run_state(run.path)["state"] == "finished", "an ended run keeps its own state"
+
+
+# ------------------------------------------------------------------ one message per site per round
+class _ScriptedSites:
+    """Two sites that answer every message at once with fixed, valid replies; ``exchanges`` lists
+    what each exchange asked for: T (train), T+E (score the model, then train from it), E."""
+
+    def __init__(self, run: RunDirectory, stop_in_exchange: int = 0) -> None:
+        self.run, self.stop_in_exchange, self.exchanges = run, stop_in_exchange, []
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+        from tests.conftest import reply
+        from tests.test_strategy import HASH, _good_eval_record, _train_content
+
+        messages = list(messages)
+        (kind,) = {("T+E" if m.content["config"].get("evaluate-first") else "T") if m.metadata.message_type == "train"
+                   else "E" for m in messages}
+        self.exchanges.append(kind)
+        if len(self.exchanges) == self.stop_in_exchange:
+            write_control(self.run.path, "stop")  # the centre's stop arrives while this exchange is under way
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if kind == "E":
+                content = RecordDict({"metrics": MetricRecord(_good_eval_record()), "site": ConfigRecord(
+                    {"status": "ok", "site-name": f"s{node}", "backbone-hash": HASH})})
+            else:
+                content = _train_content(0.1 * len(self.exchanges), 10, site=f"s{node}")
+                if kind == "T+E":
+                    content["evaluation"] = MetricRecord(_good_eval_record())
+            replies.append(reply(content, node, m.metadata.message_type))
+        return replies
+
+
+def _scripted_run(tmp_path, settings: dict, stop_in_exchange: int = 0):
+    from common.config import RunConfig
+    from server.federation import FederatedRun
+    from server.runs import read_run_state
+    from server.tracking import NoTracker
+    from tests.test_strategy import HASH, _strategy
+
+    run = RunDirectory(tmp_path / "run", settings, HASH, budget_id="1")
+    sites = _ScriptedSites(run, stop_in_exchange)
+    federation = FederatedRun(RunConfig.from_mapping({"num-rounds": 3, **settings}), sites, run, _strategy(), {},
+                              None, NoTracker(), HASH, "1")
+    start = ArrayRecord({"head.w": Array(np.zeros((2, 3), np.float32)), "head.b": Array(np.zeros(2, np.float32))})
+    state = federation.execute(start, first_round=1)
+    return state, read_run_state(run.path), read_metrics(run.path), sites.exchanges
+
+
+def test_the_sites_score_each_round_in_the_message_that_trains_the_next(tmp_path, server_task):
+    state, _, records, exchanges = _scripted_run(tmp_path, {})
+    assert state == "finished" and exchanges == ["T+E", "T+E", "T+E", "E"], "4 exchanges for 3 rounds, not 7"
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert all(set(r["evaluation"]) == {"s1", "s2"} and not r["rejected"] for r in records)
+    assert [sorted(r["train"]) for r in records] == [[]] + [["s1", "s2"]] * 3
+    assert last_finished_round(tmp_path / "run") == 3
+    checkpoints = [load_checkpoint_arrays(tmp_path / "run", r)[0]["head.w"].numpy()[0, 0] for r in range(4)]
+    assert np.allclose(checkpoints, [0.0, 0.1, 0.2, 0.3]), "each round's checkpoint is the model it scored"
+
+    _, _, records, exchanges = _scripted_run(tmp_path / "two-phases", {"evaluate-with-training": False})
+    assert exchanges == ["E", "T", "E", "T", "E", "T", "E"] and [r["round"] for r in records] == [0, 1, 2, 3]
+
+
+def test_a_stop_or_an_early_stop_between_combined_rounds_ends_after_a_scored_round(tmp_path, server_task):
+    # The stop arrives while the sites score round 1 and train round 2: round 2 is scored on its
+    # own before the stop takes effect, and no round 3 is sent.
+    state, run_state, records, exchanges = _scripted_run(tmp_path, {}, stop_in_exchange=2)
+    assert exchanges == ["T+E", "T+E", "E"] and [r["round"] for r in records] == [0, 1, 2]
+    assert (state, run_state["last-round"], run_state["detail"]) == ("stopped", 2, "stopped by the coordinating centre")
+    # Every round scores the same, so patience 1 ends the run once round 1 has not improved on round
+    # 0: round 2's training came back with round 1's scores and is not aggregated or recorded.
+    state, run_state, records, exchanges = _scripted_run(tmp_path / "patience", {"patience": 1})
+    assert exchanges == ["T+E", "T+E"] and [r["round"] for r in records] == [0, 1]
+    assert state == "stopped" and run_state["last-round"] == 1
+    assert run_state["detail"].startswith("early stop: loss has not improved for 1 rounds")
+    assert "round 2's training" in run_state["detail"] and last_finished_round(tmp_path / "patience" / "run") == 1

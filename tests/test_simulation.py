@@ -57,8 +57,9 @@ def test_every_round_is_recorded_with_finite_metrics(finished_run):
 
 
 def test_the_global_model_goes_to_a_site_once_per_round(finished_run):
-    """The evaluation message carries the new global model; the next round's train message only
-    names it by digest (the site kept it), so a site is sent one model copy per round, not two."""
+    """One model copy per site per round, not two: the message that trains round r carries the
+    global model and has the site score it first (round r-1's evaluation, whose bytes it counts as);
+    the last round's evaluation message carries the last model."""
     run_dir, overrides = finished_run
     model_bytes = sum(int(np.prod(p.shape)) * 4 for p in trainable_spec(build_model(
         RunConfig.from_mapping(overrides).model)).values())

@@ -338,6 +338,39 @@ def test_a_site_that_evaluated_the_model_gets_only_its_digest_and_a_site_without
     assert arrays_digest(resent.content["arrays"]) == arrays_digest(model)
 
 
+def test_a_train_message_that_scores_first_carries_the_model_and_its_reply_is_pooled_once(server_task):
+    """evaluate-with-training: round 3's train message carries round 2's model even to a site that
+    holds it (from an evaluation message), its bytes are round 2's evaluation's, and its reply's
+    ``evaluation`` record is pooled as round 2's evaluation while its update is round 3's (each
+    reply's bytes counted once)."""
+    strategy = _strategy()
+    model = ArrayRecord({"head.w": Array(np.full((2, 3), 0.25, np.float32)), "head.b": Array(np.zeros(2, np.float32))})
+    strategy.configure_evaluate(1, model, ConfigRecord(), _TwoNodes())
+    strategy.aggregate_evaluate(1, [_eval_reply(_good_eval_record(), 1, "a"), _eval_reply(_good_eval_record(), 2, "b")])
+    config = ConfigRecord({"evaluate-first": True, "fid": False})
+    train = {m.metadata.dst_node_id: m for m in strategy.configure_train(3, model, config, _TwoNodes())}
+    assert all(arrays_digest(m.content["arrays"]) == arrays_digest(model) for m in train.values()), \
+        "the site scores the model it is sent, so it is sent in full"
+    assert all("global-digest" not in m.content["config"] for m in train.values())
+
+    def combined(node: int, site: str, evaluation: dict | None):
+        content = _train_content(float(node), 10, site=site)
+        if evaluation is not None:
+            content["evaluation"] = MetricRecord(evaluation)
+        return reply(content, node)
+
+    replies = [combined(1, "a", _good_eval_record()), combined(2, "b", None)]
+    strategy.aggregate_evaluate(2, replies, within_training=True)
+    arrays, _ = strategy.aggregate_train(3, replies)
+    first, second = strategy.reports[2], strategy.reports[3]
+    assert set(first.evaluation) == {"a"} and strategy.pooled[2].n == 6
+    assert first.rejected == [{"site": "b", "phase": "evaluate", "reason": "reply lacks the evaluation statistics"}]
+    assert set(second.train) == {"a", "b"} and np.allclose(arrays["head.w"].numpy(), 1.5), \
+        "a site whose scores are missing still trained"
+    assert first.traffic["a"]["sent"] == payload_bytes(train[1]) and first.traffic["a"]["received"] == 0
+    assert second.traffic["a"] == {"sent": 0, "received": payload_bytes(replies[0])}
+
+
 # ------------------------------------------------------------------ lossless compression on the wire
 @pytest.mark.parametrize("wire_dtype", ["float32", "float16"])
 def test_compressed_parameters_arrive_bit_exact_and_smaller(wire_dtype):
