@@ -121,6 +121,12 @@ def rounds_rows(rounds: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(_row(f"later rounds, mean (FID in {sum(fid_rounds)} of {len(fid_rounds)}): clinicfl "
                          f"{ours['later_rounds_mean_s']:.2f} s / lean recipe", r["clinicfl_later_rounds_mean_vs_lean"],
                          "x", "report", None))
+    if "clinicfl_two_phases_later_round_vs_lean" in r:
+        two = arms["clinicfl two phases"]
+        fid = f", FID round {two['later_round_with_fid_s']:.2f} s" if two.get("later_round_with_fid_s") else ""
+        rows.append(_row(f"later round with two exchanges per round (evaluate-with-training = false): clinicfl "
+                         f"{two['later_round_s']:.2f} s{fid} / lean recipe", r["clinicfl_two_phases_later_round_vs_lean"],
+                         "x", "report", None))
     if "clinicfl_heads_off_later_round_vs_lean_heads_off" in r:
         off, lean_off = arms["clinicfl heads off"], arms["lean recipe, heads off"]
         rows.append(_row(f"later round, both without the severity and reconstruction heads: clinicfl "

@@ -60,4 +60,4 @@ def test_the_deployment_round_table_is_rendered_from_the_committed_json():
         + deployment_round.END
     published = json.loads(deployment_round.PUBLISHED.read_text())
     assert section == deployment_round.render_table(published)
-    assert set(published["arms"]) == {"prompt", "flower"}
+    assert set(published["arms"]) == set(deployment_round.ARMS)
