@@ -89,8 +89,7 @@ class FederatedRun:
                         stopped += f"; round {server_round}'s training came with that evaluation and was not aggregated"
                     return self.end("stopped", server_round - 1, stopped)
                 started = time.perf_counter()
-                new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
-                arrays = new_arrays if new_arrays is not None else arrays
+                arrays = self.aggregate_train(server_round, arrays, replies)
                 self.phases["train_pooling"] = time.perf_counter() - started
             else:
                 arrays = self.train(server_round, arrays)
@@ -112,18 +111,21 @@ class FederatedRun:
         if self.secure is not None:  # SecAgg+: only the sum of the updates is ever seen
             new_arrays = self.secure.train(server_round, arrays, ConfigRecord(dict(self.train_config)))
             return new_arrays if new_arrays is not None else arrays
-        replies = self.send_train(server_round, arrays)
+        return self.aggregate_train(server_round, arrays, self.send_train(server_round, arrays))
+
+    def aggregate_train(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+        """The new global model from the replies; ``arrays`` when no aggregate could be formed."""
         new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
         return new_arrays if new_arrays is not None else arrays
 
     def send_train(self, server_round: int, arrays: ArrayRecord, evaluate_first: bool = False) -> list[Message]:
         """The sites' replies to this round's train messages (``evaluate_first``: each message
         also has its site score the model it carries, as round server_round - 1's evaluation)."""
-        config = ConfigRecord(dict(self.train_config))
+        values = dict(self.train_config)
         if evaluate_first:
-            config = ConfigRecord({**self.train_config, **self.evaluate_config, EVALUATE_FIRST_KEY: True,
-                                   FID_KEY: self.fid_round(server_round - 1)})
-        messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
+            values.update(self.evaluate_config)
+            values.update({EVALUATE_FIRST_KEY: True, FID_KEY: self.fid_round(server_round - 1)})
+        messages = self.strategy.configure_train(server_round, arrays, ConfigRecord(values), self.grid)
         replies = list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout))
         resend = self.strategy.resend_in_full(server_round, arrays, replies)
         if resend:  # sites that did not hold the model the message named by digest
