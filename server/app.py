@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from threadpoolctl import threadpool_limits
 
 from common.config import RunConfig
 from common.exchange import to_array_record, trainable_spec
@@ -76,7 +77,12 @@ def main(grid: Grid, context: Context) -> None:
                               backbone_hash, budget_id, records)
     state = "failed"
     try:
-        state = federation.execute(arrays, first_round)
+        # One thread for numpy's BLAS while the rounds run. OpenBLAS keeps its idle threads spinning
+        # for a while after each call (the FedAvg weighted sum is one, every round), and the centre's
+        # arrays are too small to gain from more: in a simulation that spin took about half a core
+        # from the sites' workers (docs/design.md, "Rounds that cost their work").
+        with threadpool_limits(1, user_api="blas"):
+            state = federation.execute(arrays, first_round)
     finally:
         if fed.tracking != "none" and run.path.joinpath("metrics.jsonl").is_file():
             tracker.log_artifacts(_report_pngs(run.path))
