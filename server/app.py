@@ -79,8 +79,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         # One thread for numpy's BLAS while the rounds run. OpenBLAS keeps its idle threads spinning
         # for a while after each call (the FedAvg weighted sum is one, every round), and the centre's
-        # arrays are too small to gain from more: in a simulation that spin took about half a core
-        # from the sites' workers (docs/design.md, "Rounds that cost their work").
+        # arrays are too small to gain from more: in a simulation that spin took CPU from the sites'
+        # workers (docs/design.md, "Rounds that cost their work").
         with threadpool_limits(1, user_api="blas"):
             state = federation.execute(arrays, first_round)
     finally:
