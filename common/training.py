@@ -38,23 +38,29 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
                                  foreach=True)
     # A loss scaler only for float16; bfloat16 has float32's range.
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype(device) == torch.float16)
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + server_round)
+    seed = config.seed * 100_003 + server_round
+    generator = torch.Generator().manual_seed(seed)
     batches = StudyBatches.for_training(model, data, device)
     total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-    for _ in range(config.local_epochs):
-        order = torch.as_tensor(train_index)[torch.randperm(len(train_index), generator=generator)]
-        for start_i in range(0, len(order), config.batch_size):
-            batch = batches(order[start_i:start_i + config.batch_size])
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device):
-                out = forward(model, batch)
-                data_loss = per_study_loss(out, batch, config).mean()
-                loss = data_loss + proximal_penalty(params, anchor, proximal_mu) if anchor is not None else data_loss
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += data_loss.detach().float() * len(batch)  # the reported loss is the data term only
-            seen += len(batch)
+    # Dropout draws from the global generator: seeded here, a site's round trains alike whatever the
+    # process ran before (a simulation's worker serves several sites, in no fixed order), and the
+    # caller's generator is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for _ in range(config.local_epochs):
+            order = torch.as_tensor(train_index)[torch.randperm(len(train_index), generator=generator)]
+            for start_i in range(0, len(order), config.batch_size):
+                batch = batches(order[start_i:start_i + config.batch_size])
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(device):
+                    out = forward(model, batch)
+                    data_loss = per_study_loss(out, batch, config).mean()
+                    loss = data_loss + proximal_penalty(params, anchor, proximal_mu) if anchor is not None else data_loss
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total += data_loss.detach().float() * len(batch)  # the reported loss is the data term only
+                seen += len(batch)
     return TrainResult(num_examples=len(train_index), loss=float(total) / max(seen, 1),
                        seconds=time.perf_counter() - start)
 

@@ -209,6 +209,7 @@ class ClinicFedAvg(FedAvg):
                                 "global model unchanged")
             log.warning("round %d: %s", server_round, report.notes[-1])
             return None, None
+        accepted.sort(key=lambda item: item[0])  # by site, not by arrival: the same sum in every run
         arrays = self._aggregate([values for _, values, _ in accepted], [n for _, _, n in accepted])
         if arrays is None:
             report.notes.append("the aggregate is not finite in float32: global model unchanged")

@@ -93,3 +93,27 @@ def test_the_proximal_term_under_dp_keeps_the_model_near_the_global_one(tiny_cli
         assert result.steps == charge.steps, "the proximal step does not change what is accounted"
         distances[mu] = _distance(start, dict(trainable_state(model)))
     assert distances[100.0] < 0.5 * distances[0.0]
+
+
+def test_a_sites_round_trains_alike_whatever_its_process_drew_before(tiny_clinics):
+    """Dropout draws from torch's global generator, which a simulation's worker shares between the
+    sites it serves in no fixed order: the round seeds it, and hands the caller's state back."""
+    config = RunConfig.from_mapping({**RUN, "dropout": 0.5})
+    data = load_site(tiny_clinics[0], config.data, 1, progress=False)
+    device = pick_device()
+    model = build_model(config.model)
+    inputs = prepare_inputs(model, data, None, device)
+    fit_feature_norm(model, inputs, data.train_index, device)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trained = []
+    for draws in (0, 7):
+        model.load_state_dict(start)
+        torch.rand(draws)  # another site's round, before this one
+        before = torch.get_rng_state()
+        train_local(model, inputs, data.train_index, config.train, device, server_round=3)
+        assert torch.equal(torch.get_rng_state(), before), "the caller's generator is left as it was"
+        trained.append({k: v.clone() for k, v in trainable_state(model).items()})
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+    model.load_state_dict(start)
+    train_local(model, inputs, data.train_index, config.train, device, server_round=4)
+    assert any(not torch.equal(trained[0][k], v) for k, v in trainable_state(model).items()), "another round trains otherwise"
