@@ -15,10 +15,14 @@ network: the model of clinicfl's default configuration, severity and reconstruct
 - clinicfl with the heads off, beside the lean recipe with the heads off (the same smaller network).
 Reported: the median time of the rounds after the first (each arm's own clock between the ends of
 consecutive rounds; the median, so that one hiccup of the machine does not decide a ratio; the mean
-is kept beside it), the whole run's wall time (from starting the SuperLink to its end, as a user
-waits for it), bytes per site per round (payloads, both directions, evaluation included, against
-one copy of the model's full fp32 state dict) and the ratios between arms. The first run of each arm is discarded when ``--warm`` (default): it pays for
-caches (decoded DICOM, encoded features) that every later run of a site reuses.
+is kept beside it). The two arms of the goals, clinicfl default and the lean recipe, run
+``--repeats`` times each (default 2), alternately and spread over the benchmark, and their rounds are
+pooled over the runs: this machine's speed drifts by a third within minutes, and a ratio of two
+single runs minutes apart moves with it. Also reported: the whole run's wall time (from starting the
+SuperLink to its end, as a user waits for it; the median over repeats), bytes per site per round
+(payloads, both directions, evaluation included, against one copy of the model's full fp32 state
+dict) and the ratios between arms. The first run of each arm is discarded when ``--warm``
+(default): it pays for caches (decoded DICOM, encoded features) that every later run of a site reuses.
 """
 
 from __future__ import annotations
@@ -80,6 +84,28 @@ def clinicfl_arm(data_root: Path, sites: int, rounds: int, spec: SyntheticSpec, 
             "final_auc": records[-1]["catalogue"]["auc"]["value"]}
 
 
+def pooled(runs: list[dict]) -> dict:
+    """Repeated runs of one arm as one: the rounds after the first of every run pooled for the
+    median and mean, the median whole run, the mean payload; each run's own figures kept in ``runs``."""
+    if len(runs) == 1:
+        return runs[0]
+    later = [s for run in runs for s in (run["round_seconds"][1:] or run["round_seconds"])]
+    result = {"repeats": len(runs), "later_round_s": round(statistics.median(later), 3),
+              "later_rounds_mean_s": round(statistics.fmean(later), 3),
+              "whole_run_s": round(statistics.median(run["whole_run_s"] for run in runs), 1),
+              "bytes_per_site_per_round": int(statistics.fmean(run["bytes_per_site_per_round"] for run in runs)),
+              "runs": runs}
+    if "rounds_with_fid" in runs[0]:
+        flags = [f for run in runs for f in run["rounds_with_fid"][1:]]
+        seconds = [s for run in runs for s in run["round_seconds"][1:]]
+        fid = [s for s, f in zip(seconds, flags) if f]
+        result["rounds_with_fid"] = runs[0]["rounds_with_fid"]  # the same in every run
+        result["later_round_with_fid_s"] = round(statistics.median(fid), 3) if fid else None
+        result["final_auc"] = runs[0]["final_auc"]
+        result["final_auc_every_run"] = [run["final_auc"] for run in runs]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=3)
@@ -87,6 +113,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of clinicfl default and of the lean recipe, alternately (their rounds pooled)")
     parser.add_argument("--no-warm", action="store_true", help="do not discard a first, cache-filling run")
     parser.add_argument("--out", default="runs/benchmarks/rounds.json")
     args = parser.parse_args()
@@ -115,9 +143,13 @@ def main() -> None:
             # later run reuses them. This first run is reported on its own.
             print("running clinicfl default (cold caches)", flush=True)
             results["clinicfl default, cold caches"] = arms["clinicfl default"]()
-        for name, arm in arms.items():
-            print(f"running {name}", flush=True)
-            results[name] = arm()
+        # The repeats of the two arms of the goals come last, alternately: lean, clinicfl, lean, ...
+        order = list(arms) + ["lean recipe", "clinicfl default"] * (max(args.repeats, 1) - 1)
+        runs: dict[str, list[dict]] = {}
+        for name in order:
+            print(f"running {name}" + (f" (repeat {len(runs.get(name, [])) + 1})" if name in runs else ""), flush=True)
+            runs.setdefault(name, []).append(arms[name]())
+        results.update({name: pooled(arm_runs) for name, arm_runs in runs.items()})
     plain, lean, ours = results["plain recipe"], results["lean recipe"], results["clinicfl default"]
     # The denominator of the traffic goal: one copy of the model's full state dict in fp32 (backbone
     # included), as the plain recipe sends it each way.
@@ -126,7 +158,8 @@ def main() -> None:
     result = {
         "full_state_dict_fp32_bytes": full_bytes,
         "workload": {"sites": args.sites, "studies_per_site": args.studies, "images": f"{args.slices} x "
-                     f"{args.image_size}x{args.image_size}", "local_epochs": 1, "rounds": args.rounds},
+                     f"{args.image_size}x{args.image_size}", "local_epochs": 1, "rounds": args.rounds,
+                     "repeats_of_lean_and_clinicfl_default": max(args.repeats, 1)},
         "arms": results,
         "ratios": {
             "clinicfl_later_round_vs_lean": round(ours["later_round_s"] / lean["later_round_s"], 2),

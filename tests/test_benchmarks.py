@@ -61,3 +61,20 @@ def test_the_deployment_round_table_is_rendered_from_the_committed_json():
     published = json.loads(deployment_round.PUBLISHED.read_text())
     assert section == deployment_round.render_table(published)
     assert set(published["arms"]) == set(deployment_round.ARMS)
+
+
+def test_repeated_runs_of_an_arm_pool_their_later_rounds():
+    """Each run's first round is left out, the rest pooled: the median is over every later round
+    of every run, and a round that computes FID is told apart in each run."""
+    from benchmarks.rounds import pooled
+
+    runs = [{"round_seconds": [9.0, 1.0, 3.0], "rounds_with_fid": [True, False, True], "whole_run_s": 10.0,
+             "bytes_per_site_per_round": 100, "final_auc": 0.5},
+            {"round_seconds": [8.0, 2.0, 4.0], "rounds_with_fid": [True, False, True], "whole_run_s": 20.0,
+             "bytes_per_site_per_round": 300, "final_auc": 0.7}]
+    arm = pooled(runs)
+    assert arm["later_round_s"] == 2.5 and arm["later_rounds_mean_s"] == 2.5  # 1, 3, 2, 4
+    assert arm["later_round_with_fid_s"] == 3.5 and arm["whole_run_s"] == 15.0
+    assert arm["bytes_per_site_per_round"] == 200 and arm["final_auc_every_run"] == [0.5, 0.7]
+    assert arm["repeats"] == 2 and arm["runs"] == runs
+    assert pooled(runs[:1]) is runs[0]
