@@ -3,9 +3,10 @@ process tree (SuperLink, ServerApp, Ray workers) sampled as it runs.
 
     .venv/bin/python -m benchmarks.scaling [--sites 5 10 20 --rounds 6] [--out runs/benchmarks/scaling.json]
 
-For each size: peak PSS (proportional set size: shared pages split between the processes that
-share them, so the sum over the tree is the tree's real footprint), PSS at the end of every
-round (it must not grow with the rounds), and the time of the rounds after the first.
+Every size takes the first N of one set of synthetic sites, whose caches one first, unmeasured run
+over all of them fills. For each size: peak PSS (proportional set size: shared pages split between
+the processes that share them, so the sum over the tree is the tree's real footprint), PSS at the
+end of every round (it must not grow with the rounds), and the time of the rounds after the first.
 """
 
 from __future__ import annotations
@@ -72,18 +73,27 @@ class PssSampler:
         self._thread.join()
 
 
-def run_size(sites: int, rounds: int, studies: int, work: Path, image_size: int = 64, slices: int = 8,
-             warm: bool = True) -> dict:
-    spec = SyntheticSpec(sites=sites, studies_per_site=studies, image_size=image_size, slices_per_study=slices,
-                         seed=sites)
-    data = work / f"data-{sites}"
-    generate_clinics(data, spec, progress=False)
-    config = {"num-rounds": rounds, "local-epochs": 1, "min-sites": sites, "image-size": image_size,
-              "seq-len": slices}
+def site_subset(data: Path, sites: int, root: Path) -> Path:
+    """The first ``sites`` sites of ``data`` as a data root of its own: links to their folders and
+    to the shared state folder, so a smaller federation reads the caches a bigger one filled (they
+    are keyed by content, not by federation)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for site in sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))[:sites]:
+        (root / site.name).symlink_to(site, target_is_directory=True)
+    (data / ".clinicfl-state").mkdir(exist_ok=True)
+    (root / ".clinicfl-state").symlink_to(data / ".clinicfl-state", target_is_directory=True)
+    return root
+
+
+def run_config(sites: int, rounds: int, image_size: int, slices: int) -> dict:
+    return {"num-rounds": rounds, "local-epochs": 1, "min-sites": sites, "image-size": image_size, "seq-len": slices}
+
+
+def run_size(data: Path, sites: int, rounds: int, work: Path, image_size: int = 64, slices: int = 8) -> dict:
+    """One measured run of the first ``sites`` sites of ``data``."""
+    data = site_subset(data, sites, work / f"data-{sites}")
+    config = run_config(sites, rounds, image_size, slices)
     at_round: list[int] = []
-    # First run fills the sites' caches; the second, measured one is the steady state of a federation.
-    if warm:
-        run_simulation(data, work / "runs", sites, {**config, "num-rounds": 1}, flwr_home=work / "flwr-home")
     with PssSampler() as sampler:
         start = time.perf_counter()
         run_dir = run_simulation(data, work / "runs", sites, config, flwr_home=work / "flwr-home",
@@ -113,10 +123,21 @@ def main() -> None:
     args = parser.parse_args()
     sizes = []
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        # One set of sites for every size (each size takes the first N of them), and one first run
+        # over all of them that fills their caches: every measured run is the steady state of a
+        # federation, and the benchmark starts one cache-filling federation, not one per size.
+        most = max(args.sites)
+        spec = SyntheticSpec(sites=most, studies_per_site=args.studies, image_size=args.image_size,
+                             slices_per_study=args.slices, seed=most)
+        generate_clinics(work / "data", spec, progress=False)
+        if not args.no_warm:
+            print(f"filling the caches of {most} sites", flush=True)
+            run_simulation(work / "data", work / "runs", most, run_config(most, 1, args.image_size, args.slices),
+                           flwr_home=work / "flwr-home")
         for sites in args.sites:
             print(f"running {sites} sites", flush=True)
-            sizes.append(run_size(sites, args.rounds, args.studies, Path(tmp), args.image_size, args.slices,
-                                  warm=not args.no_warm))
+            sizes.append(run_size(work / "data", sites, args.rounds, work, args.image_size, args.slices))
     first = sizes[0]
     for size in sizes:
         scale = size["sites"] / first["sites"]

@@ -55,7 +55,8 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
                 with autocast(device):
                     out = forward(model, batch)
                     data_loss = per_study_loss(out, batch, config).mean()
-                    loss = data_loss + proximal_penalty(params, anchor, proximal_mu) if anchor is not None else data_loss
+                    loss = (data_loss + proximal_penalty(params, anchor, proximal_mu) if anchor is not None
+                            else data_loss)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
