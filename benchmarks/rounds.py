@@ -21,8 +21,9 @@ pooled over the runs: this machine's speed drifts by a third within minutes, and
 single runs minutes apart moves with it. Also reported: the whole run's wall time (from starting the
 SuperLink to its end, as a user waits for it; the median over repeats), bytes per site per round
 (payloads, both directions, evaluation included, against one copy of the model's full fp32 state
-dict) and the ratios between arms. The first run of each arm is discarded when ``--warm``
-(default): it pays for caches (decoded DICOM, encoded features) that every later run of a site reuses.
+dict) and the ratios between arms. Unless ``--no-warm``, a first one-round run of clinicfl fills the
+sites' caches (decoded DICOM, encoded features), which every later run reuses; it is reported on
+its own.
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ every trainable module, so per-sample gradients (DP-SGD) are per study.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -342,6 +344,16 @@ class InjuryNet(nn.Module):
         return self.forward_features(self.encode(images, mask), mask, biomech)
 
 
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """torch's global generator (and a CUDA device's) seeded for the block and restored after it:
+    what the block draws (initial weights, dropout masks) does not depend on what the process drew
+    before, and the process draws after it as if the block had not run."""
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_model(config: ModelConfig) -> InjuryNet:
     """The model with its backbone weights loaded; the head is initialised from ``config.seed``
     so that the server's initial global model is reproducible.
@@ -351,8 +363,7 @@ def build_model(config: ModelConfig) -> InjuryNet:
     process that serves several sites (a simulation worker, a study) would otherwise build and
     hold one 94 MB ResNet50 per site."""
     shared = frozen_trunk(config.backbone_weights, config.seed) if config.freeze == "frozen" else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+    with seeded(config.seed):
         model = InjuryNet(config, backbone=shared)
     if shared is None:
         model.backbone.net.load_state_dict(load_backbone(config.backbone_weights, config.seed))
@@ -387,8 +398,7 @@ def loaded_trunk(weights: str, seed: int) -> nn.Module:
     if weights == "none":
         log.warning("backbone-weights = none: the ResNet50 is randomly initialised (seed %d). "
                     "Use 'imagenet' or a .pth file for real data.", seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             net = resnet50(weights=None)
         state = net.state_dict()
     elif weights == "imagenet":

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from common.config import TrainConfig
 from common.inference import SiteInputs, StudyBatch, StudyBatches, amp_dtype, autocast, forward, move_to
-from common.model import InjuryNet, InjuryOutput
+from common.model import InjuryNet, InjuryOutput, seeded
 
 
 @dataclass
@@ -42,11 +42,9 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
     generator = torch.Generator().manual_seed(seed)
     batches = StudyBatches.for_training(model, data, device)
     total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-    # Dropout draws from the global generator: seeded here, a site's round trains alike whatever the
-    # process ran before (a simulation's worker serves several sites, in no fixed order), and the
-    # caller's generator is left as it was.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    # Dropout draws from the global generator: seeded, a site's round trains alike whatever the
+    # process ran before (a simulation's worker serves several sites, in no fixed order).
+    with seeded(seed, device):
         for _ in range(config.local_epochs):
             order = torch.as_tensor(train_index)[torch.randperm(len(train_index), generator=generator)]
             for start_i in range(0, len(order), config.batch_size):
