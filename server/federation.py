@@ -30,6 +30,7 @@ from server.runs import RunDirectory, round_record
 from server.secure_aggregation import SecAggSettings, SecureAggregation
 from server.strategy import ClinicFedAvg
 from server.tracking import Tracker
+from server.transport import PromptGrid
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +127,21 @@ class FederatedRun:
             values.update(self.evaluate_config)
             values.update({EVALUATE_FIRST_KEY: True, FID_KEY: self.fid_round(server_round - 1)})
         messages = self.strategy.configure_train(server_round, arrays, ConfigRecord(values), self.grid)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout))
+        replies = self._send_and_receive(server_round, messages)
         resend = self.strategy.resend_in_full(server_round, arrays, replies)
         if resend:  # sites that did not hold the model the message named by digest
             again = {m.metadata.dst_node_id for m in resend}
             replies = [r for r in replies if r.has_error() or r.metadata.src_node_id not in again]
-            replies += self.grid.send_and_receive(resend, timeout=self.fed.round_timeout)
+            replies += self._send_and_receive(server_round, resend)
         return replies
+
+    def _send_and_receive(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        """Train replies. With PromptGrid each update is decoded and checked as it comes, while
+        the other sites still train, rather than all of them after the last one has come."""
+        if isinstance(self.grid, PromptGrid):
+            return list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout,
+                                                   each=lambda reply: self.strategy.check_early(server_round, reply)))
+        return list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout))
 
     def evaluate_and_finish(self, server_round: int, arrays: ArrayRecord) -> str | None:
         """The evaluation phase of ``server_round`` on its own, then its record; why the run ends, if it does."""
@@ -170,10 +179,14 @@ class FederatedRun:
         checkpoint = self.run.save_checkpoint(server_round, arrays,
                                               pooled.classification.histograms if pooled is not None else None)
         report = self.strategy.report(server_round)
-        record = round_record(report, time.perf_counter() - self.started, checkpoint, self.efficiency,
-                              self.central.evaluate(arrays, self.fid_round(server_round)) if self.central else None,
+        validation = self.central.evaluate(arrays, self.fid_round(server_round)) if self.central else None
+        # The round ends here. Its bookkeeping below (metrics files, state, tracker, console) is
+        # timed into the next round: every second of the run is in exactly one round's seconds.
+        ended = time.perf_counter()
+        record = round_record(report, ended - self.started, checkpoint, self.efficiency, validation,
                               dict(self.strategy.epsilon) if self.config.privacy.dp_enabled else None)
-        self.phases["checkpoint_and_validation"] = time.perf_counter() - started
+        self.started = ended
+        self.phases["checkpoint_and_validation"] = ended - started
         # Where the round's time went (server's view; "at_sites" includes the messages' transport).
         record["phase_seconds"] = {name: round(value, 3) for name, value in self.phases.items()}
         self.phases = {}
@@ -189,7 +202,7 @@ class FederatedRun:
                   f"{rejected['reason']}", flush=True)
         for site, why in (record.get("secure_aggregation") or {}).get("dropped", {}).items():
             print(f"clinicfl: round {server_round}: secure aggregation went on without {site} ({why})", flush=True)
-        self.started = time.perf_counter()
+        self.phases["previous_round_records"] = time.perf_counter() - ended
         return record.get("stopped")
 
     # ------------------------------------------------------------------ between rounds

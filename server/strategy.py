@@ -113,6 +113,8 @@ class ClinicFedAvg(FedAvg):
         self._evaluated: tuple[int, str] | None = None  # (round, digest of the model sent to evaluate)
         self._last_wire: tuple[ArrayRecord, ArrayRecord, str] | None = None  # (global, on the wire, digest)
         self._round_start: tuple[int, dict[str, np.ndarray]] | None = None  # (round, model its updates start from)
+        # Train replies checked as they came (check_early): id -> (reply, round, why not usable, update)
+        self._checked: dict[int, tuple[Message, int, str | None, dict[str, np.ndarray]]] = {}
 
     def _remember_sent(self, server_round: int, phase: str, messages: Iterable[Message],
                        append: bool = False, counted_as: tuple[int, str] | None = None) -> list[Message]:
@@ -137,6 +139,18 @@ class ClinicFedAvg(FedAvg):
     def start_round(self, server_round: int, arrays: ArrayRecord) -> None:
         """The global model this round's updates start from (for the update-norm bound)."""
         self._round_start = (server_round, {k: v.numpy() for k, v in arrays.items()})
+        self._checked.clear()
+
+    def check_early(self, server_round: int, msg: Message) -> None:
+        """Decode and check a train reply's update as soon as it comes, while other sites still
+        train; ``aggregate_train`` takes the result instead of doing it after the last reply."""
+        if msg.has_error():
+            return
+        try:
+            problem, values = self._train_problem(msg, server_round)
+        except Exception:  # noqa: BLE001 - aggregate_train checks it again and rejects it with its reason
+            return
+        self._checked[id(msg)] = (msg, server_round, problem, values)
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[override]
         """Train messages. With ``evaluate-first`` each carries the model, which the site scores
@@ -204,6 +218,7 @@ class ClinicFedAvg(FedAvg):
                 report.reject(site, "train", reason)
             if taken is not None:
                 accepted.append((site, taken, report.train[site]["num-examples"]))
+        self._checked.clear()
         if len(accepted) < self.min_sites:
             report.notes.append(f"only {len(accepted)} valid train replies (min-sites {self.min_sites}): "
                                 "global model unchanged")
@@ -231,7 +246,11 @@ class ClinicFedAvg(FedAvg):
             log.warning("round %d: %s did not train: privacy budget exhausted (epsilon %.3f)", server_round,
                         site, spent)
             return None
-        problem, values = self._train_problem(msg, server_round, masked)
+        checked = self._checked.pop(id(msg), None)
+        if checked is not None and checked[0] is msg and checked[1] == server_round and not masked:
+            problem, values = checked[2], checked[3]
+        else:
+            problem, values = self._train_problem(msg, server_round, masked)
         if problem:
             report.reject(site, "train", problem)
             return None

@@ -30,7 +30,7 @@ import functools
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from queue import Empty
 
 from flwr.app import Message, RecordDict
@@ -134,9 +134,11 @@ class PromptGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
+                         each: Callable[[Message], None] | None = None) -> Iterable[Message]:
         """Push ``messages``; return their replies once all have come, or what came by ``timeout``
-        seconds (None: wait for all), as Flower's own method does."""
+        seconds (None: wait for all), as Flower's own method does. ``each`` is called with every
+        reply as it comes, while the other sites are still at work."""
         waiting = set(self.push_messages(list(messages)))
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
@@ -150,6 +152,8 @@ class PromptGrid(Grid):
             _replied.clear()
             arrived = list(self.pull_messages(waiting))
             replies.extend(arrived)
+            for reply in arrived if each is not None else ():
+                each(reply)
             waiting.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
             if deadline is not None and time.monotonic() >= deadline:
                 break

@@ -264,3 +264,26 @@ def test_a_stop_or_an_early_stop_between_combined_rounds_ends_after_a_scored_rou
     assert state == "stopped" and run_state["last-round"] == 1
     assert run_state["detail"].startswith("early stop: loss has not improved for 1 rounds")
     assert "round 2's training" in run_state["detail"] and last_finished_round(tmp_path / "patience" / "run") == 1
+
+
+
+def test_every_second_of_the_rounds_is_in_exactly_one_rounds_seconds(tmp_path, server_task, monkeypatch):
+    # A clock that moves one second at every reading: a reading that fell between two rounds (the
+    # last round's bookkeeping, say) would be in no round's seconds, and the sum would fall short.
+    import itertools
+    import types
+
+    from server import federation
+
+    ticks = itertools.count()
+    monkeypatch.setattr(federation, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks)),
+                                                                  sleep=lambda seconds: None))
+    runs = []
+    real = federation.FederatedRun.execute
+    monkeypatch.setattr(federation.FederatedRun, "execute",
+                        lambda self, *args, **kwargs: runs.append((self, self.started)) or real(self, *args, **kwargs))
+    _, _, records, _ = _scripted_run(tmp_path, {})
+    (run, started), = runs
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert sum(r["seconds"] for r in records) == run.started - started
+    assert all("previous_round_records" in r["phase_seconds"] for r in records[1:])

@@ -66,15 +66,35 @@ BAD_REPLIES = {
 }
 
 
+@pytest.mark.parametrize("early", [False, True], ids=["checked-at-aggregation", "checked-as-it-came"])
 @pytest.mark.parametrize("kind", sorted(BAD_REPLIES))
-def test_malformed_reply_is_rejected_and_the_round_goes_on(kind):
+def test_malformed_reply_is_rejected_and_the_round_goes_on(kind, early):
     make_bad, reason = BAD_REPLIES[kind]
     strategy = _strategy()
     good = [reply(_train_content(1.0, 10, site="a"), 1), reply(_train_content(3.0, 10, site="b"), 2)]
-    arrays, _ = strategy.aggregate_train(1, [good[0], reply(make_bad(), 3), good[1]])
+    replies = [good[0], reply(make_bad(), 3), good[1]]
+    for msg in replies if early else ():
+        strategy.check_early(1, msg)
+    arrays, _ = strategy.aggregate_train(1, replies)
     assert np.allclose(arrays["head.w"].numpy(), 2.0), "the bad reply must not enter the average"
     (rejected,) = strategy.reports[1].rejected
     assert reason in rejected["reason"] and rejected["phase"] == "train"
+
+
+def test_replies_checked_as_they_came_are_not_decoded_again_and_aggregate_alike():
+    strategy = _strategy()
+    replies = _replies([1.0, 2.0, 4.0])
+    for msg in replies[:2]:
+        strategy.check_early(1, msg)
+    strategy.check_early(2, replies[2])  # checked for another round: checked again
+    checked_again = []
+    check = strategy._train_problem
+    strategy._train_problem = lambda msg, *args: checked_again.append(msg) or check(msg, *args)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert checked_again == [replies[2]], "only the reply checked for another round is decoded again"
+    expected, _ = _strategy().aggregate_train(1, _replies([1.0, 2.0, 4.0]))
+    assert all(np.array_equal(arrays[k].numpy(), expected[k].numpy()) for k in expected.keys())
+    assert not strategy._checked, "nothing is held after the round"
 
 
 def test_too_few_valid_replies_keep_the_global_model():

@@ -57,6 +57,16 @@ def test_every_reply_is_collected_soon_after_it_arrives():
     assert all(later >= earlier * 0.9 for earlier, later in zip(gaps, gaps[1:]))  # intervals only grow
 
 
+def test_each_reply_is_handed_over_as_it_comes_while_other_sites_work():
+    sites = SlowSites({1: 0.0, 2: 0.3})
+    handed: list[tuple[int, float]] = []
+    started = time.monotonic()
+    replies = PromptGrid(sites).send_and_receive([1, 2], timeout=30, each=lambda r: handed.append(
+        (r.metadata.src_node_id, time.monotonic() - started)))
+    assert [node for node, _ in handed] == [1, 2] and len(replies) == 2
+    assert handed[0][1] < 0.15, "the first reply is handed over long before the second comes"
+
+
 def test_a_site_that_never_answers_costs_the_timeout_and_the_others_are_kept():
     sites = SlowSites({1: 0.0, 2: None})
     grid = PromptGrid(sites, longest_interval=0.05)
