@@ -46,11 +46,11 @@ END_CUDA = "<!-- bench-cuda:end -->"
 # name: (module, arguments at the measured size, arguments at the tiny size)
 PARTS: dict[str, tuple[str, list[str], list[str]]] = {
     "rounds": ("rounds", ["--sites", "3", "--studies", "40", "--rounds", "10"],
-               ["--sites", "2", "--studies", "6", "--image-size", "32", "--slices", "4", "--rounds", "1", "--repeats", "1",
+               ["--sites", "2", "--studies", "16", "--image-size", "32", "--slices", "4", "--rounds", "1", "--repeats", "1",
                 "--no-warm"]),
-    "site_message": ("site_message", ["--repeats", "3", "--studies", "40"], ["--repeats", "1", "--studies", "6"]),
+    "site_message": ("site_message", ["--repeats", "3", "--studies", "40"], ["--repeats", "1", "--studies", "16"]),
     "scaling": ("scaling", ["--sites", "5", "10", "20", "--rounds", "20", "--studies", "16"],
-                ["--sites", "2", "--rounds", "2", "--studies", "4", "--image-size", "32", "--slices", "4", "--no-warm"]),
+                ["--sites", "2", "--rounds", "2", "--studies", "16", "--image-size", "32", "--slices", "4", "--no-warm"]),
     "backbone": ("backbone", ["--seconds", "4"],
                  ["--seconds", "0.3", "--studies", "4", "--batch", "8", "--image-size", "32"]),
     # A site's default encode batch (32 studies of 8 images) at a clinical resolution: on a GPU only

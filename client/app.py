@@ -26,9 +26,10 @@ from common.config import ConfigError, RunConfig, SiteConfig
 from common.data.errors import DataError
 from client.budget import BadBudgetId, check_budget_id
 from common.exchange import ARRAYS_KEY, EVALUATE_FIRST_KEY, EVALUATION_KEY, FID_KEY, GLOBAL_DIGEST_KEY, \
-    GLOBAL_NOT_HELD, METRICS_KEY, SITE_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, UPDATE_NAMES_KEY, \
+    GLOBAL_NOT_HELD, METRICS_KEY, POLICY_KEY, SITE_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, UPDATE_NAMES_KEY, \
     UpdateError, arrays_digest, load_array_record, to_array_record, trainable_state
-from common.model import BackboneMismatchError, BackboneWeightsError, check_backbone_hash
+from common.model import BackboneMismatchError, BackboneWeightsError, check_backbone_hash, trainable_parameter_count
+from common.policy import PolicyRefused, SitePolicy
 
 log = logging.getLogger(__name__)
 # The audit mod is outermost: it sees each reply exactly as Flower sends it (drills included,
@@ -46,23 +47,23 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _handle(msg, context, _evaluate)
 
 
-def _train(session: SiteSession, msg: Message, context: Context) -> RecordDict:
+def _train(session: SiteSession, msg: Message, context: Context, policy: SitePolicy) -> RecordDict:
     """Train from the global model; first score it, when the message asks (``evaluate-first``):
     the previous round's evaluation rides in this round's training message."""
     evaluate_first = msg.content["config"].get(EVALUATE_FIRST_KEY, False)
     if not isinstance(evaluate_first, bool):
         raise ConfigError(f"{EVALUATE_FIRST_KEY} must be true or false, got {evaluate_first!r}")
-    evaluation = _evaluation(session, msg) if evaluate_first else None
-    content = _train_from_global(session, msg, context)
+    evaluation = _evaluation(session, msg, policy) if evaluate_first else None
+    content = _train_from_global(session, msg, context, policy)
     if evaluation is not None:
         content[EVALUATION_KEY] = evaluation
     return content
 
 
-def _train_from_global(session: SiteSession, msg: Message, context: Context) -> RecordDict:
+def _train_from_global(session: SiteSession, msg: Message, context: Context, policy: SitePolicy) -> RecordDict:
     server_round = int(msg.content["config"].get("server-round", 0))
     if session.config.privacy.dp_enabled:
-        return _train_private(session, msg, context, server_round)
+        return _train_private(session, msg, context, server_round, policy)
     start = _trainable_numpy(session) if is_secure(msg) else None  # secure aggregation masks the update
     result = train_local(session.model, session.inputs, session.data.train_index, session.config.train,
                          session.device, server_round, proximal_mu(msg))
@@ -91,7 +92,8 @@ def _train_reply(session: SiteSession, msg: Message, start: "OrderedDict[str, np
     return content
 
 
-def _train_private(session: SiteSession, msg: Message, context: Context, server_round: int) -> RecordDict:
+def _train_private(session: SiteSession, msg: Message, context: Context, server_round: int,
+                   policy: SitePolicy) -> RecordDict:
     """DP-SGD with the site's ledger: charged under its lock (disk and context.state) before training."""
     # Opacus only where DP is on: its import costs a deployed site about 3 s on every message.
     from client.privacy import STATE_KEY as PRIVACY_STATE_KEY
@@ -102,7 +104,7 @@ def _train_private(session: SiteSession, msg: Message, context: Context, server_
     budget_id = check_budget_id(str(msg.content["config"].get("budget-id", context.run_id)))
     state = context.state.config_records.get(PRIVACY_STATE_KEY)
     units = privacy_units(session.data.train_index, session.data.groups, config.privacy.dp_unit)
-    budget = SitePrivacy.resolve(config.privacy, session.site, len(units))
+    budget = SitePrivacy.resolve(config.privacy, session.site, len(units), policy.max_delta)
     with PrivacyLedger.locked(session.site, budget_id):
         ledger = PrivacyLedger.load(session.site, budget_id, config.privacy.dp_accountant,
                                     str(state["ledger"]) if state is not None and "ledger" in state else None)
@@ -134,17 +136,18 @@ def proximal_mu(msg: Message) -> float:
     return float(value)
 
 
-def _evaluate(session: SiteSession, msg: Message, context: Context) -> RecordDict:
-    return RecordDict({METRICS_KEY: _evaluation(session, msg), SITE_KEY: _site_status(session, STATUS_OK)})
+def _evaluate(session: SiteSession, msg: Message, context: Context, policy: SitePolicy) -> RecordDict:
+    return RecordDict({METRICS_KEY: _evaluation(session, msg, policy), SITE_KEY: _site_status(session, STATUS_OK)})
 
 
-def _evaluation(session: SiteSession, msg: Message) -> MetricRecord:
-    """The site's evaluation statistics of the model loaded in the session."""
+def _evaluation(session: SiteSession, msg: Message, policy: SitePolicy) -> MetricRecord:
+    """The site's evaluation statistics of the model loaded in the session, at no finer a histogram
+    resolution than the site's policy allows."""
     with_fid = msg.content["config"].get(FID_KEY, True)  # a centre without fid-every asks every round
     if not isinstance(with_fid, bool):
         raise ConfigError(f"{FID_KEY} must be true or false, got {with_fid!r}")
     stats = evaluate_local(session.model, session.inputs, session.data.test_index, session.device,
-                           session.config.eval, session.fid, with_fid)
+                           session.config.eval, session.fid, with_fid, policy.min_studies_per_bin)
     return MetricRecord({"num-examples": stats.n, **stats.to_record()})
 
 
@@ -179,12 +182,17 @@ def _site_status(session: SiteSession, status: str) -> ConfigRecord:
                          "backbone-hash": session.backbone_hash})
 
 
-def _handle(msg: Message, context: Context, work: Callable[[SiteSession, Message, Context], RecordDict]) -> Message:
+Handler = Callable[[SiteSession, Message, Context, SitePolicy], RecordDict]
+
+
+def _handle(msg: Message, context: Context, work: Handler) -> Message:
     """Run a handler; whatever goes wrong, the centre gets a reason code and never the text.
 
     Exception messages can name local paths or header values (a patient's folder, a file name),
     so they go to the site's own log (``client/sitelog.py``) with the traceback. The reply carries
-    the reason code and, for an unexpected exception, only its type name."""
+    the reason code and, for an unexpected exception, only its type name.
+
+    The site's policy is checked first: a message it refuses reads no data and charges nothing."""
     site_name = str(context.node_config.get("site-name", context.node_config.get("partition-id", "?")))
     try:
         config = RunConfig.from_mapping(context.run_config)
@@ -195,11 +203,20 @@ def _handle(msg: Message, context: Context, work: Callable[[SiteSession, Message
     site_name = site.site_name
     with site_logging(site.state_dir):
         try:
+            policy = SitePolicy.of_site(site)
+            policy.check_run_config(config, trainable_parameter_count(config.model))
+            if msg.metadata.message_type == MessageType.TRAIN:
+                policy.check_secure_message(is_secure(msg))
             session = open_session(config, site)
+            policy.check_training_size(len(session.data.train_index))
             raise_phi_drill(context, site_name, str(site.data_path / "studies" / session.data.studies[0]))
             check_backbone_hash(str(msg.content["config"].get("backbone-hash", "")), session.backbone_hash)
             load_array_record(session.model, global_model(msg, context), config.federation.wire_dtype)
-            content = work(session, msg, context)
+            content = work(session, msg, context, policy)
+        except PolicyRefused as exc:
+            log.warning("site %s refused the message by its policy: %s", site_name, exc)
+            console.warning("site %s refused the message: %s %s (site policy)", site_name, exc.code, exc.key)
+            content = _error_reply(site_name, exc.code, policy_key=exc.key)
         except KNOWN_ERRORS as exc:
             code = getattr(exc, "code", None) or _CODES[next(t for t in _CODES if isinstance(exc, t))]
             if isinstance(exc, GlobalModelNotHeld):  # routine: the centre resends the model itself
@@ -217,10 +234,12 @@ def _handle(msg: Message, context: Context, work: Callable[[SiteSession, Message
     return Message(content, reply_to=msg)
 
 
-def _error_reply(site_name: str, code: str, exception_type: str = "") -> RecordDict:
+def _error_reply(site_name: str, code: str, exception_type: str = "", policy_key: str = "") -> RecordDict:
     record = ConfigRecord({"status": STATUS_ERROR, "reason": code, "site-name": site_name})
     if exception_type:
         record["exception-type"] = exception_type[:80]
+    if policy_key:  # a key name from the code, never a value of the site
+        record[POLICY_KEY] = policy_key
     return RecordDict({SITE_KEY: record})
 
 

@@ -1,8 +1,9 @@
 """clinicfl-client: site-side commands.
 
-    clinicfl-client check-data SITE_DIR [--layout auto] [--image-size 64 --seq-len 8] [--json]
+    clinicfl-client check-data SITE_DIR [--layout auto] [--image-size 64 --seq-len 8] [--json] [--policy FILE]
     clinicfl-client start --superlink HOST:PORT --data-path SITE_DIR --ca-cert ca.crt --key site.key
-                          [--state-dir DIR] [--site-name NAME] [--port 9094] [--node-config k=v ...]
+                          [--policy FILE] [--state-dir DIR] [--site-name NAME] [--port 9094] [--node-config k=v ...]
+    clinicfl-client policy [--state-dir DIR | --policy FILE]   the site policy in force
     clinicfl-client predict MODEL INPUT [--out DIR] [--state-dir DIR | --stats-from SITE_DIR] [--dicom-out]
     clinicfl-client approve [BUNDLE.fab | --app DIR] --state-dir DIR   approve an app bundle (by its hash)
     clinicfl-client approvals --state-dir DIR | revoke SHA256 --state-dir DIR
@@ -22,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from client.datacheck import check_site
 from common.processes import console_logging, parse_assignments
 from common.config import SITE_LAYOUTS, ConfigError, DataConfig, FederationConfig, SiteConfig
 from common.data.errors import DataError
+from common.policy import SitePolicy
 from sitegate.approvals import approvals_file, approve, approved_hashes, bundle_hash, project_bundle, \
     read_approvals, revoke
 
@@ -50,11 +53,13 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     config = _data_config(args)
     site_dir = Path(args.site_dir)
     cache_dir = Path(args.state_dir) / "cache" / "preprocessed" if args.state_dir else None
+    policy, source = policy_in_force(Path(args.state_dir) if args.state_dir else None, args.policy)
     summary = check_site(site_dir, config, args.num_labels, args.layout, cache_dir, progress=sys.stderr.isatty())
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps({**summary, "policy": {"source": source, **policy.to_mapping()}}, indent=2))
     elif summary["usable"]:
         print_summary(summary, Console())
+        print_policy(policy, source, Console(), training_studies=summary["train_studies"])
     if not summary["usable"]:
         # One line a site admin can act on, not a traceback.
         print(f"error: {summary['error']['message']}", file=sys.stderr)
@@ -69,7 +74,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         node_config["site-name"] = args.site_name
     if args.state_dir:
         node_config["state-dir"] = str(Path(args.state_dir).expanduser().resolve())
+    if args.policy:
+        node_config["site-policy"] = str(Path(args.policy).expanduser().resolve())
     site = SiteConfig.from_node_config(node_config, FederationConfig())  # the same parsing as the ClientApp
+    policy = SitePolicy.load(site.policy_path)  # a bad file stops the start here, not every message later
     if args.insecure:
         print("WARNING: --insecure: the connection is not encrypted and the server is not verified.", file=sys.stderr)
     elif not args.ca_cert or not args.key:
@@ -101,6 +109,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     quarantined = sum(q["count"] for q in summary["quarantine"])
     print(f"data ok: {summary['studies']} studies ({summary['train_studies']} train / {summary['test_studies']} test), "
           f"{quarantined} quarantine entries", flush=True)
+    print(f"site policy: {site.policy_path or 'the defaults (no --policy)'}"
+          + ("" if summary["train_studies"] >= policy.min_training_studies else
+             f"; WARNING: {summary['train_studies']} training studies are fewer than its min-training-studies "
+             f"{policy.min_training_studies}: every message will be refused"), flush=True)
     return SupernodeDaemon(settings, restart=not args.no_restart).run()
 
 
@@ -122,13 +134,20 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_approvals(args: argparse.Namespace) -> int:
-    entries = read_approvals(approvals_file(Path(args.state_dir).expanduser()))
+    path = approvals_file(Path(args.state_dir).expanduser())
+    try:
+        entries, problem = read_approvals(path), None
+    except ValueError as exc:  # ApprovalsError: listed anyway, for the admin to review before fixing it
+        entries, problem = read_approvals(path, trusted_only=False), exc
     table = Table(title=f"approved app bundles ({len(entries)})")
     for column in ("sha256", "label", "approved"):
         table.add_column(column, no_wrap=column == "sha256")
     for entry in entries:
         table.add_row(entry["sha256"], entry.get("label", ""), entry.get("approved-at", ""))
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+    if problem is not None:
+        print(f"error: the site gate refuses every app bundle until this is fixed: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -154,27 +173,104 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy(args: argparse.Namespace) -> int:
+    policy, source = policy_in_force(Path(args.state_dir) if args.state_dir else None, args.policy)
+    if args.json:
+        print(json.dumps({"source": source, **policy.to_mapping()}, indent=2))
+    else:
+        print_policy(policy, source, Console(width=None if sys.stdout.isatty() else 160))
+    return 0
+
+
+def policy_in_force(state_dir: Path | None, policy_file: str | None) -> tuple[SitePolicy, str]:
+    """The site policy and where it comes from: ``--policy``, else the file the site daemon last
+    started with (its node config in the state dir), else the defaults."""
+    if policy_file:
+        path = Path(policy_file).expanduser().resolve()
+        return SitePolicy.load(path), str(path)
+    path = state_dir.expanduser() / "node-config.toml" if state_dir else None
+    if path is None or not path.is_file():
+        return SitePolicy(), "the defaults (no policy file given)"
+    with path.open("rb") as handle:
+        node_config = tomllib.load(handle)
+    node_config.setdefault("data-path", str(state_dir))  # only its policy keys are read here
+    site = SiteConfig.from_node_config(node_config, FederationConfig())
+    source = f"{site.policy_path} (as the site daemon started with it)" if site.policy_path else \
+        "the defaults (the site daemon started without --policy)"
+    if site.dp_target_epsilon is not None:
+        source += "; require-dp because the node config sets dp-target-epsilon"
+    return SitePolicy.of_site(site), source
+
+
+POLICY_MEANING = {
+    "require-dp": "refuse any run without DP-SGD here",
+    "max-epsilon": "largest dp-target-epsilon accepted (whole run)",
+    "max-delta": "largest dp-target-delta accepted; caps the automatic delta",
+    "dp-unit": "weakest privacy unit accepted (study < patient)",
+    "require-secure-aggregation": "every update through SecAgg+",
+    "min-training-studies": "fewer training studies: the site takes part in nothing",
+    "max-eval-bins": "finest score histogram a run may ask for",
+    "min-studies-per-bin": "k: at most one histogram bin per k test studies (0: no cap)",
+    "min-image-metrics-sample": "PSNR/SSIM/FID over at least this many test images",
+    "max-fid-dim": "largest FID feature width",
+    "max-image-size": "largest image-size and fid-image-size",
+    "max-seq-len": "largest seq-len",
+    "max-batch-size": "largest batch-size",
+    "max-local-epochs": "largest local-epochs",
+    "max-trainable-parameters": "largest model the run may train here",
+}
+
+
+def print_policy(policy: SitePolicy, source: str, console: Console, training_studies: int | None = None) -> None:
+    defaults = SitePolicy().to_mapping()
+    table = Table(title=f"site policy in force: {source}")
+    for column in ("key", "value", "default", "meaning"):
+        table.add_column(column, justify="right" if column in ("value", "default") else "left")
+    for key, value in policy.to_mapping().items():
+        table.add_row(key, _policy_value(value), _policy_value(defaults[key]), POLICY_MEANING.get(key, ""))
+    console.print(table)
+    if training_studies is not None and training_studies < policy.min_training_studies:
+        console.print(f"[red]this site has {training_studies} training studies, fewer than min-training-studies "
+                      f"{policy.min_training_studies}: it will refuse every message[/]")
+
+
+def _policy_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from client.predict import ModelRefused, run_prediction
+    from rich.markup import escape
+
+    from client.outputs import write_outputs
+    from client.predict import ModelRefused, PredictionRequest, compute_predictions
+    from client.text import printable_ascii
 
     input_path = Path(args.input)
     out = Path(args.out) if args.out else Path("predictions") / f"{input_path.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    request = PredictionRequest(Path(args.model), input_path, Path(args.state_dir) if args.state_dir else None,
+                                Path(args.stats_from) if args.stats_from else None, args.layout, args.device)
+    progress = sys.stderr.isatty()
     try:
-        run = run_prediction(Path(args.model), input_path, out, Path(args.state_dir) if args.state_dir else None,
-                             Path(args.stats_from) if args.stats_from else None, args.layout, args.device,
-                             args.dicom_out, progress=sys.stderr.isatty())
+        run = compute_predictions(request, progress=progress)
     except ModelRefused as exc:
         print(f"error: model refused: {exc}", file=sys.stderr)
         return 2
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    write_outputs(run, out, dicom_out=args.dicom_out, progress=progress)
     console = Console()
     table = Table(title=f"{len(run.studies)} studies scored ({run.studies_per_second:.2f} studies/s on {run.device})")
-    for column in ("study", *[f"{label} p" for label in run.labels], "decision", "top image"):
+    # label names come from the centre: plain text, never terminal control codes or rich markup
+    for column in ("study", *[f"{escape(printable_ascii(label, 64))} p" for label in run.labels], "decision",
+                   "top image"):
         table.add_column(column)
     for s in run.studies[:50]:
-        table.add_row(s.study, *[f"{p:.3f}" for p in s.calibrated],
+        table.add_row(escape(s.study), *[f"{p:.3f}" for p in s.calibrated],
                       ", ".join("positive" if d else "negative" for d in s.decision), f"#{s.attention.index(max(s.attention)) + 1}")
     console.print(table)
     if len(run.studies) > 50:
@@ -236,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     add_data_arguments(check)
     check.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
     check.add_argument("--state-dir", default="", help="the site's state dir: reuse and fill its preprocess cache")
+    check.add_argument("--policy", help="the site policy file to show (default: the one the daemon started with)")
     check.set_defaults(func=cmd_check_data)
     start = sub.add_parser("start", help="check the data, then run this site's SuperNode until stopped")
     start.add_argument("--superlink", required=True, help="the centre's address, host:port")
@@ -248,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--port", type=int, default=9094, help="local SuperNode port (one per SuperNode on a host)")
     start.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
                        help="more node config, e.g. dp-target-epsilon=4 audit-outgoing=true")
+    start.add_argument("--policy", help="the site policy (TOML) that every run must meet (default: the built-in "
+                                        "defaults, docs/privacy.md)")
     start.add_argument("--no-restart", action="store_true", help="exit when the SuperNode exits")
     start.add_argument("--no-approval", action="store_true",
                        help="run any app bundle the centre sends (tests and simulations only)")
@@ -276,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     revoke_p.add_argument("sha256")
     revoke_p.add_argument("--state-dir", required=True)
     revoke_p.set_defaults(func=cmd_revoke)
+    policy_p = sub.add_parser("policy", help="show the site policy in force")
+    policy_p.add_argument("--state-dir", help="the site's state dir (the policy its daemon started with)")
+    policy_p.add_argument("--policy", help="a policy file to check and show")
+    policy_p.add_argument("--json", action="store_true")
+    policy_p.set_defaults(func=cmd_policy)
     stop = sub.add_parser("stop", help="stop the site daemon started with this state dir")
     stop.add_argument("--state-dir", required=True)
     stop.set_defaults(func=cmd_stop)

@@ -135,8 +135,10 @@ class SitePrivacy:
     accountant: str
 
     @classmethod
-    def resolve(cls, config: PrivacyConfig, site: SiteConfig, n_units: int) -> "SitePrivacy":
-        delta = config.dp_target_delta or min(1e-5, 1.0 / (10 * max(n_units, 1)))
+    def resolve(cls, config: PrivacyConfig, site: SiteConfig, n_units: int, max_delta: float = 1.0) -> "SitePrivacy":
+        """``max_delta``: the site policy's cap on the automatic delta (an explicit delta above it
+        is refused before this runs, common/policy.py)."""
+        delta = config.dp_target_delta or min(1e-5, 1.0 / (10 * max(n_units, 1)), max_delta)
         epsilon = config.dp_target_epsilon
         if site.dp_target_epsilon is not None:
             epsilon = min(epsilon, site.dp_target_epsilon)

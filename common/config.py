@@ -235,6 +235,9 @@ class FederationConfig:
     # Simulation only (client/drills.py): a fault drill, and the sites that run it ("" = all).
     drill: str = ""
     drill_sites: str = ""
+    # Simulation only: the site policy file every simulated site applies (common/policy.py). A
+    # deployed site ignores it and reads only its own (clinicfl-client start --policy).
+    site_policy: str = ""
     # Secure aggregation (SecAgg+, server/secure_aggregation.py): the centre learns only the
     # weighted sum of the sites' updates. Each update is clipped to +-secagg-clipping-range,
     # quantised to 2**secagg-quantization-bits levels and masked. Shares: 0 = every sampled site;
@@ -386,17 +389,21 @@ class SiteConfig:
     dp_target_delta: float | None = None
     dp_budget_scope: str = "run"  # "site": one ledger for every run on this data
     layout: str = "auto"  # dicom (labels.csv + studies/), mura, mrnet, or auto (detected)
+    # The site admin's policy file (common/policy.py); None: the policy's defaults.
+    policy_path: Path | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], federation: FederationConfig) -> "SiteConfig":
         """Deployment: ``data-path`` (and optional ``state-dir``, ``site-name``) come from the
         SuperNode's node config. Simulation: the site is sub-folder ``partition-id`` of data-root."""
+        policy = node_config.get("site-policy")
         if "data-path" in node_config:
             data_path = Path(str(node_config["data-path"])).expanduser()
             site_name = str(node_config.get("site-name", data_path.name))
         elif "partition-id" in node_config:
             data_path = simulated_site_path(federation.data_root, int(node_config["partition-id"]))
             site_name = data_path.name
+            policy = policy or federation.site_policy  # a simulation's sites may share one policy
         else:
             raise ConfigError("node config has no data-path: start the SuperNode with "
                               "--node-config 'data-path=\"/path/to/site\"'")
@@ -410,7 +417,8 @@ class SiteConfig:
             raise ConfigError(f"node config layout must be one of {SITE_LAYOUTS}, got {layout!r}")
         return cls(data_path=data_path, state_dir=state_dir, site_name=site_name, layout=layout,
                    dp_target_epsilon=_optional_float(node_config, "dp-target-epsilon"),
-                   dp_target_delta=_optional_float(node_config, "dp-target-delta"), dp_budget_scope=scope)
+                   dp_target_delta=_optional_float(node_config, "dp-target-delta"), dp_budget_scope=scope,
+                   policy_path=Path(str(policy)).expanduser() if policy else None)
 
 
 def _optional_float(values: Mapping[str, Any], key: str) -> float | None:

@@ -24,6 +24,7 @@ METRICS_KEY = "metrics"
 SITE_KEY = "site"  # ConfigRecord: status, reason code, backbone hash, site name; never data
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+POLICY_KEY = "policy-key"  # with reason policy-refused: the run-config (or policy) key the site's policy refused
 STATUS_BUDGET_EXHAUSTED = "budget-exhausted"  # the site's privacy budget does not allow another round
 # A train message may name the global model by digest instead of carrying it: the site already
 # holds it from the evaluation message of the previous round (the same model, sent once).

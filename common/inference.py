@@ -302,9 +302,10 @@ def image_sample(mask: Tensor, size: int) -> tuple[Tensor, Tensor]:
 
 def evaluate_local(model: InjuryNet, data: SiteInputs, test_index: np.ndarray, device: torch.device,
                    config: EvalConfig, fid: FidFeatureExtractor | None = None,
-                   with_fid: bool = True) -> EvaluationStats:
+                   with_fid: bool = True, min_studies_per_bin: int = 1) -> EvaluationStats:
     """Sufficient statistics of the site's test split: no per-study value leaves this function.
-    ``with_fid`` False: no FID moments (the round does not compute FID, see ``fid-every``)."""
+    ``with_fid`` False: no FID moments (the round does not compute FID, see ``fid-every``).
+    ``min_studies_per_bin``: the site policy's k, which caps the histogram resolution."""
     fid_dim = config.fid_dim if model.config.recon_head else None
     if len(test_index) == 0:
         return EvaluationStats.empty(data.labels.shape[1], fid_dim, with_fid)
@@ -329,7 +330,7 @@ def evaluate_local(model: InjuryNet, data: SiteInputs, test_index: np.ndarray, d
                             fake_moments)
     return EvaluationStats(
         ClassificationStats.from_predictions(pred.probs.numpy(), labels.numpy(), loss_sum, config.threshold,
-                                          histogram_bins(len(test_index), config.eval_bins)),
+                                          histogram_bins(len(test_index), config.eval_bins, min_studies_per_bin)),
         ErrorStats.from_predictions(pred.probs.numpy(), labels.numpy(), severity, targets),
         images,
         InceptionStats.from_probabilities(pred.probs.numpy()),

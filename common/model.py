@@ -370,6 +370,15 @@ def build_model(config: ModelConfig) -> InjuryNet:
     return model
 
 
+@lru_cache(maxsize=8)
+def trainable_parameter_count(config: ModelConfig) -> int:
+    """How many parameters the model ``config`` builds would train, counted on the meta device: no
+    memory, no weights file read (a site checks this before it builds anything)."""
+    with torch.device("meta"):
+        model = InjuryNet(config, backbone=ResNetTrunk(config.freeze, net=_empty_trunk()))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 @lru_cache(maxsize=2)
 def frozen_trunk(weights: str, seed: int) -> "ResNetTrunk":
     # The loaded trunk itself, whose tensors are the cached state: nothing changes a frozen trunk.

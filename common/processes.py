@@ -56,7 +56,7 @@ def write_config_file(values: dict[str, object], path: Path) -> Path:
 # Run-config keys that hold paths. The ServerApp and ClientApps run from Flower's app folder, so
 # a relative path must be made absolute where the user typed it.
 PATH_KEYS = ("run-dir", "data-root", "server-val-path", "resume-from", "site-registry", "fid-inception-weights",
-             "backbone-weights")
+             "backbone-weights", "site-policy")
 
 
 def absolute_paths(values: dict[str, object], base: Path | None = None) -> dict[str, object]:

@@ -38,6 +38,8 @@ prompt_simulation_dispatch()
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(context.run_config)
     fed = config.federation
+    # A run that names a site registry admits only its sites; a missing file stops the run here.
+    identities = SiteIdentities.from_registry(Path(fed.site_registry).expanduser() if fed.site_registry else None)
     model = build_model(config.model)
     backbone_hash = frozen_backbone_hash(model)
     arrays = to_array_record(model)
@@ -61,12 +63,12 @@ def main(grid: Grid, context: Context) -> None:
                                 config.eval.fid_dim, config.eval.fid_inception_weights,
                                 config.eval.fid_image_size or config.model.image_size),
                             min_site_cases=config.eval.min_site_cases,
+                            image_sample=config.eval.image_metrics_sample, images_per_study=config.model.seq_len,
                             fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                             trim_fraction=fed.trim_fraction,
                             max_update_norm=fed.max_update_norm, wire_dtype=fed.wire_dtype,
                             wire_compression=fed.wire_compression,
-                            identities=SiteIdentities.from_registry(
-                                Path(fed.site_registry).expanduser() if fed.site_registry else None))
+                            identities=identities)
     central = (CentralValidation(config, Path(config.eval.server_val_path).expanduser(), build_model(config.model))
                if config.eval.server_val_path else None)
     tracker = GuardedTracker(open_tracker(fed.tracking, run.path, config.to_mapping(), fed.tracking_uri,

@@ -35,6 +35,7 @@ from server.centre import CONNECTION, PROJECT_ROOT, Centre, CentreError, flwr, k
     running_superlink, start_superlink, stop_superlink
 from common.runlog import read_metrics
 from server.runs import best_round, print_rounds, read_run_state, record_stop, write_control
+from server.identities import RegistryError, SiteIdentities
 
 
 def _centre(args: argparse.Namespace) -> Centre:
@@ -152,6 +153,12 @@ def run_overrides(args: argparse.Namespace, centre: Centre) -> dict[str, object]
 
 def submit_run(centre: Centre, values: dict[str, object], app: Path = PROJECT_ROOT) -> int:
     RunConfig.from_mapping(values)  # a bad or incompatible setting is refused here, in one line
+    registry = values.get("site-registry")
+    if registry:
+        try:
+            SiteIdentities.from_registry(Path(str(registry)))  # the ServerApp would stop on it
+        except RegistryError as exc:
+            raise CentreError(str(exc)) from None
     if running_superlink(centre) is None:
         raise CentreError("the SuperLink is not running: clinicfl-server start")
     digest = bundle_hash(project_bundle(app))

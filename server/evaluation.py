@@ -83,5 +83,7 @@ class CentralValidation:
         load_array_record(self.model, arrays)
         if self.config.model.freeze != "frozen":
             fit_feature_norm(self.model, self.inputs, self.index, self.device)
-        stats = evaluate_local(self.model, self.inputs, self.index, self.device, self.config.eval, self.fid, with_fid)
+        # The centre's own data: eval-bins as configured, no site's k applies (0).
+        stats = evaluate_local(self.model, self.inputs, self.index, self.device, self.config.eval, self.fid, with_fid,
+                               min_studies_per_bin=0)
         return compute_catalogue(stats, self.config.model.names(), self.fid.name)

@@ -6,14 +6,26 @@ stages (setup, share keys, collect masked vectors, unmask) from our ServerApp, w
 primitives (Shamir secret sharing, key agreement, its PRG, quantisation); the sites run Flower's
 unmodified ``secaggplus_mod`` (client/secure_aggregation.py). No cryptography is written here.
 
-Where it departs from the workflow, it is to validate and to survive dropouts:
+Where it departs from the workflow, it is to validate, to survive dropouts and to survive one
+hostile site (no protocol record, however malformed, raises out of ``SecureAggregation.train``):
+- public keys must load and work in key agreement, and no two sites may send the same key (each
+  site's mod would refuse the set); a site whose keys fail is dropped at setup;
+- a site's encrypted key shares must be addressed to each of its neighbours exactly once;
 - a reply that fails a check (metrics, status, shapes and names of the masked arrays, num-examples)
   is treated as a dropped site: its vector stays out of the sum and its pairwise masks are removed
   with the shares of its neighbours, as for a site that went silent;
 - a site that dropped before its key shares were forwarded has masked nothing and needs no
   reconstruction (the workflow would fail the round for it);
 - the masks of a dropped site are removed only against neighbours whose vectors are in the sum;
+- key shares count once per site that hands them in, only for the sites it was asked about, and
+  only with the Shamir index their owner gave that site; a rebuilt mask seed must have the seed's
+  length and a rebuilt private key must match the public key its owner sent at setup. When all
+  shares together fail but leaving one out succeeds, that one is left out (with a note); any
+  other reconstruction failure drops the round's aggregation, never the run;
 - the sum's weight factor must equal the one the sites' reported num-examples imply;
+- the unmasked mean update must stay within the clipping range plus the quantisation error bound
+  (a site that alters a masked coordinate moves the sum by a multiple of a quantisation step that
+  the other checks cannot see);
 - fewer than two vectors in the sum are never unmasked (that would reveal one site's update).
 
 Sites mask their *update* (trained minus global), clipped to +-clipping range and quantised to
@@ -26,8 +38,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -39,7 +52,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.serverapp import Grid
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key, generate_key_pairs
 
 from common.config import FederationConfig
 from common.exchange import UPDATE_NAMES_KEY, payload_bytes, site_record
@@ -48,6 +61,7 @@ from server.strategy import ClinicFedAvg, RoundReport
 log = logging.getLogger(__name__)
 
 MOD_RANGE = 2 ** 32  # Flower's PRG draws masks below 2**32
+SEED_BYTES = 32  # secaggplus_mod's private mask seed is os.urandom(32)
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,9 @@ class _Round:
     traffic: dict[int, list[int]]  # node -> [bytes sent, bytes received]
     dropped: dict[int, str]  # node -> stage and reason
     seconds: dict[str, float]
+    # owner -> holder -> the Shamir index of the share the owner made for that holder: the mod
+    # numbers its shares in the order of the public keys the centre forwarded to it (from 1)
+    share_index: dict[int, dict[int, int]] = field(default_factory=dict)
 
 
 class SecureAggregation:
@@ -139,6 +156,9 @@ class SecureAggregation:
             result = self._unmask(server_round, arrays, state, keyed, accepted, report)
         except _Abort as abort:
             result = self._give_up(report, str(abort))
+        except Exception as exc:  # noqa: BLE001 - no site may end the run; the checks missed this one
+            log.exception("round %d: secure aggregation failed", server_round)
+            result = self._give_up(report, f"the protocol failed ({type(exc).__name__})")
         finally:
             self._report(report, state)
         return result
@@ -151,14 +171,26 @@ class SecureAggregation:
                   Key.TARGET_RANGE: s.quantization_range, Key.MOD_RANGE: MOD_RANGE,
                   Key.MAX_WEIGHT: float(s.max_weight)}
         replies = self._exchange(server_round, state, Stage.SETUP, {n: ConfigRecord(config) for n in state.sampled})
-        active = set()
+        # A key the sites cannot use would make every neighbour's mod fail in the next stages:
+        # each key must load and agree with a throwaway key of the centre's, as the sites' will.
+        probe = generate_key_pairs()[0]
+        keys: dict[int, tuple[bytes, bytes]] = {}
         for node, cfg in replies.items():
             pk1, pk2 = cfg.get(Key.PUBLIC_KEY_1), cfg.get(Key.PUBLIC_KEY_2)
-            if isinstance(pk1, bytes) and isinstance(pk2, bytes) and pk1 and pk2 and pk1 != pk2:
-                state.public_keys[node] = (pk1, pk2)
-                active.add(node)
+            problem = _public_keys_problem(pk1, pk2, probe)
+            if problem:
+                state.dropped[node] = f"{Stage.SETUP}: {problem}"
             else:
-                state.dropped[node] = f"{Stage.SETUP}: no public keys in the reply"
+                keys[node] = (pk1, pk2)
+        # Each site's mod refuses a set of keys with a repeat: a key two sites sent drops both.
+        sent = Counter(key for pair in keys.values() for key in pair)
+        active = set()
+        for node, pair in keys.items():
+            if any(sent[key] > 1 for key in pair):
+                state.dropped[node] = f"{Stage.SETUP}: a public key another site also sent"
+            else:
+                state.public_keys[node] = pair
+                active.add(node)
         self._check_threshold(state, active, Stage.SETUP)
         return active
 
@@ -166,7 +198,9 @@ class SecureAggregation:
         """Forward each site's neighbours' public keys; returns node -> (sources, ciphertexts) to
         forward to it (only from sites that completed this stage: they have masked with it)."""
         def config(node: int) -> ConfigRecord:
-            record = ConfigRecord({str(nb): list(state.public_keys[nb]) for nb in state.neighbours[node] & active})
+            members = sorted(state.neighbours[node] & active)
+            state.share_index[node] = {holder: i + 1 for i, holder in enumerate(members)}
+            record = ConfigRecord({str(nb): list(state.public_keys[nb]) for nb in members})
             record[Key.STAGE] = Stage.SHARE_KEYS
             return record
 
@@ -175,9 +209,13 @@ class SecureAggregation:
         for node, cfg in replies.items():
             dsts, texts = cfg.get(Key.DESTINATION_LIST), cfg.get(Key.CIPHERTEXT_LIST)
             if not (isinstance(dsts, list) and isinstance(texts, list) and len(dsts) == len(texts)
-                    and all(isinstance(d, int) and d in state.neighbours[node] for d in dsts)
-                    and all(isinstance(t, bytes) for t in texts)):
+                    and all(type(d) is int for d in dsts) and all(isinstance(t, bytes) for t in texts)):
                 state.dropped[node] = f"{Stage.SHARE_KEYS}: malformed key shares"
+                continue
+            # A neighbour left without this site's shares would not mask against it, while the
+            # others would: the masks would not cancel.
+            if len(set(dsts)) != len(dsts) or set(dsts) != (state.neighbours[node] & active) - {node}:
+                state.dropped[node] = f"{Stage.SHARE_KEYS}: key shares not addressed to each neighbour once"
                 continue
             forward.setdefault(node, ([], []))
             for dst, text in zip(dsts, texts):
@@ -208,11 +246,10 @@ class SecureAggregation:
             replies.update(again)
         accepted: dict[int, tuple[list[np.ndarray], int]] = {}
         for node, reply in replies.items():
-            site = self.strategy._site_of(reply, "train", report)  # noqa: SLF001 - the strategy's naming
+            site = self.strategy.site_of(reply, "train", report)
             taken, vector = None, []
             try:
-                taken = self.strategy._take_train_reply(server_round, site, reply, report,  # noqa: SLF001
-                                                        masked=True)
+                taken = self.strategy.take_train_reply(server_round, site, reply, report, masked=True)
                 problem = None if taken is not None else "no update (see the round's rejections)"
                 if taken is not None:
                     vector, problem = self._masked_vector(reply)
@@ -266,28 +303,25 @@ class SecureAggregation:
                                        Key.DEAD_NODE_ID_LIST: sorted(state.neighbours[node] & dead)})
                    for node in alive}
         replies = self._exchange(server_round, state, Stage.UNMASK, configs)
-        shares: dict[int, list[bytes]] = {node: [] for node in alive | dead}
-        for node, cfg in replies.items():
-            owners, values = cfg.get(Key.NODE_ID_LIST), cfg.get(Key.SHARE_LIST)
-            if not (isinstance(owners, list) and isinstance(values, list) and len(owners) == len(values)):
-                state.dropped.setdefault(node, f"{Stage.UNMASK}: malformed shares")
-                continue
-            for owner, share in zip(owners, values):
-                if owner in shares and owner in state.neighbours[node] and isinstance(share, bytes):
-                    shares[owner].append(share)
-        short = sorted(node for node, got in shares.items() if len(got) < state.threshold)
+        held = self._gather_shares(state, configs, replies, alive | dead, report)
+        short = sorted(node for node, shares in held.items() if len(shares) < state.threshold)
         if short:
-            raise _Abort(f"too few key shares to remove the masks of {len(short)} site(s) "
-                         f"(threshold {state.threshold})")
+            raise _Abort(f"too few key shares to remove the masks of {', '.join(map(self._name, short))} "
+                         f"(threshold {state.threshold}, counted once per site that hands them in)")
+        # Every secret is rebuilt and checked before any mask is computed.
+        seeds = {node: self._rebuild(state, node, held[node], "private mask seed", _seed_problem, report)
+                 for node in sorted(alive)}
+        keys = {node: bytes_to_private_key(self._rebuild(state, node, held[node], "first private key",
+                                                         _key_check(state.public_keys[node][0]), report))
+                for node in sorted(dead)}
         shapes = [(1,)] + [p.shape for p in self.strategy.spec.values()]
         total = [np.zeros(shape, dtype=np.int64) for shape in shapes]
         for vector, _ in accepted.values():
             total = [(t + v) % MOD_RANGE for t, v in zip(total, vector)]
         for node in alive:  # the private mask of each summed vector
-            mask = pseudo_rand_gen(combine_shares(shares[node]), MOD_RANGE, shapes)
+            mask = pseudo_rand_gen(seeds[node], MOD_RANGE, shapes)
             total = [t - m for t, m in zip(total, mask)]
-        for node in dead:  # the pairwise masks summed sites added against a site that then dropped
-            private = bytes_to_private_key(combine_shares(shares[node]))
+        for node, private in keys.items():  # the pairwise masks summed sites added against a site that then dropped
             for other in (state.neighbours[node] & alive) - {node}:
                 mask = pseudo_rand_gen(generate_shared_key(private, bytes_to_public_key(state.public_keys[other][0])),
                                        MOD_RANGE, shapes)
@@ -300,16 +334,76 @@ class SecureAggregation:
         mean = dequantize(summed, self.settings.clipping_range, self.settings.quantization_range)
         offset = -(len(accepted) - 1) * self.settings.clipping_range
         scale = self.settings.quantization_range / int(weight)
+        # An honest mean update lies within the clipping range up to the quantisation error; a
+        # masked coordinate a site moved lands outside it, unless it moved it by a legitimate amount.
+        bound = self.settings.error_bound(counts)
+        limit = self.settings.clipping_range + bound
+        updates = [(update + offset) * scale for update in mean]
+        for name, update in zip(self.strategy.spec, updates):
+            if not np.all(np.abs(update) <= limit):  # NaN fails it too
+                raise _Abort(f"the unmasked mean update of {name} reaches {float(np.max(np.abs(update))):.4g}, "
+                             f"outside the clipping range {self.settings.clipping_range:g} plus the quantisation "
+                             f"error bound {bound:.3g}: a site altered its masked vector or key shares")
         combined = ArrayRecord()
-        for name, update in zip(self.strategy.spec, mean):
-            value = arrays[name].numpy().astype(np.float64) + (update + offset) * scale
-            value = value.astype(self.strategy.spec[name].dtype)
+        for name, update in zip(self.strategy.spec, updates):
+            value = (arrays[name].numpy().astype(np.float64) + update).astype(self.strategy.spec[name].dtype)
             if not np.all(np.isfinite(value)):
                 raise _Abort("the unmasked aggregate is not finite in float32")
             combined[name] = Array(value)
         report.aggregated = True
-        report.secure_aggregation["quantization_error_bound"] = self.settings.error_bound(counts)
+        report.secure_aggregation["quantization_error_bound"] = bound
         return combined
+
+    def _gather_shares(self, state: _Round, configs: dict[int, ConfigRecord], replies: dict[int, ConfigRecord],
+                       owners: set[int], report: RoundReport) -> dict[int, dict[int, bytes]]:
+        """owner -> holder -> the share that holder handed in: one per holder and owner (so one site
+        cannot fill a threshold alone), only for the owners the holder was asked about, and only
+        a share with the Shamir index its owner made for that holder. Whatever else is left out
+        with a note."""
+        held: dict[int, dict[int, bytes]] = {node: {} for node in owners}
+        for holder, cfg in replies.items():
+            asked = set(configs[holder][Key.ACTIVE_NODE_ID_LIST]) | set(configs[holder][Key.DEAD_NODE_ID_LIST])
+            named, shares = cfg.get(Key.NODE_ID_LIST), cfg.get(Key.SHARE_LIST)
+            problem = None
+            if not (isinstance(named, list) and isinstance(shares, list) and len(named) == len(shares)):
+                problem = "malformed share lists"
+            elif not all(type(owner) is int and owner in asked for owner in named):
+                problem = "shares for sites it was not asked about"
+            elif len(set(named)) != len(named):
+                problem = "more than one share for one site"
+            if problem:
+                self._note(report, f"the key shares {self._name(holder)} handed in were left out: {problem}")
+                continue
+            for owner, share in zip(named, shares):
+                problem = _share_problem(share, state.share_index.get(owner, {}).get(holder))
+                if problem:
+                    self._note(report, f"the key share {self._name(holder)} handed in for {self._name(owner)} "
+                                       f"was left out: {problem}")
+                else:
+                    held[owner][holder] = share
+        return held
+
+    def _rebuild(self, state: _Round, owner: int, held: dict[int, bytes], what: str,
+                 check: Callable[[bytes], str | None], report: RoundReport) -> bytes:
+        """The secret ``owner`` shared, rebuilt from the shares in ``held`` and passing ``check``.
+        Where all of them together fail but leaving out exactly one share (of more than the
+        threshold) succeeds, that share was wrong, altered by its holder or made wrong by its
+        owner: it is left out with a note. Otherwise the round cannot be unmasked."""
+        secret, problem = _combined(list(held.values()), check, state.threshold)
+        if secret is not None:
+            return secret
+        found: dict[int, bytes] = {}
+        if len(held) > state.threshold:
+            for holder in held:
+                candidate, _ = _combined([share for h, share in held.items() if h != holder], check, state.threshold)
+                if candidate is not None:
+                    found[holder] = candidate
+        if len(found) == 1:
+            ((holder, secret),) = found.items()
+            self._note(report, f"the key share {self._name(holder)} handed in for {self._name(owner)} does not "
+                               "fit the others: left out")
+            return secret
+        raise _Abort(f"could not rebuild the {what} of {self._name(owner)} from its key shares: {problem}")
 
     # ------------------------------------------------------------------ messaging
     def _exchange(self, server_round: int, state: _Round, stage: str,
@@ -334,13 +428,13 @@ class SecureAggregation:
         started = time.perf_counter()
         messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
                     for node, content in contents.items()]
-        self.strategy._remember_sent(server_round, "train", messages,  # noqa: SLF001 - to name error replies
-                                     append=stage != Stage.SETUP)
+        # kept so that an error reply the SuperLink makes (naming only our message) finds its node
+        self.strategy.remember_sent(server_round, "train", messages, append=stage != Stage.SETUP)
         for message in messages:
             state.traffic[message.metadata.dst_node_id][0] += payload_bytes(message)
         replies: dict[int, Message] = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            node = self.strategy._node_of(reply)  # noqa: SLF001
+            node = self.strategy.node_of(reply)
             if node in contents:
                 replies[node] = reply
                 state.traffic[node][1] += payload_bytes(reply)
@@ -360,18 +454,81 @@ class SecureAggregation:
         log.warning("round %d: %s", report.server_round, report.notes[-1])
         return None
 
-    def _report(self, report: RoundReport, state: _Round) -> None:
-        def name(node: int) -> str:  # never binds a name: a node's first claim does that
-            return self.strategy.identities.bound.get(node, f"node-{node}")
+    def _name(self, node: int) -> str:
+        """A node's site name; never binds a name: a node's first claim does that."""
+        return self.strategy.identities.bound.get(node, f"node-{node}")
 
+    def _note(self, report: RoundReport, note: str) -> None:
+        report.notes.append(f"secure aggregation: {note}")
+        log.warning("round %d: %s", report.server_round, report.notes[-1])
+
+    def _report(self, report: RoundReport, state: _Round) -> None:
         for node, (sent, received) in state.traffic.items():
             if sent or received:
-                report.count_traffic(name(node), sent, received)
+                report.count_traffic(self._name(node), sent, received)
         info: dict[str, Any] = report.secure_aggregation
         info.update({"sites": len(state.sampled), "shares": state.shares, "threshold": state.threshold,
-                     "dropped": {name(node): why for node, why in sorted(state.dropped.items())},
+                     "dropped": {self._name(node): why for node, why in sorted(state.dropped.items())},
                      "stage_seconds": {stage: round(t, 3) for stage, t in state.seconds.items()}})
 
 
 class _Abort(Exception):
     """The round cannot complete securely; the message says why."""
+
+
+def _public_keys_problem(pk1: object, pk2: object, probe: Any) -> str | None:
+    """Why a site's two public keys cannot be used (None: they can): the sites load each and
+    agree a shared key with it, as ``probe`` (a private key) does here."""
+    if not (isinstance(pk1, bytes) and isinstance(pk2, bytes) and pk1 and pk2 and pk1 != pk2):
+        return "no public keys in the reply"
+    try:
+        for key in (pk1, pk2):
+            generate_shared_key(probe, bytes_to_public_key(key))
+    except Exception as exc:  # noqa: BLE001 - any failure to load or agree makes the key unusable
+        return f"unusable public key ({type(exc).__name__})"
+    return None
+
+
+def _share_problem(share: object, index: int | None) -> str | None:
+    """Why a handed-in share cannot be used (None: it can). Flower's shares are a 4-byte
+    little-endian index and 16 bytes per chunk of the padded secret."""
+    if not isinstance(share, bytes) or len(share) < 20 or (len(share) - 4) % 16:
+        return "not a Shamir share"
+    got = int.from_bytes(share[:4], "little")
+    if index is None or got != index:
+        return f"Shamir index {got}, expected {index}"
+    return None
+
+
+def _combined(shares: list[bytes], check: Callable[[bytes], str | None],
+              threshold: int) -> tuple[bytes | None, str | None]:
+    """(the secret the shares combine to and that passes ``check``, or None; why not)."""
+    try:
+        secret = combine_shares(shares)
+        # More shares than the threshold must lie on one polynomial: without the first one they
+        # rebuild the same secret. A share that does not fit changes the secret (each 16-byte
+        # chunk on its own, so an altered chunk can leave the padding, and ``check``, intact).
+        if len(shares) > threshold and combine_shares(shares[1:]) != secret:
+            return None, "the shares do not agree"
+    except Exception as exc:  # noqa: BLE001 - Shamir/unpadding errors on shares that do not fit
+        return None, f"the shares do not combine ({type(exc).__name__})"
+    problem = check(secret)
+    return (None, problem) if problem else (secret, None)
+
+
+def _seed_problem(secret: bytes) -> str | None:
+    return None if len(secret) == SEED_BYTES else f"the rebuilt seed has {len(secret)} bytes, not {SEED_BYTES}"
+
+
+def _key_check(public_key: bytes) -> Callable[[bytes], str | None]:
+    """A check that a rebuilt private key belongs to ``public_key`` (its owner's, sent at setup):
+    a site may share a private key other than the one its neighbours agreed masks with."""
+    expected = bytes_to_public_key(public_key).public_numbers()  # loaded at setup already
+
+    def check(secret: bytes) -> str | None:
+        try:
+            numbers = bytes_to_private_key(secret).public_key().public_numbers()
+        except Exception as exc:  # noqa: BLE001 - not a private key at all
+            return f"the rebuilt private key does not load ({type(exc).__name__})"
+        return None if numbers == expected else "the rebuilt private key does not match the public key it sent at setup"
+    return check

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from common.config import AGGREGATIONS
 from common.exchange import ARRAYS_KEY, EVALUATE_FIRST_KEY, EVALUATION_KEY, FID_KEY, GLOBAL_DIGEST_KEY, \
-    GLOBAL_NOT_HELD, METRICS_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_OK, ParamSpec, UpdateError, arrays_digest, \
+    GLOBAL_NOT_HELD, METRICS_KEY, POLICY_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_OK, ParamSpec, UpdateError, arrays_digest, \
     check_arrays, payload_bytes, site_record, to_wire
 from common.metrics.catalogue import EvaluationStats, MetricValue, compute_catalogue
 from common.metrics.classification import ClassificationStats, roc_curve_from_histograms
@@ -79,7 +79,8 @@ class ClinicFedAvg(FedAvg):
                  fraction_train: float = 1.0, fraction_evaluate: float = 1.0, aggregation: str = "fedavg",
                  trim_fraction: float = 0.2, max_update_norm: float = 0.0,
                  identities: SiteIdentities | None = None, wire_dtype: str = "float32",
-                 wire_compression: str = "none", **flower_kwargs: object) -> None:
+                 wire_compression: str = "none", image_sample: int = 0, images_per_study: int | None = None,
+                 **flower_kwargs: object) -> None:
         # Minimums come from our config: Flower's default of 2 would hang a one-site federation
         # and let a round of one site pass when three were required.
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
@@ -88,6 +89,9 @@ class ClinicFedAvg(FedAvg):
         self.spec = spec
         self.backbone_hash = backbone_hash
         self.label_names = label_names
+        # image-metrics-sample and seq-len: the image counts a site's test split can claim for
+        # PSNR/SSIM/FID (None: not checked)
+        self.image_sample, self.images_per_study = image_sample, images_per_study
         self.num_labels = len(label_names)
         self.min_sites = min_sites
         self.fid_dim = fid_dim  # None: the reconstruction head is off
@@ -116,8 +120,8 @@ class ClinicFedAvg(FedAvg):
         # Train replies checked as they came (check_early): id -> (reply, round, why not usable, update)
         self._checked: dict[int, tuple[Message, int, str | None, dict[str, np.ndarray]]] = {}
 
-    def _remember_sent(self, server_round: int, phase: str, messages: Iterable[Message],
-                       append: bool = False, counted_as: tuple[int, str] | None = None) -> list[Message]:
+    def remember_sent(self, server_round: int, phase: str, messages: Iterable[Message],
+                      append: bool = False, counted_as: tuple[int, str] | None = None) -> list[Message]:
         """Keep the messages of a phase; their bytes count for that round and phase (or ``counted_as``)."""
         messages = list(messages)
         for msg in messages:
@@ -161,13 +165,13 @@ class ClinicFedAvg(FedAvg):
         messages = list(super().configure_train(server_round, wire, config, grid))
         if config.get(EVALUATE_FIRST_KEY, False):
             self._fid_asked[server_round - 1] = bool(config.get(FID_KEY, True))
-            return self._remember_sent(server_round, "train", messages, counted_as=(server_round - 1, "evaluate"))
+            return self.remember_sent(server_round, "train", messages, counted_as=(server_round - 1, "evaluate"))
         for msg in messages:
             if self._held.get(msg.metadata.dst_node_id) == digest:
                 by_digest = ConfigRecord(dict(msg.content[self.configrecord_key]))
                 by_digest[GLOBAL_DIGEST_KEY] = digest
                 msg.content = RecordDict({self.configrecord_key: by_digest})
-        return self._remember_sent(server_round, "train", messages)
+        return self.remember_sent(server_round, "train", messages)
 
     def resend_in_full(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> list[Message]:
         """Train messages with the model itself for the sites that answered a by-digest message
@@ -190,13 +194,13 @@ class ClinicFedAvg(FedAvg):
                                   dst_node_id=node, message_type=MessageType.TRAIN))
         if resend:
             log.info("round %d: %d site(s) did not hold the global model; sent it in full", server_round, len(resend))
-        return self._remember_sent(server_round, "train", resend, append=True)
+        return self.remember_sent(server_round, "train", resend, append=True)
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[override]
         wire, digest = self._wire(arrays)
         self._evaluated = (server_round, digest)
         self._fid_asked[server_round] = bool(config.get(FID_KEY, True))
-        return self._remember_sent(server_round, "evaluate", super().configure_evaluate(
+        return self.remember_sent(server_round, "evaluate", super().configure_evaluate(
             server_round, wire, config, grid))
 
     def report(self, server_round: int) -> RoundReport:
@@ -208,11 +212,11 @@ class ClinicFedAvg(FedAvg):
         report = self.report(server_round)
         accepted: list[tuple[str, dict[str, np.ndarray], int]] = []  # (site, update, num-examples)
         for msg in replies:
-            site = self._site_of(msg, "train", report)
+            site = self.site_of(msg, "train", report)
             try:
-                report.count_traffic(site, self._sent_bytes.get((server_round, "train", self._node_of(msg)), 0),
+                report.count_traffic(site, self._sent_bytes.get((server_round, "train", self.node_of(msg)), 0),
                                      payload_bytes(msg))
-                taken = self._take_train_reply(server_round, site, msg, report)
+                taken = self.take_train_reply(server_round, site, msg, report)
             except Exception as exc:  # noqa: BLE001 - no reply may end the run; the checks missed this one
                 taken, reason = None, f"malformed reply ({type(exc).__name__})"
                 report.reject(site, "train", reason)
@@ -235,8 +239,8 @@ class ClinicFedAvg(FedAvg):
         losses = np.array([report.train[site]["loss"] for site, _, _ in accepted])
         return arrays, MetricRecord({"train-loss": float((weights * losses).sum() / weights.sum())})
 
-    def _take_train_reply(self, server_round: int, site: str, msg: Message, report: RoundReport,
-                          masked: bool = False) -> dict[str, np.ndarray] | None:
+    def take_train_reply(self, server_round: int, site: str, msg: Message, report: RoundReport,
+                         masked: bool = False) -> dict[str, np.ndarray] | None:
         """The reply's checked update, or None (rejected, or a site out of privacy budget).
         ``masked``: a secure-aggregation reply, whose update only the protocol can check ({})."""
         if not msg.has_error() and site_record(msg).get("status") == STATUS_BUDGET_EXHAUSTED:
@@ -282,7 +286,7 @@ class ClinicFedAvg(FedAvg):
             combined[name] = Array(value)
         return combined
 
-    def _node_of(self, msg: Message) -> int:
+    def node_of(self, msg: Message) -> int:
         """The node a reply comes from; for the SuperLink's error reply on behalf of an unreachable
         node (which names only our message), the node that message went to."""
         if msg.has_error():
@@ -291,9 +295,9 @@ class ClinicFedAvg(FedAvg):
                     return sent.metadata.dst_node_id
         return msg.metadata.src_node_id
 
-    def _site_of(self, msg: Message, phase: str, report: RoundReport) -> str:
+    def site_of(self, msg: Message, phase: str, report: RoundReport) -> str:
         """The site a reply is filed under: its node's name, whatever the reply claims."""
-        node = self._node_of(msg)
+        node = self.node_of(msg)
         claimed = None
         if not msg.has_error():
             value = site_record(msg).get("site-name")
@@ -303,10 +307,14 @@ class ClinicFedAvg(FedAvg):
             report.mismatch(identity.name, phase, identity.mismatch)
         return identity.name
 
+    def admission_problem(self, msg: Message) -> str | None:
+        """Why no reply from this reply's node may be used (a node outside the site registry), or None."""
+        return self.identities.refusal(self.node_of(msg))
+
     def _train_problem(self, msg: Message, server_round: int = 0,
                        masked: bool = False) -> tuple[str | None, dict[str, np.ndarray]]:
         """(why the reply cannot be used, or None; its checked update)."""
-        problem = _common_problem(msg, self.backbone_hash)
+        problem = self.admission_problem(msg) or _common_problem(msg, self.backbone_hash)
         if problem:
             return problem, {}
         content = msg.content
@@ -353,13 +361,13 @@ class ClinicFedAvg(FedAvg):
         per_site: dict[str, dict[str, MetricValue]] = {}
         key = EVALUATION_KEY if within_training else METRICS_KEY
         for msg in replies:
-            site = self._site_of(msg, "evaluate", report)
-            node = self._node_of(msg)
+            site = self.site_of(msg, "evaluate", report)
+            node = self.node_of(msg)
             self._held.pop(node, None)
             try:
                 report.count_traffic(site, self._sent_bytes.get((server_round, "evaluate", node), 0),
                                      0 if within_training else payload_bytes(msg))
-                problem = _common_problem(msg, self.backbone_hash)
+                problem = self.admission_problem(msg) or _common_problem(msg, self.backbone_hash)
                 if problem is None:
                     if site in report.evaluation:
                         raise ValueError("a second evaluation reply from the same site in one round")
@@ -368,7 +376,8 @@ class ClinicFedAvg(FedAvg):
                     else:
                         try:
                             stats = EvaluationStats.from_record(dict(msg.content[key]), self.num_labels,
-                                                                self.fid_dim, with_fid)
+                                                                self.fid_dim, with_fid, self.image_sample,
+                                                                self.images_per_study)
                         except (KeyError, ValueError, TypeError) as exc:
                             problem = f"malformed evaluation statistics: {exc}"
             except Exception as exc:  # noqa: BLE001 - no reply may end the run
@@ -465,6 +474,9 @@ def _common_problem(msg: Message, backbone_hash: str) -> str | None:
         exception = site.get("exception-type")
         if isinstance(exception, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,79}", exception):
             reason += f" ({exception})"
+        key = site.get(POLICY_KEY)  # policy-refused: the run-config key the site's policy refused
+        if isinstance(key, str) and _CODE_TEXT.fullmatch(key):
+            reason += f" ({key})"
         status = site.get("status", "no status")
         return f"site reported {status if isinstance(status, str) and _CODE_TEXT.fullmatch(status) else 'a bad status'}: " \
                f"{reason}"

@@ -13,7 +13,10 @@ In a deployment a reply is listed by the SuperLink as soon as its SuperNode has 
 while the SuperNode may still be uploading its arrays. Flower's grid then fetches them with
 retries after 1 s, 2 s, 4 s..., which a prompt pull meets on nearly every training reply (the
 deployment benchmark measured the training phase 1.5 s slower than with Flower's 3 s interval).
-So with Flower's ``HttpGrid`` the retries start after 20 ms and double up to 0.5 s.
+So with Flower's ``HttpGrid`` the retries start after 20 ms and double up to 0.5 s, and end at
+the deadline of the ``send_and_receive`` that pulls them: a site that announces a reply and never
+uploads it is answered with Flower's ``MESSAGE_UNAVAILABLE`` error reply at the round timeout, as a
+silent site is, instead of holding the ServerApp for Flower's 2 h limit.
 
 In a simulation the runtime (``vce_api``) waits too: it hands pushed messages to the site
 workers from a thread that looks every 0.1 s, so each phase started up to 0.1 s (measured:
@@ -47,6 +50,9 @@ SIMULATION_RUNTIME = "flwr.server.superlink.fleet.vce.vce_api"
 
 _pushed = threading.Event()  # set by PromptGrid.push_messages, consumed by the simulation dispatcher
 _replied = threading.Event()  # set by the simulation runtime when it has stored a reply
+# The monotonic time by which the replies being pulled must be complete (PromptGrid.send_and_receive
+# sets it around its pulls; None: Flower's own limit). Only the ServerApp's main thread pulls.
+_pull_deadline: float | None = None
 
 
 def shorten_object_retries() -> None:
@@ -55,11 +61,20 @@ def shorten_object_retries() -> None:
     changes the name HttpGrid calls in this process, the ServerApp's own."""
     from flwr.superlink.grid import http_grid
 
-    if not isinstance(http_grid.pull_objects, functools.partial):
-        # No cap on the number of tries (500 at 0.5 s would give up after about 4 min): Flower's
-        # overall limit of 2 h for a message's arrays still holds.
-        http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=OBJECT_FIRST_RETRY_S,
-                                                   backoff_cap=OBJECT_LONGEST_RETRY_S, max_tries_per_object=None)
+    if getattr(http_grid.pull_objects, "flower_pull_objects", None) is None:
+        flower_pull_objects = http_grid.pull_objects
+
+        @functools.wraps(flower_pull_objects)
+        def pull_objects_by_deadline(*args: object, **kwargs: object) -> dict[str, bytes]:
+            # No cap on the number of tries (500 at 0.5 s would give up after about 4 min); the
+            # time is capped by the round's deadline, else by Flower's own limit (2 h).
+            if _pull_deadline is not None:
+                kwargs["max_time"] = max(0.0, _pull_deadline - time.monotonic())
+            return flower_pull_objects(*args, initial_backoff=OBJECT_FIRST_RETRY_S, backoff_cap=OBJECT_LONGEST_RETRY_S,
+                                       max_tries_per_object=None, **kwargs)
+
+        pull_objects_by_deadline.flower_pull_objects = flower_pull_objects  # type: ignore[attr-defined]
+        http_grid.pull_objects = pull_objects_by_deadline
 
 
 def prompt_simulation_dispatch() -> bool:
@@ -139,6 +154,7 @@ class PromptGrid(Grid):
         """Push ``messages``; return their replies once all have come, or what came by ``timeout``
         seconds (None: wait for all), as Flower's own method does. ``each`` is called with every
         reply as it comes, while the other sites are still at work."""
+        global _pull_deadline
         waiting = set(self.push_messages(list(messages)))
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
@@ -150,7 +166,11 @@ class PromptGrid(Grid):
             # means a reply stored after it is not missed.
             _replied.wait(interval if deadline is None else max(0.0, min(interval, deadline - now)))
             _replied.clear()
-            arrived = list(self.pull_messages(waiting))
+            _pull_deadline = deadline
+            try:
+                arrived = list(self.pull_messages(waiting))
+            finally:
+                _pull_deadline = None
             replies.extend(arrived)
             for reply in arrived if each is not None else ():
                 each(reply)

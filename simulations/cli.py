@@ -1,7 +1,7 @@
 """clinicfl-sim: synthetic clinics and local Flower simulations.
 
     clinicfl-sim generate DIR [--sites 3 --studies 48 ...]
-    clinicfl-sim run --data-root DIR [--rounds 3] [--set key=value ...]
+    clinicfl-sim run --data-root DIR [--rounds 3] [--site-policy FILE] [--set key=value ...]
     clinicfl-sim demo            generate 3 clinics and run a federated simulation
     clinicfl-sim study NAME [--quick]   a study: federation-vs-local, privacy-utility, heterogeneity,
                                         hyperparameter-search, local-training
@@ -23,6 +23,7 @@ from rich.console import Console
 from tqdm import tqdm
 
 from common.config import ConfigError
+from common.policy import PolicyError, SitePolicy
 from common.processes import console_logging, parse_assignments
 from common.runlog import read_metrics, round_line
 from simulations.runner import PROJECT_ROOT, SimulationError, run_simulation
@@ -65,6 +66,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = _overrides(args.set)
     if args.rounds is not None:
         overrides["num-rounds"] = args.rounds
+    if args.site_policy:
+        try:
+            SitePolicy.load(Path(args.site_policy).resolve())  # refused here, not at every site's first message
+        except PolicyError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            return 2
+        overrides["site-policy"] = str(Path(args.site_policy).resolve())
     overrides.setdefault("min-sites", len(sites))
     return _run_and_report(data_root, Path(args.run_root), len(sites), overrides, verbose=args.verbose)
 
@@ -184,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--verbose", action="store_true", help="show Flower's whole output instead of a progress bar")
     run.add_argument("--rounds", type=int)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
+    run.add_argument("--site-policy", help="a site policy file (TOML) every simulated site applies")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="synthetic clinics + federated simulation")

@@ -4,8 +4,9 @@
   for ClientApp tasks, authenticated with the secret the SuperNode was started with, and starts one
   ``task`` process per message, forked from a warm ``zygote`` (below) unless ``--no-preload``;
 - ``task`` (one per message, in place of ``flwr-clientapp``): pulls the message and the app bundle,
-  checks the bundle's hash against the approved list, then refuses or runs the app with Flower's
-  ClientApp runtime functions, and pushes the reply.
+  checks the bundle's hash against the approved list (sitegate/approvals.py), then refuses, or
+  unpacks exactly those bytes into a fresh private folder (sitegate/bundle.py) and runs the app
+  from there with Flower's ClientApp runtime functions, and pushes the reply.
 
 - ``zygote`` (long-running, started by the executor): imports the heavy libraries the site itself
   installed (NumPy, PyTorch, torchvision, Flower) once, then forks one ``task`` per message. A
@@ -38,7 +39,8 @@ from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVers
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 
-from sitegate.approvals import approved_hashes
+from sitegate.approvals import ApprovalsError, approvals_warnings, approved_hashes
+from sitegate.bundle import remove_leftovers, remove_unpacked, unpack_bundle
 
 REFUSAL = "app-not-approved"
 log = logging.getLogger("sitegate")
@@ -52,7 +54,7 @@ def _client(address: str, interceptors: list) -> RuntimeHttpClient:
 
 
 # Site-installed libraries the zygote imports before forking tasks; never a bundle's modules.
-PRELOAD = ("numpy", "torch", "torchvision", "pydicom", "flwr.app", "flwr.clientapp", "flwr.cli.install",
+PRELOAD = ("numpy", "torch", "torchvision", "pydicom", "flwr.app", "flwr.clientapp", "flwr.clientapp.utils",
            "flwr.supernode.runtime.run_clientapp")
 
 
@@ -76,6 +78,10 @@ def executor(address: str, secret_file: Path, approvals: Path, install_root: Pat
                                                             protected_methods={"/flwr.proto.Runtime/AcquireTask"})])
     log.info("gate running: SuperNode %s, approvals %s, tasks %s", address, approvals,
              "forked from a warm zygote" if warm else "in fresh processes")
+    log_approvals_state(approvals)
+    removed = remove_leftovers(install_root)  # left by a crash (folders of tasks still running are kept)
+    if removed:
+        log.info("removed %d leftover folder(s) from %s: %s", len(removed), install_root, ", ".join(removed))
     common = ["--runtime-api-address", address, "--approvals", str(approvals), "--install-root", str(install_root)]
     common += ["--log-file", log_file] if log_file else []
     running: list[subprocess.Popen] = []
@@ -103,6 +109,29 @@ def executor(address: str, secret_file: Path, approvals: Path, install_root: Pat
             running.append(process)
             continue
         time.sleep(poll)
+
+
+def log_approvals_state(approvals: Path) -> None:
+    """One line at the gate's start on whether the list is trusted, and any weakness it has."""
+    try:
+        log.info("approvals list %s: %d bundle(s) approved", approvals, len(approved_hashes(approvals)))
+        for warning in approvals_warnings(approvals):
+            log.warning("approvals list: %s", warning)
+    except ApprovalsError as exc:
+        log.error("every app bundle will be refused: %s", exc)
+
+
+def check_approval(approvals: Path, digest: str, fab_hash: str, run_fab_hash: str) -> str | None:
+    """None when the bundle may run, else why not (for the gate's log)."""
+    try:
+        approved = approved_hashes(approvals)
+    except ApprovalsError as exc:
+        return str(exc)
+    if digest not in approved:
+        return "not approved"
+    if not digest == fab_hash == run_fab_hash:  # the SuperLink's claims must match the bytes as well
+        return f"the SuperLink's hashes ({fab_hash}, {run_fab_hash}) do not match the bundle's bytes"
+    return None
 
 
 def zygote(address: str, approvals: Path, install_root: Path) -> None:
@@ -166,7 +195,6 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple:
 
 def task(address: str, token: str, approvals: Path, install_root: Path) -> None:
     # Flower's runtime helpers only: no code of the bundle is imported before the check.
-    from flwr.cli.install import install_from_fab
     from flwr.clientapp.utils import get_load_client_app_fn
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -174,23 +202,24 @@ def task(address: str, token: str, approvals: Path, install_root: Path) -> None:
                                RuntimeTokenHttpInterceptor(token)])
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
-    message = context = reply = None
+    message = context = reply = app_dir = None
     status, details = SubStatus.FAILED, "unknown"
     marks = [("start", time.perf_counter())]  # where a task's time goes, for the gate's log
     try:
         message, context, run, fab = pull_task_input(client)
         marks.append(("fetch", time.perf_counter()))
         digest = hashlib.sha256(fab.content).hexdigest()
-        # The SuperLink's claims (run.fab_hash, fab.hash_str) must match the bytes as well.
-        approved = digest in approved_hashes(approvals) and digest == fab.hash_str == run.fab_hash
+        refusal = check_approval(approvals, digest, fab.hash_str, run.fab_hash)
         log.info("run %s bundle %s==%s sha256 %s: %s", run.run_id, run.fab_id, run.fab_version, digest,
-                 "approved" if approved else "REFUSED (not approved)")
-        if not approved:
-            details = f"{REFUSAL} fab_hash={digest}"
+                 "approved" if refusal is None else f"REFUSED ({refusal})")
+        if refusal is not None:
+            details = f"{REFUSAL} fab_hash={digest}"  # the centre sees the code and the hash, nothing else
             reply = Message(Error(ErrorCode.INVALID_FAB, details), reply_to=message)
             return
-        app_dir = install_from_fab(fab.content, install_dir=install_root / digest, skip_prompt=True)
-        marks.append(("install", time.perf_counter()))
+        # Exactly the bytes just hashed, in a folder of this task's own: no installed copy is trusted.
+        app_dir = unpack_bundle(fab.content, install_root)
+        sys.dont_write_bytecode = True  # no .pyc beside a copy that is removed when the task ends
+        marks.append(("unpack", time.perf_counter()))
         load = get_load_client_app_fn(default_app_ref="", app_path=str(app_dir), multi_app=True)
         client_app = load(run.fab_id, run.fab_version, fab.hash_str)  # the bundle's first code runs here
         marks.append(("load app", time.perf_counter()))
@@ -203,12 +232,19 @@ def task(address: str, token: str, approvals: Path, install_root: Path) -> None:
         if message is not None:
             reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, details), reply_to=message)
     finally:
-        if reply is not None and context is not None:
-            push_message(client, reply, context)
-        push_task_output(client, context, status, details)
-        marks.append(("push", time.perf_counter()))
-        heartbeat.stop()
-        client.close()
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+            push_task_output(client, context, status, details)
+            marks.append(("push", time.perf_counter()))
+        finally:
+            heartbeat.stop()
+            client.close()
+            # This task's copy goes with it, and so do those of tasks that were killed.
+            if app_dir is not None:
+                remove_unpacked(app_dir)
+            remove_leftovers(install_root)
+            marks.append(("remove", time.perf_counter()))
         log.info("task %s in %.2f s: %s", message.metadata.message_type if message is not None else "?",
                  marks[-1][1] - marks[0][1],
                  ", ".join(f"{name} {b - a:.2f} s" for (_, a), (name, b) in zip(marks, marks[1:])))

@@ -50,6 +50,25 @@ def reply(content: RecordDict | Error, node_id: int = 1, message_type: str = "tr
     return make_message(metadata, content=content)
 
 
+def site_message(run_config: dict, message_type: str = "train", server_round: int = 1, budget_id: str = "run-7"):
+    """A message from the centre to a site (node 1, run 7) carrying the initial global model of
+    ``run_config``, as the ClientApp handlers receive it."""
+    from flwr.app import ConfigRecord
+
+    from common.config import RunConfig
+    from common.exchange import to_array_record
+    from common.model import build_model, frozen_backbone_hash
+
+    model = build_model(RunConfig.from_mapping(run_config).model)
+    content = RecordDict({"arrays": to_array_record(model),
+                          "config": ConfigRecord({"server-round": server_round, "budget-id": budget_id,
+                                                  "backbone-hash": frozen_backbone_hash(model)})})
+    metadata = Metadata(run_id=7, message_id=f"q{server_round}", src_node_id=0, dst_node_id=1,
+                        reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=600.0,
+                        message_type=message_type)
+    return make_message(metadata, content=content)
+
+
 @pytest.fixture
 def server_task():
     """Flower stamps every message it builds with the run of the ServerApp process."""

@@ -36,7 +36,10 @@ class Deployment:
         self.daemons: dict[str, subprocess.Popen] = {}
         self.ports: dict[str, int] = {}
         self.data: dict[str, Path] = {}
-        self.env = {**os.environ, "CLINICFL_HOME": str(self.centre), "FLWR_HOME": str(root / "flwr-home")}
+        self.env = {**os.environ, "CLINICFL_HOME": str(self.centre), "FLWR_HOME": str(root / "flwr-home"),
+                    # One account plays the site admin and runs the daemon here: it names itself the
+                    # approvals admin, as a single-account test machine must (sitegate/approvals.py).
+                    "CLINICFL_APPROVALS_ADMIN": str(os.geteuid())}
 
     def server(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         result = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True,
@@ -146,6 +149,7 @@ class Deployment:
 
     def approve(self, name: str, *args: str) -> str:
         """The site admin approves a bundle (default: the app as installed here); returns its hash."""
+        self.state_dir(name).mkdir(parents=True, exist_ok=True)  # the daemon's folder; approvals/ is the admin's
         out = self.client("approve", *args, "--state-dir", str(self.state_dir(name))).stdout
         return out.split()[1]
 

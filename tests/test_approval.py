@@ -6,6 +6,10 @@ TLS SuperLink with node authentication, two site daemons with approval on (the d
   app-not-approved, the centre records the refusal with the bundle's hash, and no code of the
   modified bundle ran at any site (its planted side effect, a file written on import, is absent).
 - After the sites revoke the approval, the next run of the original bundle is refused too.
+
+Each approved message runs from its own copy of the bundle, removed when it is done (nothing
+installed is kept); tests/test_sitegate.py covers edited and half-finished copies and the
+approvals list's owner and permissions.
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ def test_an_approved_bundle_trains(deployment):
     assert f"sha256 {published}: approved" in log
     # every task was forked from the warm zygote, which had imported no code of the bundle
     assert "tasks forked from a warm zygote" in log and "zygote preloaded numpy, torch, torchvision" in log
+    assert "1 bundle(s) approved" in log, "the gate trusted the approvals list at its start"
+    # each message ran from its own copy of the bundle, removed once its reply was sent
+    apps = dep.state_dir("site-01") / "apps"
+    dep.wait(lambda: not any(apps.iterdir()), 60, "site-01's copies of the bundle to be removed")
 
 
 def test_a_modified_bundle_is_refused_before_any_of_its_code_runs(deployment, tmp_path):
@@ -87,7 +95,8 @@ def test_a_modified_bundle_is_refused_before_any_of_its_code_runs(deployment, tm
     assert reasons == {(s, f"site refused the app: app-not-approved (bundle sha256 {modified})") for s in SITES}
     assert dep.state(int(result.stdout.split()[0]))["state"] == "stopped"
     assert not marker.exists(), "no code of the modified bundle ran at a site"
-    assert not list(dep.state_dir("site-01").glob(f"apps/{modified}*")), "it was not even installed"
+    apps = dep.state_dir("site-01") / "apps"
+    assert not apps.exists() or not any(apps.iterdir()), "it was not even unpacked"
     assert f"sha256 {modified}: REFUSED" in (dep.state_dir("site-02") / "logs" / "gate.log").read_text()
 
 

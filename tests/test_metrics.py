@@ -27,9 +27,18 @@ def test_histogram_auc_matches_sklearn(seed):
 
 def test_resolution_follows_the_test_size():
     assert [histogram_bins(n) for n in (0, 3, 10, 12, 40, 100, 1000, 10_000)] == [4, 4, 8, 8, 32, 64, 512, 2048]
-    assert histogram_bins(10, fixed=64) == 64
+    assert histogram_bins(1000, fixed=64) == 64
     with pytest.raises(ValueError):
         histogram_bins(10, fixed=100)
+
+
+def test_a_site_keeps_k_studies_per_bin_however_the_centre_asks():
+    """The site policy's min-studies-per-bin (k) caps the resolution of a fixed eval-bins too: a
+    centre asking 2048 bins of a 10-study split gets 8 (k = 1, the default) or 4 (k = 2)."""
+    assert histogram_bins(10, fixed=2048) == 8
+    assert [histogram_bins(n, 0, 5) for n in (10, 40, 100, 1000)] == [4, 8, 16, 128]
+    assert histogram_bins(100, fixed=2048, min_studies_per_bin=2) == 32
+    assert histogram_bins(10, fixed=2048, min_studies_per_bin=0) == 2048, "k = 0: the site lets the centre choose"
 
 
 @pytest.mark.parametrize("n", [10, 40, 200])

@@ -52,7 +52,7 @@ def _header_phi(site: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def audited_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("phi")
-    sites = generate_clinics(root / "data", SyntheticSpec(sites=3, studies_per_site=12, image_size=32,
+    sites = generate_clinics(root / "data", SyntheticSpec(sites=3, studies_per_site=16, image_size=32,
                                                           slices_per_study=3, seed=21), progress=False)
     for site in sites:
         _plant_phi_in_paths(site)

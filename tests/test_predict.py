@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import torch
+from PIL import Image
 from pydicom.data import get_testdata_file
 from sklearn.metrics import roc_auc_score
 
+from client.outputs import study_output_stem
+from client.text import printable_ascii
 from common.runlog import read_metrics
 from simulations.inprocess import run_inprocess
 from simulations.synthetic import SyntheticSpec, generate_clinics
@@ -131,11 +136,17 @@ def test_pngs_html_and_dicom_are_written_and_open_in_a_real_browser(exported, tm
             [element.value for element in strict.iterall()]
     series = {pydicom.dcmread(out / r["dicom"], stop_before_pixels=True).SeriesInstanceUID for r in rows[:5]}
     assert len(series) == 5, "each study's explanation is its own series in its own study"
-    dciodvfy = shutil.which("dciodvfy") or str(Path(sys.executable).parent / "dciodvfy")
-    verdict = subprocess.run([dciodvfy, str(out / rows[0]["dicom"])], capture_output=True, text=True)
-    errors = [line for line in (verdict.stdout + verdict.stderr).splitlines() if line.startswith("Error")]
-    assert "SCImage" in verdict.stdout + verdict.stderr and not errors, errors
+    report, errors = _dciodvfy(out / rows[0]["dicom"])
+    assert "SCImage" in report and not errors, errors
     _check_in_chromium(out / "index.html", len(rows))
+
+
+def _dciodvfy(path: Path) -> tuple[str, list[str]]:
+    """dicom3tools' verdict on a file: its whole report and the lines that are errors."""
+    dciodvfy = shutil.which("dciodvfy") or str(Path(sys.executable).parent / "dciodvfy")
+    verdict = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
+    report = verdict.stdout + verdict.stderr
+    return report, [line for line in report.splitlines() if line.startswith("Error")]
 
 
 def _check_in_chromium(page: Path, studies: int) -> None:
@@ -218,3 +229,120 @@ def test_a_study_folder_of_only_broken_files_is_a_quarantine_entry(exported, tmp
     quarantine = list(csv.DictReader((out / "quarantine.csv").open()))
     assert {(q["path"], q["reason"]) for q in quarantine} >= {("a.dcm", "empty-file"), ("b.dcm", "not-dicom")}
     assert "quarantine" in result.stdout and (out / "index.html").is_file()
+
+
+class _TableRows(HTMLParser):
+    """index.html's predictions table: per row, the study cell's text and every href and src."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[str, set[str]]] = []
+        self._in_table = self._in_body = self._in_first_link = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self._in_table = dict(attrs).get("id") == "predictions"
+        elif self._in_table and tag == "tbody":
+            self._in_body = True
+        elif self._in_body and tag == "tr":
+            self.rows.append(("", set()))
+        elif self._in_body and tag in ("a", "img"):
+            study, links = self.rows[-1]
+            links.update(v for k, v in attrs if k in ("href", "src") and v)
+            self._in_first_link = tag == "a" and not study
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_first_link = self._in_first_link and tag != "a"
+        self._in_body = self._in_body and tag != "tbody"
+        self._in_table = self._in_table and tag != "table"
+
+    def handle_data(self, data: str) -> None:
+        if self._in_first_link:
+            study, links = self.rows[-1]
+            self.rows[-1] = (study + data, links)
+
+
+def test_two_patients_whose_names_differ_only_in_non_ascii_letters_keep_their_own_outputs(exported, tmp_path):
+    """'Müller^Hans' and 'Möller^Hans' fold to the same ASCII. Each study still gets its own
+    figure, and its Secondary Capture carries its own patient, its own study and its own figure's
+    pixels: anything else is a wrong-patient error in PACS."""
+    root, _, model, holdout = exported
+    patients = {"Müller^Hans": "ZZFAKE-MUELLER", "Möller^Hans": "ZZFAKE-MOELLER"}
+    studies = tmp_path / "input" / "studies"
+    for (name, patient_id), source in zip(patients.items(), sorted((holdout / "studies").iterdir())[:2]):
+        shutil.copytree(source, studies / name)
+        for path in (studies / name).rglob("*.dcm"):
+            ds = pydicom.dcmread(path)
+            ds.SpecificCharacterSet, ds.PatientName, ds.PatientID = "ISO_IR 192", name, patient_id
+            ds.save_as(path, enforce_file_format=True)
+    out = tmp_path / "out"
+    result = _predict(str(model), str(studies.parent), "--out", str(out), "--dicom-out",
+                      "--state-dir", str(root / "data" / ".clinicfl-state" / "site-01"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {row["study"]: row for row in _rows(out)}
+    assert set(rows) == set(patients)
+    assert len({row["figure"] for row in rows.values()}) == 2, "each study has its own figure file"
+    pixels = {}
+    for name, row in rows.items():
+        source = pydicom.dcmread(next((studies / name).rglob("*.dcm")), stop_before_pixels=True)
+        with pydicom.config.strict_reading():
+            capture = pydicom.dcmread(out / row["dicom"])
+        assert capture.PatientID == patients[name] and capture.PatientName == name
+        assert capture.StudyInstanceUID == source.StudyInstanceUID
+        figure = np.asarray(Image.open(out / row["figure"]).convert("RGB"))
+        below_text = slice(figure.shape[0] // 4, None)  # the burned-in line is at the top
+        assert np.array_equal(capture.pixel_array[below_text], figure[below_text]), f"{name}: not its own figure"
+        pixels[name] = capture.pixel_array[below_text]
+    first, second = pixels.values()
+    assert first.shape != second.shape or not np.array_equal(first, second), "two patients, one picture"
+    parser = _TableRows()
+    parser.feed((out / "index.html").read_text(encoding="utf-8"))
+    assert {study: links for study, links in parser.rows} == {
+        name: {row["figure"], row["dicom"]} for name, row in rows.items()}
+
+
+def test_text_from_the_centre_is_cleaned_before_it_goes_into_dicom_and_the_csv(exported, tmp_path):
+    """A label name and a run name with a DICOM backslash (the VR value delimiter), a newline and
+    markup still give valid descriptions: every value reads strictly, dciodvfy finds no error, and
+    the CSV's header comments stay one line each."""
+    root, _, model, holdout = exported
+    payload = torch.load(model, weights_only=True)
+    label, run_name = "inj\\ury\n<script>", "run\\2026\r\nSoftware Versions: forged\x00"
+    payload["config"]["label-names"] = label
+    payload["calibration"] = {label: payload["calibration"]["injury"]}
+    payload["run"] = run_name
+    torch.save(payload, tmp_path / "model.pt")
+    study = sorted((holdout / "studies").iterdir())[0]
+    shutil.copytree(study, tmp_path / "input" / "studies" / study.name)
+    out = tmp_path / "out"
+    result = _predict(str(tmp_path / "model.pt"), str(tmp_path / "input"), "--out", str(out), "--dicom-out",
+                      "--state-dir", str(root / "data" / ".clinicfl-state" / "site-01"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (out / "predictions.csv").read_text().splitlines()
+    assert next(line for line in lines if not line.startswith("#")).startswith("study,images,")
+    (row,) = _rows(out)
+    probability = next(v for k, v in row.items() if k.endswith("_probability") and not k.endswith("_raw_probability"))
+    with pydicom.config.strict_reading():
+        capture = pydicom.dcmread(out / row["dicom"])
+    texts = [capture.SeriesDescription, capture.DerivationDescription, capture.SoftwareVersions]
+    for text in texts:
+        assert isinstance(text, str), "one value, not split at a backslash"
+        assert text.isascii() and text.isprintable() and "\\" not in text, text
+    assert len(capture.SeriesDescription) <= 64 and len(capture.SoftwareVersions) <= 64
+    assert f"p={float(probability):.2f}" in capture.SeriesDescription
+    assert "inj" in capture.SeriesDescription and "forged" in capture.DerivationDescription
+    report, errors = _dciodvfy(out / row["dicom"])
+    assert "SCImage" in report and not errors, errors
+
+
+def test_centre_text_becomes_one_line_of_printable_ascii_without_backslash():
+    assert printable_ascii("inj\\ury\n<script>", 64) == "inj ury <script>"
+    assert printable_ascii("run\\2026\r\n\x1b[2J\x00Zürich", 64) == "run 2026 [2J Zurich"
+    assert printable_ascii("x" * 100, 64) == "x" * 64 and printable_ascii(None, 8) == "None"
+
+
+def test_study_output_stems_differ_where_the_readable_names_fold_alike():
+    stems = [study_output_stem(0, name) for name in ("Müller^Hans", "Möller^Hans", "M_ller_Hans")]
+    assert len(set(stems)) == 3 and all(re.fullmatch(r"0000-M[uo_]ller_Hans-[0-9a-f]{8}", s) for s in stems), stems
+    assert study_output_stem(1, "Müller^Hans") != stems[0]  # and the row alone keeps two studies apart
+    assert re.fullmatch(r"0012-study-[0-9a-f]{8}", study_output_stem(12, "患者/..\\"))

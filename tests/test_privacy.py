@@ -4,16 +4,13 @@ enforcement of the budget, per-study clipping, and a DP federation that learns."
 from __future__ import annotations
 
 import math
-
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Metadata, RecordDict
-from flwr.app.message.message import make_message
+from flwr.app import ConfigRecord, Context, RecordDict
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader, TensorDataset
@@ -22,13 +19,13 @@ from client import app as client_app
 from client.privacy import PrivacyLedger, SitePrivacy, privacy_units, sampling
 from client.session import open_session
 from common.config import ConfigError, ModelConfig, RunConfig
-from common.exchange import numpy_of, to_array_record
-from common.model import SequenceHead, build_model, frozen_backbone_hash
+from common.exchange import numpy_of
+from common.model import SequenceHead
 from server.runs import read_metrics
 from server.strategy import ClinicFedAvg
 from simulations.runner import run_simulation
 from simulations.synthetic import SyntheticSpec, generate_clinics
-from tests.conftest import reply
+from tests.conftest import reply, site_message
 
 RUN = {"image-size": 32, "seq-len": 4, "proj-dim": 16, "gru-hidden": 8, "attn-dim": 8, "batch-size": 4,
        "local-epochs": 1, "num-rounds": 3, "dp-enabled": True, "dp-target-epsilon": 8.0}
@@ -41,14 +38,7 @@ def _context(site: Path, state_dir: Path, run_config: dict, **node) -> Context:
 
 
 def _train_message(run_config: dict, server_round: int):
-    model = build_model(RunConfig.from_mapping(run_config).model)
-    content = RecordDict({"arrays": to_array_record(model),
-                          "config": ConfigRecord({"server-round": server_round, "budget-id": "run-7",
-                                                  "backbone-hash": frozen_backbone_hash(model)})})
-    metadata = Metadata(run_id=7, message_id=f"q{server_round}", src_node_id=0, dst_node_id=1,
-                        reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=600.0,
-                        message_type="train")
-    return make_message(metadata, content=content)
+    return site_message(run_config, "train", server_round)
 
 
 def _fresh_accountant_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -239,7 +229,7 @@ def test_dp_federation_learns_within_the_budget(dp_run):
 def test_server_ends_the_run_when_every_site_is_exhausted(tmp_path):
     """A real simulation whose budget cannot pay for one round: every site refuses in round 1,
     the server records who and why, and ends the run cleanly instead of looping or crashing."""
-    spec = SyntheticSpec(sites=2, studies_per_site=12, image_size=32, slices_per_study=3, seed=4)
+    spec = SyntheticSpec(sites=2, studies_per_site=16, image_size=32, slices_per_study=3, seed=4)
     generate_clinics(tmp_path / "data", spec, progress=False)
     overrides = {"num-rounds": 3, "min-sites": 2, "image-size": 32, "seq-len": 3, "dp-enabled": True,
                  "dp-noise-multiplier": 0.3, "dp-target-epsilon": 1.0, "recon-head": False}
@@ -256,9 +246,7 @@ def test_server_ends_the_run_when_every_site_is_exhausted(tmp_path):
 
 # ----------------------------------------------------------------- the noise is not the centre's to know
 def _train_message_with(run_config: dict, server_round: int, budget_id: str):
-    message = _train_message(run_config, server_round)
-    message.content["config"]["budget-id"] = budget_id
-    return message
+    return site_message(run_config, "train", server_round, budget_id)
 
 
 def test_identical_dp_runs_draw_different_noise_and_sampling(site, tmp_path):

@@ -192,6 +192,68 @@ def test_a_registered_site_cannot_report_under_another_sites_name(tmp_path):
     assert mismatch["site"] == "hospital-b" and "reports site name 'hospital-a'" in mismatch["reason"]
 
 
+def test_a_reply_from_a_node_outside_the_registry_is_rejected(tmp_path):
+    """Seen before: a node id missing from sites.json was filed as node-N and its update averaged in."""
+    import json
+
+    from server.identities import SiteIdentities
+
+    registry = tmp_path / "sites.json"
+    registry.write_text(json.dumps({"hospital-a": {"node-id": "101"}, "hospital-b": {"node-id": "202"}}))
+    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1,
+                            identities=SiteIdentities.from_registry(registry))
+    arrays, _ = strategy.aggregate_train(1, [reply(_train_content(1.0, 10, site="hospital-a"), 101),
+                                             reply(_train_content(1.0, 10, site="hospital-b"), 202),
+                                             reply(_train_content(50.0, 1000, site="hospital-c"), 303)])
+    assert np.allclose(arrays["head.w"].numpy(), 1.0), "the unregistered node's update is not averaged in"
+    (rejected,) = strategy.reports[1].rejected
+    assert rejected["site"] == "node-303" and "not in the site registry" in rejected["reason"]
+    strategy.aggregate_evaluate(1, [_eval_reply(_good_eval_record(), 101, "hospital-a"),
+                                    _eval_reply(_good_eval_record(), 303, "hospital-c")])
+    assert strategy.pooled[1].n == 6, "nor are its evaluation statistics pooled"
+    assert "not in the site registry" in strategy.reports[1].rejected[-1]["reason"]
+
+
+def test_a_missing_or_empty_site_registry_is_an_error_or_admits_no_one(tmp_path):
+    """A missing sites.json no longer falls back to the names sites report about themselves."""
+    from server.identities import RegistryError, SiteIdentities
+
+    with pytest.raises(RegistryError, match="register-site"):
+        SiteIdentities.from_registry(tmp_path / "sites.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(RegistryError, match="cannot be read"):
+        SiteIdentities.from_registry(tmp_path / "broken.json")
+    (tmp_path / "empty.json").write_text("{}")
+    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1,
+                            identities=SiteIdentities.from_registry(tmp_path / "empty.json"))
+    arrays, _ = strategy.aggregate_train(1, [reply(_train_content(1.0, 10, site="a"), 1)])
+    assert arrays is None and "not in the site registry" in strategy.reports[1].rejected[0]["reason"]
+
+
+def test_a_sites_image_count_must_fit_its_test_studies():
+    """PSNR/SSIM/FID pool per image: a site claiming more images than its test studies give
+    (seq-len per study, at most image-metrics-sample) would dominate them; it is rejected."""
+    from common.metrics.catalogue import image_count_range
+    from common.metrics.images import ImageStats
+
+    assert image_count_range(6, 0, 4) == (6, 24) and image_count_range(6, 8, 4) == (6, 8)
+    assert image_count_range(40, 32, 8) == (32, 32)
+
+    def with_images(n_images: int) -> dict:
+        images = ImageStats(n_images, 20.0 * n_images, 0.5 * n_images, None, None)
+        return {**_good_eval_record(), **images.to_record()}
+
+    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1, fid_dim=4,
+                            image_sample=8, images_per_study=4)
+    strategy._fid_asked[1] = False  # this round's message did not ask for FID moments
+    strategy.aggregate_evaluate(1, [_eval_reply(with_images(8), 1, "honest"),
+                                    _eval_reply(with_images(10_000), 2, "inflated"),
+                                    _eval_reply(with_images(2), 3, "deflated")])
+    rejected = {r["site"]: r["reason"] for r in strategy.reports[1].rejected}
+    assert set(rejected) == {"inflated", "deflated"} and "images claimed" in rejected["inflated"]
+    assert strategy.pooled[1].images.n_images == 8
+
+
 def test_exception_text_in_an_error_reply_is_never_recorded():
     """Flower's runtime puts a ClientApp's exception text in the error reason; it may hold PHI."""
     strategy = _strategy()
@@ -273,7 +335,12 @@ _arrays = st.builds(
                                                                 "dp-epsilon", "other"]), _numbers, max_size=5),
        site=st.one_of(st.text(max_size=12), st.integers()), status=st.sampled_from(["ok", "error", 3, "budget-exhausted"]))
 def test_fuzzed_train_replies_never_crash_and_the_global_model_stays_finite(arrays, metrics, site, status):
-    strategy = _strategy(min_sites=1)
+    from server.identities import SiteIdentities
+
+    # Names bound to node ids, as a deployment's registry binds them: whatever the fuzzed reply
+    # claims (it may claim "b" before node 2 replies), each site keeps its own name.
+    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1,
+                            identities=SiteIdentities({1: "a", 2: "b", 9: "fuzz"}))
     try:
         fuzz = reply(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                                  "metrics": MetricRecord(metrics),
@@ -286,10 +353,8 @@ def test_fuzzed_train_replies_never_crash_and_the_global_model_stays_finite(arra
     assert {"a", "b"} <= set(report.train)
     if new is not None:
         assert all(np.all(np.isfinite(new[name].numpy())) for name in SPEC)
-    fuzz_site = next(name for name in [*report.train, *[r["site"] for r in report.rejected], *report.exhausted]
-                     if name not in ("a", "b"))
-    assert fuzz_site in report.train or any(r["site"] == fuzz_site and r["reason"] for r in report.rejected) \
-        or fuzz_site in report.exhausted
+    assert "fuzz" in report.train or any(r["site"] == "fuzz" and r["reason"] for r in report.rejected) \
+        or "fuzz" in report.exhausted
 
 
 def test_float16_on_the_wire_is_widened_and_aggregated_in_float32():

@@ -81,35 +81,69 @@ def test_a_site_that_never_answers_costs_the_timeout_and_the_others_are_kept():
     assert max(b - a for a, b in zip(sites.pull_times, sites.pull_times[1:])) < 0.05 + 0.03  # capped interval
 
 
-def test_replies_arrays_are_fetched_with_short_retries_from_flowers_deployment_grid():
+def test_replies_arrays_are_fetched_with_short_retries_from_flowers_deployment_grid(monkeypatch):
+    """HttpGrid's object pulls get 20 ms retries doubling to 0.5 s, no cap on tries, and (outside a
+    send_and_receive) Flower's own overall time limit."""
     from flwr.superlink.grid import http_grid
 
     from server.transport import OBJECT_FIRST_RETRY_S, OBJECT_LONGEST_RETRY_S, shorten_object_retries
 
-    original = http_grid.pull_objects
-    try:
-        shorten_object_retries()
-        shorten_object_retries()  # idempotent: one layer, not two
-        patched = http_grid.pull_objects
-        assert patched.func is original
-        assert patched.keywords == {"initial_backoff": OBJECT_FIRST_RETRY_S, "backoff_cap": OBJECT_LONGEST_RETRY_S,
-                                    "max_tries_per_object": None}
-        # It still pulls: an object that is unavailable twice arrives on the third try, within ~0.1 s.
-        from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+    calls = []
 
-        tries = {"a": 0}
+    def flower_pull_objects(object_ids, pull_object_fn, **kwargs):  # stands for Flower's pull_objects
+        calls.append(kwargs)
+        return {object_id: pull_object_fn(object_id) for object_id in object_ids}
 
-        def pull(object_id: str) -> bytes:
-            tries[object_id] += 1
-            if tries[object_id] < 3:
-                raise ObjectUnavailableError(object_id)
-            return b"content"
+    monkeypatch.setattr(http_grid, "pull_objects", flower_pull_objects)
+    shorten_object_retries()
+    shorten_object_retries()  # idempotent: one layer, not two
+    patched = http_grid.pull_objects
+    assert patched.flower_pull_objects is flower_pull_objects
+    assert patched(["a"], lambda object_id: b"content") == {"a": b"content"}
+    assert calls == [{"initial_backoff": OBJECT_FIRST_RETRY_S, "backoff_cap": OBJECT_LONGEST_RETRY_S,
+                      "max_tries_per_object": None}]
 
-        started = time.monotonic()
-        assert patched(["a"], pull) == {"a": b"content"}
-        assert tries["a"] == 3 and time.monotonic() - started < 0.5
-    finally:
-        http_grid.pull_objects = original
+
+def test_a_site_that_announces_a_reply_but_never_uploads_it_ends_at_the_round_timeout(monkeypatch):
+    """The SuperLink lists the reply, its arrays never come. Flower's real pull_objects retries;
+    PromptGrid's deadline ends it with Flower's MESSAGE_UNAVAILABLE reply, as for a silent site.
+    Without the deadline the pulls would go on (here: the 40th try fails the test)."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+    from flwr.superlink.grid import http_grid
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+
+    from server.transport import shorten_object_retries
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after the test
+    shorten_object_retries()
+    tries = []
+
+    def never_uploaded(object_id: str) -> bytes:
+        tries.append(object_id)
+        if len(tries) >= 40:
+            raise AssertionError("still pulling an object that never comes, past the round's deadline")
+        raise ObjectUnavailableError(object_id)
+
+    class AnnouncedNeverUploaded(SlowSites):
+        """HttpGrid.pull_messages as Flower 1.42 has it: a listed reply whose objects cannot be
+        pulled becomes an error reply."""
+
+        def pull_messages(self, message_ids):
+            out = []
+            for message_id in message_ids:
+                try:
+                    http_grid.pull_objects([f"{message_id}-arrays"], pull_object_fn=never_uploaded)
+                except ObjectPullError:
+                    answer = reply(Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason="objects unavailable"),
+                                   self.pushed_at[message_id][0])
+                    answer.metadata.__dict__["_reply_to_message_id"] = message_id
+                    out.append(answer)
+            return out
+
+    (answer,) = PromptGrid(AnnouncedNeverUploaded({1: None})).send_and_receive([1], timeout=0.3)
+    assert answer.has_error() and answer.error.code == ErrorCode.MESSAGE_UNAVAILABLE
+    assert 0 < len(tries) < 40
 
 
 class PendingMessages:

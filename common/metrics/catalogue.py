@@ -127,10 +127,14 @@ class EvaluationStats:
         return record
 
     @classmethod
-    def from_record(cls, record: dict, num_labels: int, fid_dim: int | None, with_fid: bool = True) -> "EvaluationStats":
+    def from_record(cls, record: dict, num_labels: int, fid_dim: int | None, with_fid: bool = True,
+                    image_sample: int = 0, images_per_study: int | None = None) -> "EvaluationStats":
         """A site's statistics, checked on their own and against each other; ValueError says what
         is wrong. fid_dim None: the reconstruction head is off and no image statistics are expected;
-        ``with_fid``: whether the round asked for FID moments (``fid-every``)."""
+        ``with_fid``: whether the round asked for FID moments (``fid-every``). ``image_sample`` and
+        ``images_per_study`` (the run's image-metrics-sample and seq-len): the image count a site
+        claims for PSNR/SSIM/FID must be what its test studies allow, so that no site can weigh
+        more in the pooled image metrics than its sample."""
         if fid_dim is None and any(key in record for key in IMAGE_KEYS):
             raise ValueError("image statistics sent but the reconstruction head is disabled")
         unexpected = sorted(set(record) - RECORD_KEYS - IMAGE_KEYS - {"num-examples"})
@@ -144,12 +148,28 @@ class EvaluationStats:
             raise ValueError("the statistics disagree on the number of test studies")
         if record.get("num-examples", n) != n:
             raise ValueError("num-examples differs from n")
+        if images is not None and images_per_study is not None:
+            low, high = image_count_range(n, image_sample, images_per_study)
+            if not low <= images.n_images <= high:
+                raise ValueError(f"{images.n_images} images claimed for the image metrics; {n} test studies of at "
+                                 f"most {images_per_study} images with image-metrics-sample {image_sample} give "
+                                 f"{low}..{high}")
         return stats
 
     @classmethod
     def empty(cls, num_labels: int, fid_dim: int | None, with_fid: bool = True) -> "EvaluationStats":
         return cls(ClassificationStats.empty(num_labels), ErrorStats(),
                    None if fid_dim is None else ImageStats.empty(fid_dim, with_fid), InceptionStats.empty(num_labels))
+
+
+def image_count_range(n_studies: int, image_sample: int, images_per_study: int) -> tuple[int, int]:
+    """The images a site's test split gives the image metrics (``common.inference.image_sample``):
+    every real image (at least one and at most ``images_per_study`` per study), or an evenly spaced
+    sample of ``image_sample`` of them when there are more."""
+    low, high = n_studies, n_studies * images_per_study
+    if image_sample:
+        low, high = min(low, image_sample), min(high, image_sample)
+    return low, high
 
 
 def compute_catalogue(stats: EvaluationStats, label_names: list[str], fid_extractor: str = "") -> dict[str, MetricValue]:

@@ -25,15 +25,22 @@ MIN_BINS = 4
 STUDIES_PER_BIN = 1  # adaptive rule: about this many test studies per bin on average (n <= bins < 2n)
 
 
-def histogram_bins(n_test: int, fixed: int = 0) -> int:
+def histogram_bins(n_test: int, fixed: int = 0, min_studies_per_bin: int = STUDIES_PER_BIN) -> int:
     """The resolution a site uses: ``fixed`` (a power of two) or, with 0, the largest power of
-    two <= n_test / STUDIES_PER_BIN (about one study per bin), between MIN_BINS and MAX_BINS."""
-    if fixed:
-        if not is_resolution(fixed):
-            raise ValueError(f"eval-bins must be 0 or a power of two in [{MIN_BINS}, {MAX_BINS}], got {fixed}")
-        return fixed
-    target = max(n_test // STUDIES_PER_BIN, MIN_BINS)
-    return int(min(MAX_BINS, 1 << (target.bit_length() - 1)))
+    two <= n_test / STUDIES_PER_BIN (about one study per bin), between MIN_BINS and MAX_BINS.
+    Either way no finer than one bin per ``min_studies_per_bin`` test studies (the site policy's
+    k, which the centre cannot lower; 0: no cap), and never below MIN_BINS."""
+    if fixed and not is_resolution(fixed):
+        raise ValueError(f"eval-bins must be 0 or a power of two in [{MIN_BINS}, {MAX_BINS}], got {fixed}")
+    wanted = fixed or _power_of_two_at_most(n_test // STUDIES_PER_BIN)
+    if min_studies_per_bin <= 0:
+        return wanted
+    return min(wanted, _power_of_two_at_most(n_test // min_studies_per_bin))
+
+
+def _power_of_two_at_most(n: int) -> int:
+    """The largest power of two <= n, clipped to [MIN_BINS, MAX_BINS]."""
+    return int(min(MAX_BINS, 1 << (max(n, MIN_BINS).bit_length() - 1)))
 
 
 def is_resolution(bins: int) -> bool:

@@ -44,6 +44,9 @@ from simulations.inprocess import app_components, run_inprocess
 from simulations.synthetic import SyntheticSpec, generate_clinics
 
 STUDY_ROOT = Path("runs") / "studies"
+# The policy of every simulated site in the studies: the centre owns these sites and asks for what
+# a study measures (epsilon up to 16, exact histograms, small non-IID sites).
+STUDY_SITE_POLICY = Path(__file__).with_name("site-policy.toml")
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class StudySize:
         # is injury classification, and their image metrics would dominate the run time.
         return {"image-size": self.image_size, "seq-len": self.slices, "num-rounds": self.rounds,
                 "local-epochs": self.local_epochs, "min-sites": self.sites, "severity-head": False,
-                "recon-head": False, "eval-bins": 2048}
+                "recon-head": False, "eval-bins": 2048, "site-policy": str(STUDY_SITE_POLICY)}
 
 
 QUICK = StudySize(sites=3, studies=16, image_size=32, slices=4, rounds=2, local_epochs=1, seeds=3)
