@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench bench-caches bench-dp bench-secagg bench-deployment clean browser
+.PHONY: install demo check test bench bench-caches bench-dp bench-secagg bench-deployment clean browser
 
 install: $(STAMP)
 
@@ -23,8 +23,19 @@ $(STAMP): pyproject.toml install/overrides.txt install/constraints.txt
 demo: $(STAMP)
 	$(BIN)/clinicfl-sim demo
 
+# Tests run on pytest-xdist workers, a whole file per worker (its module fixtures are built once) in
+# the order tests/conftest.py gives: the longest files first. Most of the slow files wait on real
+# processes (a TLS deployment, Ray), so more workers than cores pay off (DEVELOPERS.md, Tests).
+XDIST := --dist loadfile --no-loadscope-reorder
+TEST_WORKERS ?= 3
+
+# The fast lane: unit tests and in-process federations (every message serialised as protobuf).
+check: $(STAMP)
+	$(BIN)/pytest -m "not slow" -n 2 $(XDIST)
+
+# Everything: the fast lane plus real SuperLinks, Ray simulations, TLS deployments, studies, benchmarks.
 test: $(STAMP) browser
-	$(BIN)/pytest --durations=30
+	$(BIN)/pytest -n $(TEST_WORKERS) $(XDIST) --durations=30
 
 # The predict tests open the generated web page in headless Chromium (Debian's packages).
 browser:

@@ -21,7 +21,7 @@ import time
 import torch
 
 from benchmarks import write_result
-from common.config import ModelConfig
+from common.config import ModelConfig, SharedConfig
 from common.inference import amp_dtype, encode, encoder_trunk
 from common.model import build_model
 
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/benchmarks/backbone.json")
     args = parser.parse_args()
     device = torch.device(args.device)
-    model = build_model(ModelConfig(image_size=args.image_size, seq_len=8))
+    model = build_model(ModelConfig(SharedConfig(image_size=args.image_size, seq_len=8)))
     trunk = model.backbone.to(device).eval()
     batch = torch.rand(args.batch, 1, args.image_size, args.image_size, device=device)
     if device.type == "cuda":

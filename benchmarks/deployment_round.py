@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 from benchmarks import replace_between, write_result
-from server.runs import ENDED_STATES
+from benchmarks.loopback_deployment import Deployment
+from common.rundir import ENDED_STATES
 from simulations.synthetic import SyntheticSpec, generate_clinics
-from tests.deployment_helpers import Deployment
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "docs" / "benchmarks" / "deployment_round.json"
@@ -41,9 +41,9 @@ SETTINGS = ["--set", "image-size=32", "--set", "seq-len=4", "--set", "local-epoc
 
 
 # Each arm's run-config settings.
-ARMS = {"prompt, one exchange per round": ["reply-polling=prompt", "evaluate-with-training=true"],
-        "prompt, two exchanges per round": ["reply-polling=prompt", "evaluate-with-training=false"],
-        "flower, two exchanges per round": ["reply-polling=flower", "evaluate-with-training=false"]}
+ARMS = {"prompt, one exchange per round": ['reply-polling="prompt"', "evaluate-with-training=true"],
+        "prompt, two exchanges per round": ['reply-polling="prompt"', "evaluate-with-training=false"],
+        "flower, two exchanges per round": ['reply-polling="flower"', "evaluate-with-training=false"]}
 
 
 def run_arm(dep: Deployment, sites: int, rounds: int, name: str) -> dict:

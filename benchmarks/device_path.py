@@ -30,10 +30,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-import common.training
 from benchmarks import write_result
 from common.config import DataConfig, EvalConfig, FederationConfig, ModelConfig, PrivacyConfig, RunConfig, \
-    TrainConfig
+    SharedConfig, TrainConfig
 from common.inference import SiteInputs, StudyBatch, StudyBatches, encode, predict
 from common.model import build_model
 from common.training import train_local
@@ -58,17 +57,6 @@ class NaiveBatches(StudyBatches):
         real = None if self.is_features else mask.flatten().nonzero().squeeze(1)
         return StudyBatch(take("inputs"), mask, take("labels"), self.is_features, real, take("targets"),
                           take("biomech"), take("recon"))
-
-
-@contextmanager
-def naive_batches() -> Iterator[None]:
-    """``train_local`` with the naive batches (the naive arm of the rate comparison)."""
-    original = common.training.StudyBatches
-    common.training.StudyBatches = NaiveBatches
-    try:
-        yield
-    finally:
-        common.training.StudyBatches = original
 
 
 class WaitCounter:
@@ -153,8 +141,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    config = ModelConfig(image_size=args.image_size, seq_len=args.slices)
-    train = TrainConfig()
+    config = ModelConfig(SharedConfig(image_size=args.image_size, seq_len=args.slices))
+    train = TrainConfig(config.shared)
     frozen = build_model(config)
     partial = build_model(replace(config, freeze="layer4"))
     cached = site_inputs(args.studies, args.slices, args.image_size, True)
@@ -165,8 +153,9 @@ def main() -> None:
         "site": f"{args.studies} studies of cached features, {args.image_studies} of images; {args.slices} x "
                 f"{args.image_size}x{args.image_size} images each, batch {train.batch_size}"}
 
-    def epochs(model, data, n: int) -> Callable[[], Any]:
-        return lambda: train_local(model, data, np.arange(len(data.mask)), replace(train, local_epochs=n), device)
+    def epochs(model, data, n: int, batches_type: type[StudyBatches] = StudyBatches) -> Callable[[], Any]:
+        return lambda: train_local(model, data, np.arange(len(data.mask)), replace(train, local_epochs=n), device,
+                                   batches_type=batches_type)
 
     # Rates: the site's batches against the naive ones, interleaved, best of three.
     rates: dict[str, dict[str, float]] = {}
@@ -175,8 +164,8 @@ def main() -> None:
         best = {"site_batches": math.inf, "naive_batches": math.inf}
         for _ in range(3):
             best["site_batches"] = min(best["site_batches"], timed(device, epochs(model, data, args.epochs)))
-            with naive_batches():
-                best["naive_batches"] = min(best["naive_batches"], timed(device, epochs(model, data, args.epochs)))
+            best["naive_batches"] = min(best["naive_batches"],
+                                        timed(device, epochs(model, data, args.epochs, NaiveBatches)))
         studies = args.epochs * len(data.mask)
         rates[name] = {f"{arm}_studies_per_s": round(studies / seconds, 1) for arm, seconds in best.items()}
         rates[name]["site_vs_naive"] = round(best["naive_batches"] / best["site_batches"], 2)
@@ -189,16 +178,17 @@ def main() -> None:
 
     waits: dict[str, Any] = {}
 
-    def train_steps(model, data) -> Callable[[int], int]:
+    def train_steps(model, data, batches_type: type[StudyBatches] = StudyBatches) -> Callable[[int], int]:
         def run(n: int) -> int:
-            train_local(model, data, np.arange(len(data.mask)), replace(train, local_epochs=n), device)
+            train_local(model, data, np.arange(len(data.mask)), replace(train, local_epochs=n), device,
+                        batches_type=batches_type)
             return n * math.ceil(len(data.mask) / train.batch_size)
         return run
 
     waits["train_local, cached features"] = waits_per_step(train_steps(frozen, cached), 1, 3)
     waits["train_local, images (layer4 trained)"] = waits_per_step(train_steps(partial, raw), 1, 3)
-    with naive_batches():
-        waits["train_local, cached features, naive batches"] = waits_per_step(train_steps(frozen, cached), 1, 3)
+    waits["train_local, cached features, naive batches"] = waits_per_step(train_steps(frozen, cached, NaiveBatches),
+                                                                          1, 3)
 
     def encode_steps(n: int) -> int:
         encode(frozen, raw.images[:n], raw.mask[:n], device, batch_size=1)
@@ -244,7 +234,7 @@ def dp_waits(model, data: SiteInputs, device: torch.device, train: TrainConfig) 
     units = [np.array([i]) for i in range(len(data.mask))]
 
     def run(n: int) -> int:
-        config = RunConfig(model.config, DataConfig(), replace(train, local_epochs=n), EvalConfig(),
+        config = RunConfig(model.config, DataConfig(model.config.shared), replace(train, local_epochs=n), EvalConfig(),
                            PrivacyConfig(dp_enabled=True, dp_noise_multiplier=1.0), FederationConfig())
         budget = SitePrivacy(1e6, 1e-5, 1.0, config.privacy.dp_accountant)
         charge = reserve_round(PrivacyLedger(budget.accountant), config, budget, len(units))

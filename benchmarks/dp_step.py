@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.privacy import keep_large_allocations_in_heap
 from benchmarks import write_result
-from common.config import ModelConfig
+from common.config import ModelConfig, SharedConfig
 from common.model import SequenceHead
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/benchmarks/dp_step.json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = ModelConfig(seq_len=args.seq_len)
+    config = ModelConfig(SharedConfig(seq_len=args.seq_len))
     n = args.batch * (args.steps + 3)
     features = torch.randn(n, args.seq_len, 2048)
     mask = torch.ones(n, args.seq_len, dtype=torch.bool)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import write_result
-from common.config import DataConfig
+from common.config import DataConfig, SharedConfig
 from common.data.site import load_site
 from simulations.synthetic import SyntheticSpec, generate_clinics
 
@@ -44,7 +44,7 @@ def main() -> None:
         spec = SyntheticSpec(sites=1, studies_per_site=args.studies, image_size=args.image_size,
                              slices_per_study=args.slices, seed=1)
         (site,) = generate_clinics(work / "data", spec, progress=False)
-        config = DataConfig(image_size=64, seq_len=8)
+        config = DataConfig(SharedConfig(image_size=64, seq_len=8))
         naive = [_seconds(site, config, None)[0] for _ in range(args.repeats)]
         cache = work / "cache"
         fill, first = _seconds(site, config, cache)

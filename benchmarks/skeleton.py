@@ -23,7 +23,7 @@ import torch
 
 from common.training import train_local
 from benchmarks import write_result
-from common.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from common.config import DataConfig, EvalConfig, ModelConfig, SharedConfig, TrainConfig
 from common.inference import SiteInputs, encode, evaluate_local, fit_feature_norm
 from common.data.site import SiteData, load_site
 from common.exchange import trainable_state
@@ -92,9 +92,8 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = SyntheticSpec(sites=3, studies_per_site=args.studies_per_site, lesion_contrast=args.lesion_contrast)
-    model_config = ModelConfig(image_size=spec.image_size, seq_len=spec.slices_per_study)
-    data_config = DataConfig(image_size=spec.image_size, seq_len=spec.slices_per_study)
-    train = TrainConfig()
+    shared = SharedConfig(image_size=spec.image_size, seq_len=spec.slices_per_study)
+    model_config, data_config, train = ModelConfig(shared), DataConfig(shared), TrainConfig(shared)
     with tempfile.TemporaryDirectory() as tmp:
         sites = generate_clinics(Path(tmp), spec)
         pooled = pooled_site([load_site(s, data_config, 1) for s in sites])

@@ -23,13 +23,13 @@ from client.session import SiteSession, open_session
 from common.training import train_local
 from common.inference import evaluate_local
 from common.config import ConfigError, RunConfig, SiteConfig
-from common.data.errors import DataError
-from client.budget import BadBudgetId, check_budget_id
+from client.budget import check_budget_id
 from common.exchange import ARRAYS_KEY, EVALUATE_FIRST_KEY, EVALUATION_KEY, FID_KEY, GLOBAL_DIGEST_KEY, \
     GLOBAL_NOT_HELD, METRICS_KEY, POLICY_KEY, SITE_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, UPDATE_NAMES_KEY, \
     UpdateError, arrays_digest, load_array_record, to_array_record, trainable_state
-from common.model import BackboneMismatchError, BackboneWeightsError, check_backbone_hash, trainable_parameter_count
+from common.model import check_backbone_hash, trainable_parameter_count
 from common.policy import PolicyRefused, SitePolicy
+from common.reason_codes import ReasonCodeError
 
 log = logging.getLogger(__name__)
 # The audit mod is outermost: it sees each reply exactly as Flower sends it (drills included,
@@ -97,8 +97,8 @@ def _train_private(session: SiteSession, msg: Message, context: Context, server_
     """DP-SGD with the site's ledger: charged under its lock (disk and context.state) before training."""
     # Opacus only where DP is on: its import costs a deployed site about 3 s on every message.
     from client.privacy import STATE_KEY as PRIVACY_STATE_KEY
-    from client.privacy import BudgetExhausted, PrivacyLedger, SitePrivacy, privacy_units, reserve_round, \
-        train_private
+    from client.privacy import BudgetExhausted, PrivacyLedger, SitePrivacy, keep_large_allocations_in_heap, \
+        privacy_units, reserve_round, train_private
 
     config = session.config
     budget_id = check_budget_id(str(msg.content["config"].get("budget-id", context.run_id)))
@@ -121,6 +121,7 @@ def _train_private(session: SiteSession, msg: Message, context: Context, server_
             text = ledger.save(session.site, budget_id)  # a calibrated noise multiplier is kept even unspent
             context.state[PRIVACY_STATE_KEY] = ConfigRecord({"ledger": text})
     start = _trainable_numpy(session) if is_secure(msg) else None  # secure aggregation masks the update
+    keep_large_allocations_in_heap()  # for the whole process, on its first DP round only
     result = train_private(session.model, session.inputs, units, config, budget, charge, session.device,
                            proximal_mu(msg), server_round)
     return _train_reply(session, msg, start, result.train.num_examples, MetricRecord({
@@ -198,8 +199,8 @@ def _handle(msg: Message, context: Context, work: Handler) -> Message:
         config = RunConfig.from_mapping(context.run_config)
         site = SiteConfig.from_node_config(context.node_config, config.federation)
     except ConfigError as exc:  # no state dir to log to: the message holds config values only
-        console.error("site %s cannot take part: config-error: %s", site_name, exc)
-        return Message(_error_reply(site_name, "config-error"), reply_to=msg)
+        console.error("site %s cannot take part: %s: %s", site_name, exc.code, exc)
+        return Message(_error_reply(site_name, exc.code), reply_to=msg)
     site_name = site.site_name
     with site_logging(site.state_dir):
         try:
@@ -217,14 +218,13 @@ def _handle(msg: Message, context: Context, work: Handler) -> Message:
             log.warning("site %s refused the message by its policy: %s", site_name, exc)
             console.warning("site %s refused the message: %s %s (site policy)", site_name, exc.code, exc.key)
             content = _error_reply(site_name, exc.code, policy_key=exc.key)
-        except KNOWN_ERRORS as exc:
-            code = getattr(exc, "code", None) or _CODES[next(t for t in _CODES if isinstance(exc, t))]
+        except ReasonCodeError as exc:
             if isinstance(exc, GlobalModelNotHeld):  # routine: the centre resends the model itself
                 log.info("site %s: %s; asking for the model itself", site_name, exc)
             else:
                 log.error("site %s cannot take part: %s", site_name, exc)
-                console.warning("site %s cannot take part: %s (details in the site's log)", site_name, code)
-            content = _error_reply(site_name, code)
+                console.warning("site %s cannot take part: %s (details in the site's log)", site_name, exc.code)
+            content = _error_reply(site_name, exc.code)
         except Exception as exc:  # noqa: BLE001 - the site must answer, and must not leak the message
             log.exception("site %s: unexpected %s while handling a %s message", site_name, type(exc).__name__,
                           msg.metadata.message_type)
@@ -244,13 +244,3 @@ def _error_reply(site_name: str, code: str, exception_type: str = "", policy_key
 
 
 INTERNAL_ERROR = "internal-error"
-_CODES: dict[type, str] = {
-    DataError: "data-error",
-    ConfigError: "config-error",
-    BackboneMismatchError: "backbone-mismatch",
-    BackboneWeightsError: "backbone-weights-unavailable",
-    GlobalModelNotHeld: GLOBAL_NOT_HELD,
-    UpdateError: "bad-global-parameters",
-    BadBudgetId: BadBudgetId.code,
-}
-KNOWN_ERRORS = tuple(_CODES)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import re
 
+from common.reason_codes import ReasonCodeError
+
 BUDGET_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
-class BadBudgetId(ValueError):
+class BadBudgetId(ReasonCodeError, ValueError):
     """The server sent a budget id that is not a plain identifier (e.g. a path)."""
 
     code = "bad-budget-id"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -33,7 +32,7 @@ from rich.table import Table
 from client.daemon import SupernodeDaemon, SupernodeSettings, check_key_files
 from client.datacheck import check_site
 from common.processes import console_logging, parse_assignments
-from common.config import SITE_LAYOUTS, ConfigError, DataConfig, FederationConfig, SiteConfig
+from common.config import SITE_LAYOUTS, ConfigError, DataConfig, FederationConfig, SharedConfig, SiteConfig
 from common.data.errors import DataError
 from common.policy import SitePolicy
 from sitegate.approvals import approvals_file, approve, approved_hashes, bundle_hash, project_bundle, \
@@ -44,8 +43,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]  # this install's app folder 
 
 
 def _data_config(args: argparse.Namespace) -> DataConfig:
-    return DataConfig(image_size=args.image_size, seq_len=args.seq_len, series_description=args.series_description,
-                      test_fraction=args.test_fraction, biomech_features=args.biomech_features,
+    shared = SharedConfig(image_size=args.image_size, seq_len=args.seq_len, biomech_features=args.biomech_features)
+    return DataConfig(shared, series_description=args.series_description, test_fraction=args.test_fraction,
                       mrnet_plane=args.mrnet_plane, mrnet_labels=args.mrnet_labels)
 
 

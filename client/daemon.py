@@ -10,7 +10,6 @@ STATE_DIR/supernode.pid and STATE_DIR/supernode.log.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
@@ -21,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.processes import flower_env, write_config_file
+from common.processes import flower_env, start_in_group, stop_group, write_config_file, write_pid_file
 from sitegate.approvals import approvals_file
 
 log = logging.getLogger(__name__)
@@ -29,6 +28,8 @@ log = logging.getLogger(__name__)
 QUICK_EXIT_S = 20.0  # a SuperNode that ends this fast on its first start is misconfigured, not unlucky
 MAX_BACKOFF_S = 60.0
 GATE_CHECK_S = 1.0  # how often the daemon checks that the site gate is still running
+SUPERNODE_STOP_S = 20.0  # a SuperNode asked to stop gets this long before it is killed
+GATE_STOP_S = 10.0
 
 
 @dataclass
@@ -111,7 +112,7 @@ class SupernodeDaemon:
         """Run until stopped (SIGTERM/SIGINT); returns the exit code for the service manager."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self.pid_path.write_text(f"{os.getpid()}\n")
+        write_pid_file(self.pid_path)
         backoff, first = 2.0, True
         try:
             while not self.stopping:
@@ -140,10 +141,7 @@ class SupernodeDaemon:
         if self.settings.approval:
             write_gate_secret(self.settings.gate_dir / "secret")
             (self.settings.state_dir / "logs").mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log_file:
-            self.process = subprocess.Popen(self.settings.command(), env=env, stdout=log_file,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+        self.process = start_in_group(self.settings.command(), self.log_path, env)
         if self.settings.approval:
             self._start_gate(env)
         gate = f"; app approval on (gate pid {self.gate.pid}, {approvals_file(self.settings.state_dir)})" \
@@ -161,37 +159,22 @@ class SupernodeDaemon:
         return code
 
     def _start_gate(self, env: dict[str, str]) -> None:
-        with self.log_path.open("ab") as log_file:
-            self.gate = subprocess.Popen(self.settings.gate_command(), env=env, stdout=log_file,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.gate = start_in_group(self.settings.gate_command(), self.log_path, env)
 
     def _stop_gate(self) -> None:
         gate, self.gate = self.gate, None
-        if gate is not None and gate.poll() is None:
-            try:
-                os.killpg(gate.pid, signal.SIGTERM)
-                gate.wait(timeout=10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(gate.pid, signal.SIGKILL)
+        if gate is not None:
+            stop_group(gate, GATE_STOP_S)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
         self.stop_child()
 
-    def stop_child(self, timeout: float = 20.0) -> None:
+    def stop_child(self, timeout: float = SUPERNODE_STOP_S) -> None:
         """Stop the SuperNode and the app processes it started (its own process group), and the gate."""
         self._stop_gate()
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if self.process is not None:
+            stop_group(self.process, timeout)
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import json
 import math
 import secrets
@@ -29,6 +30,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,12 +38,16 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.training import TrainResult, per_study_loss
-from client.budget import BadBudgetId, check_budget_id  # noqa: F401 - part of this module's API
+from client.budget import check_budget_id
 from common.config import PrivacyConfig, RunConfig, SiteConfig, TrainConfig
 from common.files import atomic_write_bytes
 from common.opacus_import import PrivacyEngine, create_accountant, get_noise_multiplier
 from common.inference import SiteInputs, StudyBatches
 from common.model import InjuryNet
+
+if TYPE_CHECKING:
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
 
 STATE_KEY = "clinicfl-privacy"
 LOCK_TIMEOUT_S = 600.0  # another run may hold the ledger while it reserves its round
@@ -84,11 +90,17 @@ class PrivacyLedger:
         return int(sum(entry[2] for entry in self.history))
 
     def epsilon(self, delta: float, extra: tuple[float, float, int] | None = None) -> float:
-        history = [tuple(entry) for entry in self.history] + ([extra] if extra else [])
-        if not history:
+        """The epsilon spent at ``delta`` (with ``extra`` charged on top). Rounds with the same noise
+        multiplier and sample rate compose as one entry of their summed steps (RDP adds up per
+        step; PRV composes the same mechanism that many times), so the cost of a long run's
+        accounting does not grow with its rounds; the ledger keeps every round as it was charged."""
+        steps: dict[tuple[float, float], int] = {}
+        for sigma, rate, n in [*self.history, *([extra] if extra else [])]:
+            steps[(float(sigma), float(rate))] = steps.get((float(sigma), float(rate)), 0) + int(n)
+        if not steps:
             return 0.0
         accountant = create_accountant(self.accountant)
-        accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+        accountant.history = [(sigma, rate, n) for (sigma, rate), n in steps.items()]
         return float(accountant.get_epsilon(delta, **epsilon_options(self.accountant)))
 
     # --- persistence: disk (survives a restart) and context.state (Flower's per-run state) ---
@@ -147,12 +159,23 @@ class SitePrivacy:
         return cls(epsilon, delta, config.dp_max_grad_norm, config.dp_accountant)
 
 
+@functools.cache
 def keep_large_allocations_in_heap() -> bool:
-    """Opacus allocates the per-study gradients (e.g. batch x 128 x 2048 floats, 33 MB) afresh
+    """Raise glibc's mmap and trim thresholds to 1 GiB for this whole process, once: the first call
+    sets them, later calls only return its result. Returns whether the setting took (False off
+    glibc, where nothing is changed). The site calls it where it starts DP work (client/app.py).
+
+    Why: Opacus allocates the per-study gradients (e.g. batch x 128 x 2048 floats, 33 MB) afresh
     every step. glibc serves allocations that large with mmap and returns them on free, so every
     step pays page faults on 33 MB: measured here, DP steps 4.3x the plain step instead of 2.8x.
-    Raising glibc's mmap and trim thresholds keeps such blocks in the heap for reuse. Returns
-    whether the setting took (False off glibc, where nothing is changed)."""
+    With the higher thresholds such blocks stay in the heap for reuse.
+
+    Process-wide and never undone: glibc has no call that reads these two thresholds back, so a
+    round could not restore what it found. That is safe: the thresholds decide where the
+    allocator takes memory from and when it hands freed memory back to the OS, never what a
+    program computes. The cost is memory held longer: the process hands freed heap back to the
+    OS only once more than 1 GiB of it lies free at the heap's top, and until then the next DP
+    step (or round, in a simulation worker that serves several sites) reuses it."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
@@ -228,68 +251,125 @@ def reserve_round(ledger: PrivacyLedger, config: RunConfig, budget: SitePrivacy,
 def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], config: RunConfig,
                   budget: SitePrivacy, charge: RoundCharge, device: torch.device,
                   proximal_mu: float = 0.0, server_round: int = 1) -> PrivateRoundResult:
-    """One round of DP-SGD on the trainable head, exactly as ``charge`` reserved it.
-
-    FedProx's proximal term mu/2 ||w - w_global||^2 depends on no data: its gradient mu (w - w_global)
-    is added after Opacus has clipped and noised the data gradient (post-processing, no privacy
-    cost), instead of being clipped with each study's gradient."""
+    """One round of DP-SGD on the trainable head, exactly as ``charge`` reserved it: make the
+    head private, run the round's steps, copy the trained head back into ``model``, and check that
+    the accountant saw exactly the reserved steps."""
     train: TrainConfig = config.train
     if not data.is_features:
         raise ValueError("DP training runs on cached backbone features (freeze = frozen)")
-    keep_large_allocations_in_heap()
     start = time.perf_counter()
-    head = copy.deepcopy(model.head).to(device).train()
     model.feature_norm.to(device)
-    optimizer = torch.optim.Adam(head.parameters(), lr=train.lr_at(server_round), weight_decay=train.weight_decay)
-    # Poisson sampling draws from the loader's generator (CPU), the noise from one on the
-    # parameters' device; both are seeded from OS entropy, never from the run config.
-    loader = DataLoader(TensorDataset(torch.arange(len(units))), batch_size=train.batch_size,
-                        generator=secure_generator("cpu"))
-    with warnings.catch_warnings():
-        # Opacus warns whenever secure_mode is off; our generators are seeded from OS entropy
-        # (secure_generator), which is the point of that warning.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
-        engine = PrivacyEngine(accountant=budget.accountant)
-    private_head, optimizer, loader = engine.make_private(
-        module=head, optimizer=optimizer, data_loader=loader, noise_multiplier=charge.noise_multiplier,
-        max_grad_norm=budget.max_grad_norm, poisson_sampling=True, noise_generator=secure_generator(device))
-    rng = np.random.default_rng(secrets.randbits(128))  # which study of a sampled patient
-    params = [p for p in private_head.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    batches = StudyBatches.for_training(model, data, device)
-    total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-    # Opacus records per-sample activations with full backward hooks; the head's input (cached
-    # features) needs no gradient, and torch warns about exactly that on every step.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
-                                              "respect to module outputs since no inputs require gradients")
-    for _ in range(train.local_epochs):
-        for (unit_batch,) in loader:
-            # One study per sampled unit: a batch row is the privacy unit.
-            batch = batches(torch.as_tensor([int(rng.choice(units[u])) for u in unit_batch.tolist()],
-                                            dtype=torch.long))
-            standardised = (model.feature_norm(batch.inputs) * batch.mask.unsqueeze(-1)
-                            if model.config.feature_norm == "site" else batch.inputs)
-            out = private_head(standardised, batch.mask, batch.biomech)
-            losses = per_study_loss(out, batch, train)
-            loss = losses.sum() / max(len(batch), 1)  # the mean, and 0 (not NaN) for an empty Poisson batch
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if optimizer.pre_step():  # clip, noise, account: Opacus' DPOptimizer.step, in two halves
-                if anchor is not None:
-                    for p, a in zip(params, anchor):
-                        p.grad.add_(p.detach() - a, alpha=proximal_mu)
-                optimizer.original_optimizer.step()
-            total += losses.detach().sum()
-            seen += len(batch)
-    with torch.no_grad():
-        for name, param in model.head.named_parameters():
-            param.copy_(dict(private_head._module.named_parameters())[name])
-    private_head._close()
-    ran = [(float(s), float(r), int(n)) for s, r, n in engine.accountant.history]
-    if ran != [(charge.noise_multiplier, charge.sample_rate, charge.steps)]:
-        # The reservation must be exactly what ran, or the ledger under-counts.
-        raise RuntimeError(f"DP round ran {ran}, but the ledger reserved "
-                           f"{(charge.noise_multiplier, charge.sample_rate, charge.steps)}")
+    private = PrivateHead.of(model, len(units), train, budget, charge, device, server_round)
+    total, seen = _train_steps(model, private, data, units, train, device, proximal_mu)
+    private.copy_to(model)
+    private.module._close()
+    private.check_accounted(charge)
     result = TrainResult(num_examples=len(units), loss=float(total) / max(seen, 1), seconds=time.perf_counter() - start)
     return PrivateRoundResult(result, charge.epsilon, budget.target_delta, charge.noise_multiplier,
                               budget.max_grad_norm, charge.sample_rate, charge.total_steps)
+
+
+@dataclass
+class PrivateHead:
+    """A copy of the model's trainable head as Opacus trains it for one round."""
+
+    module: GradSampleModule  # records each study's gradient with hooks
+    optimizer: DPOptimizer  # clips each study's gradient, adds the noise, steps the accountant
+    loader: DataLoader  # Poisson sampling of the privacy units
+    engine: PrivacyEngine  # its accountant's history is what ran
+
+    @classmethod
+    def of(cls, model: InjuryNet, n_units: int, train: TrainConfig, budget: SitePrivacy, charge: RoundCharge,
+           device: torch.device, server_round: int) -> "PrivateHead":
+        head = copy.deepcopy(model.head).to(device).train()
+        optimizer = torch.optim.Adam(head.parameters(), lr=train.lr_at(server_round), weight_decay=train.weight_decay)
+        # Poisson sampling draws from the loader's generator (CPU), the noise from one on the
+        # parameters' device; both are seeded from OS entropy, never from the run config.
+        loader = DataLoader(TensorDataset(torch.arange(n_units)), batch_size=train.batch_size,
+                            generator=secure_generator("cpu"))
+        with warnings.catch_warnings():
+            # Opacus warns whenever secure_mode is off; our generators are seeded from OS entropy
+            # (secure_generator), which is the point of that warning.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+            engine = PrivacyEngine(accountant=budget.accountant)
+        module, optimizer, loader = engine.make_private(
+            module=head, optimizer=optimizer, data_loader=loader, noise_multiplier=charge.noise_multiplier,
+            max_grad_norm=budget.max_grad_norm, poisson_sampling=True, noise_generator=secure_generator(device))
+        return cls(module, optimizer, loader, engine)
+
+    def step(self, loss: torch.Tensor, proximal: "ProximalTerm | None") -> None:
+        """One DP-SGD step on ``loss``: Opacus' DPOptimizer.step in its two halves (clip, noise and
+        account; then the optimiser's step), with the proximal gradient added between them."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.optimizer.pre_step():
+            if proximal is not None:
+                proximal.add_gradient()
+            self.optimizer.original_optimizer.step()
+
+    def copy_to(self, model: InjuryNet) -> None:
+        """The trained parameters into ``model``'s own head."""
+        trained = dict(self.module._module.named_parameters())
+        with torch.no_grad():
+            for name, param in model.head.named_parameters():
+                param.copy_(trained[name])
+
+    def check_accounted(self, charge: RoundCharge) -> None:
+        """The reservation must be exactly what ran, or the ledger under-counts."""
+        ran = [(float(s), float(r), int(n)) for s, r, n in self.engine.accountant.history]
+        reserved = (charge.noise_multiplier, charge.sample_rate, charge.steps)
+        if ran != [reserved]:
+            raise RuntimeError(f"DP round ran {ran}, but the ledger reserved {reserved}")
+
+
+@dataclass(frozen=True)
+class ProximalTerm:
+    """FedProx's proximal term mu/2 ||w - w_global||^2 on the trainable parameters.
+
+    It depends on no data: its gradient mu (w - w_global) is added after Opacus has clipped and
+    noised the data gradient (post-processing, no privacy cost), instead of being clipped with
+    each study's gradient."""
+
+    params: list[torch.nn.Parameter]
+    anchor: list[torch.Tensor]  # the global model's values, where the round starts
+    mu: float
+
+    @classmethod
+    def at_start(cls, module: torch.nn.Module, mu: float) -> "ProximalTerm | None":
+        """The term anchored at ``module``'s current parameters; None for mu = 0 (plain FedAvg)."""
+        if mu <= 0:
+            return None
+        params = [p for p in module.parameters() if p.requires_grad]
+        return cls(params, [p.detach().clone() for p in params], mu)
+
+    def add_gradient(self) -> None:
+        for p, a in zip(self.params, self.anchor):
+            p.grad.add_(p.detach() - a, alpha=self.mu)
+
+
+def _train_steps(model: InjuryNet, private: PrivateHead, data: SiteInputs, units: list[np.ndarray],
+                 train: TrainConfig, device: torch.device, proximal_mu: float) -> tuple[torch.Tensor, int]:
+    """Every DP-SGD step of the round: (the summed per-study loss, on the device, and the number
+    of studies it sums)."""
+    rng = np.random.default_rng(secrets.randbits(128))  # which study of a sampled patient
+    proximal = ProximalTerm.at_start(private.module, proximal_mu)
+    batches = StudyBatches.for_training(model, data, device)
+    total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+    with warnings.catch_warnings():
+        # Opacus records per-sample activations with full backward hooks; the head's input (cached
+        # features) needs no gradient, and torch warns about exactly that on every step.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                                  "respect to module outputs since no inputs require gradients")
+        for _ in range(train.local_epochs):
+            for (unit_batch,) in private.loader:
+                # One study per sampled unit: a batch row is the privacy unit.
+                batch = batches(torch.as_tensor([int(rng.choice(units[u])) for u in unit_batch.tolist()],
+                                                dtype=torch.long))
+                standardised = (model.feature_norm(batch.inputs) * batch.mask.unsqueeze(-1)
+                                if model.config.feature_norm == "site" else batch.inputs)
+                losses = per_study_loss(private.module(standardised, batch.mask, batch.biomech), batch, train)
+                loss = losses.sum() / max(len(batch), 1)  # the mean, and 0 (not NaN) for an empty Poisson batch
+                private.step(loss, proximal)
+                total += losses.detach().sum()
+                seen += len(batch)
+    return total, seen

@@ -9,48 +9,66 @@ later reply goes out one message late; a resumed run then waits its whole round-
 replies that sit at the sites (seen on a loopback deployment: sites trained in 5 s, the centre
 waited 600 s). Here the SuperNode keeps sending until the reply to the message it just pulled has
 gone; the stale reply is still sent first (the SuperLink refuses it, as before).
+
+``main`` puts the replacements in Flower's place through ``common/flower_patches.py``, which
+refuses a Flower they were not written for.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from flwr.supernode import start_client_internal as flower
-
-_flower_pull = flower._pull_and_store_message
-_flower_push = flower._push_messages
-_awaited: list[str | None] = [None]  # the message the SuperNode pulled last: its reply must be sent
+from common import flower_patches
+from common.flower_patches import SUPERNODE_REPLIES_IN_STEP
 
 
-def _pull_and_store_message(**kwargs: Any) -> int | None:
-    receive = kwargs["receive"]
+class RepliesInStep:
+    """Replacements of Flower's ``_pull_and_store_message`` and ``_push_messages`` that share the
+    message the SuperNode pulled last, whose reply must be sent before the next pull."""
 
-    def recording_receive():  # noqa: ANN202
-        received = receive()
-        _awaited[0] = None if received is None else received[0].metadata.message_id
-        return received
+    def __init__(self) -> None:
+        self.awaited: str | None = None
 
-    return _flower_pull(**{**kwargs, "receive": recording_receive})
+    def pull_and_store_message(self, flower_pull: Callable[..., int | None]) -> Callable[..., int | None]:
+        """Flower's pull, recording the message it received."""
 
+        def pull(**kwargs: Any) -> int | None:
+            receive = kwargs["receive"]
 
-def _push_messages(**kwargs: Any) -> None:
-    sent: set[str] = set()
-    send = kwargs["send"]
+            def recording_receive():  # noqa: ANN202
+                received = receive()
+                self.awaited = None if received is None else received[0].metadata.message_id
+                return received
 
-    def recording_send(message, object_tree, clientapp_runtime):  # noqa: ANN001, ANN202
-        sent.add(message.metadata.reply_to_message_id)
-        return send(message, object_tree, clientapp_runtime)
+            return flower_pull(**{**kwargs, "receive": recording_receive})
 
-    while True:  # Flower's own push: it waits for at least one reply and sends all it has
-        _flower_push(**{**kwargs, "send": recording_send})
-        if _awaited[0] is None or _awaited[0] in sent:
-            return
+        return pull
+
+    def push_messages(self, flower_push: Callable[..., None]) -> Callable[..., None]:
+        """Flower's push, repeated until the reply to the recorded message has been sent."""
+
+        def push(**kwargs: Any) -> None:
+            sent: set[str] = set()
+            send = kwargs["send"]
+
+            def recording_send(message, object_tree, clientapp_runtime):  # noqa: ANN001, ANN202
+                sent.add(message.metadata.reply_to_message_id)
+                return send(message, object_tree, clientapp_runtime)
+
+            while True:  # Flower's own push: it waits for at least one reply and sends all it has
+                flower_push(**{**kwargs, "send": recording_send})
+                if self.awaited is None or self.awaited in sent:
+                    return
+
+        return push
 
 
 def main() -> None:
-    flower._pull_and_store_message = _pull_and_store_message
-    flower._push_messages = _push_messages
+    in_step = RepliesInStep()
+    flower_patches.apply(SUPERNODE_REPLIES_IN_STEP, {"_pull_and_store_message": in_step.pull_and_store_message,
+                                                     "_push_messages": in_step.push_messages})
     from flwr.supernode.cli import flower_supernode
 
     sys.exit(flower_supernode())

@@ -3,68 +3,247 @@
 The run config (``[tool.flwr.app.config]`` in pyproject.toml, overridable with
 ``flwr run --run-config``) is the same at the server and every site. The node config is set
 per site on its SuperNode (``--node-config 'data-path="/data/site" ...'``).
+
+The dataclasses below are the one source of every run-config key: its default, its type, its
+choices (an enumeration) and its help text. pyproject.toml's ``[tool.flwr.app.config]`` and the
+README's configuration tables are rendered from them by ``python -m common.config_docs --write``
+(tests/test_config_docs.py checks that both are what it renders).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Iterator, Mapping, Self
 
-FREEZE_POLICIES = ("frozen", "layer4", "full")
-FEATURE_NORMS = ("site", "none")
-AGGREGATIONS = ("fedavg", "fedprox", "fedmedian", "trimmed-mean")
-SITE_LAYOUTS = ("auto", "dicom", "mura", "mrnet")
-TRACKERS = ("none", "mlflow", "tensorboard")
-BEST_METRICS = ("loss", "auc", "server-val-loss", "server-val-auc")  # common/runlog.py SELECTION_METRICS
-MRNET_PLANES = ("axial", "coronal", "sagittal")
-MRNET_TASKS = ("abnormal", "acl", "meniscus")
+from common.reason_codes import ReasonCodeError
 
 
-class ConfigError(ValueError):
+class FreezePolicy(StrEnum):
+    FROZEN = "frozen"
+    LAYER4 = "layer4"
+    FULL = "full"
+
+
+class FeatureNorm(StrEnum):
+    SITE = "site"
+    NONE = "none"
+
+
+class Aggregation(StrEnum):
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDMEDIAN = "fedmedian"
+    TRIMMED_MEAN = "trimmed-mean"
+
+
+class SiteLayout(StrEnum):
+    AUTO = "auto"
+    DICOM = "dicom"
+    MURA = "mura"
+    MRNET = "mrnet"
+
+
+class Tracking(StrEnum):
+    NONE = "none"
+    MLFLOW = "mlflow"
+    TENSORBOARD = "tensorboard"
+
+
+class BestMetric(StrEnum):  # common/runlog.py SELECTION_METRICS
+    LOSS = "loss"
+    AUC = "auc"
+    SERVER_VAL_LOSS = "server-val-loss"
+    SERVER_VAL_AUC = "server-val-auc"
+
+
+class MrnetPlane(StrEnum):
+    AXIAL = "axial"
+    CORONAL = "coronal"
+    SAGITTAL = "sagittal"
+
+
+class MrnetTask(StrEnum):
+    ABNORMAL = "abnormal"
+    ACL = "acl"
+    MENISCUS = "meniscus"
+
+
+class DpAccountant(StrEnum):
+    RDP = "rdp"
+    PRV = "prv"
+
+
+class DpUnit(StrEnum):
+    STUDY = "study"
+    PATIENT = "patient"
+
+
+class DpBudgetScope(StrEnum):
+    RUN = "run"
+    SITE = "site"
+
+
+class WireDtype(StrEnum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
+class WireCompression(StrEnum):
+    ZLIB = "zlib"
+    NONE = "none"
+
+
+class ReplyPolling(StrEnum):
+    PROMPT = "prompt"
+    FLOWER = "flower"
+
+
+def choices(enumeration: type[StrEnum]) -> tuple[str, ...]:
+    """The plain-string values of an enumeration (argparse choices, messages)."""
+    return tuple(member.value for member in enumeration)
+
+
+# Plain strings for the modules that offer them as choices (argparse, server/strategy.py).
+AGGREGATIONS = choices(Aggregation)
+SITE_LAYOUTS = choices(SiteLayout)
+TRACKERS = choices(Tracking)
+MRNET_TASKS = choices(MrnetTask)
+
+
+class ConfigError(ReasonCodeError, ValueError):
     """A configuration value is missing, unknown or out of range."""
+
+    code = "config-error"
+
+
+def setting(default: Any, help: str) -> Any:
+    """A run-config field: its default and the help text the generated pyproject.toml and README show.
+    A default that is an enumeration member makes the field a choice of that enumeration."""
+    return field(default=default, metadata={"help": help})
+
+
+def choice(enumeration: type[StrEnum], key: str, value: Any) -> StrEnum:
+    """``value`` as a member of ``enumeration``; a ConfigError naming the key and the choices if it is none."""
+    try:
+        return enumeration(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be one of {', '.join(choices(enumeration))}, got {value!r}") from None
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+class Section:
+    """A run-config section: a frozen dataclass whose fields are all made with ``setting``."""
+
+    title: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f in settings(type(self)):
+            if isinstance(f.default, Enum):  # a choice: stored as the member, validated here
+                object.__setattr__(self, f.name, choice(type(f.default), _key(f.name), getattr(self, f.name)))
+        self.check()
+
+    def check(self) -> None:
+        """Refuse out-of-range values, with the key and what to set instead."""
+
+
+def settings(section: type) -> Iterator[Any]:
+    """The run-config fields of a section (those made with ``setting``), in declaration order."""
+    return (f for f in fields(section) if "help" in f.metadata)
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    image_size: int = 64
-    seq_len: int = 8
-    num_labels: int = 1
-    label_names: str = ""  # comma-separated display names, e.g. "abnormal,acl,meniscus"
-    freeze: str = "frozen"
-    backbone_weights: str = "none"
-    proj_dim: int = 128
-    gru_hidden: int = 64
-    attn_dim: int = 64
-    dropout: float = 0.1
-    biomech_features: int = 0
-    # "site": standardise backbone features with statistics of the site's own training images
-    # (kept at the site, like FedBN's local statistics); "none": use them as they are.
-    feature_norm: str = "site"
-    # Optional heads: severity regression (trained where labels.csv has a target) and a light
-    # decoder that rebuilds each image at recon-size x recon-size from its feature.
-    severity_head: bool = True
-    recon_head: bool = True
-    recon_size: int = 16
-    seed: int = 0
+class SharedConfig(Section):
+    """Settings the model, the data pipeline and local training all read: defined once, so they cannot disagree."""
 
-    def __post_init__(self) -> None:
-        if self.freeze not in FREEZE_POLICIES:
-            raise ConfigError(f"freeze must be one of {FREEZE_POLICIES}, got {self.freeze!r}")
-        if self.feature_norm not in FEATURE_NORMS:
-            raise ConfigError(f"feature-norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
-        for name in ("image_size", "seq_len", "num_labels", "proj_dim", "gru_hidden", "attn_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
+    title: ClassVar[str] = "Shared by the model, the data and training"
+
+    image_size: int = setting(64, "Every image is resized to image-size x image-size pixels (>= 32: ResNet50 "
+                                  "downsamples by 32).")
+    seq_len: int = setting(8, "Images per study: longer studies are sampled down to this many, shorter ones padded "
+                              "(masked).")
+    biomech_features: int = setting(0, "Columns of each study's biomech/<study>.csv, fed beside its images "
+                                       "(0 = images only); see docs/data.md.")
+    seed: int = setting(0, "Seeds the head's initialisation (and the backbone's with backbone-weights = none), each "
+                           "site's train/test split and its local training.")
+
+    def check(self) -> None:
         if self.image_size < 32:
             raise ConfigError("image-size must be >= 32 (ResNet50 downsamples by 32)")
+        if self.seq_len < 1:
+            raise ConfigError("seq-len must be >= 1")
+        if self.biomech_features < 0:
+            raise ConfigError("biomech-features must be >= 0")
+
+
+class ReadsShared(Section):
+    """A section that reads the shared settings as its own (``config.image_size``)."""
+
+    shared: SharedConfig
+
+    @property
+    def image_size(self) -> int:
+        return self.shared.image_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.shared.seq_len
+
+    @property
+    def biomech_features(self) -> int:
+        return self.shared.biomech_features
+
+    @property
+    def seed(self) -> int:
+        return self.shared.seed
+
+    def with_shared(self, **changes: Any) -> Self:
+        """A copy with some shared settings changed, e.g. ``config.with_shared(seed=1)``. In a RunConfig,
+        change ``shared`` in every section at once (``RunConfig.from_mapping``) or they disagree."""
+        return replace(self, shared=replace(self.shared, **changes))
+
+
+@dataclass(frozen=True)
+class ModelConfig(ReadsShared):
+    """The ResNet50 trunk, the site feature standardiser and the BiGRU-attention head; see docs/design.md."""
+
+    title: ClassVar[str] = "Model"
+
+    shared: SharedConfig = field(default_factory=SharedConfig)
+    num_labels: int = setting(1, "Labels the model predicts, one sigmoid output each.")
+    label_names: str = setting("", "Comma-separated display names of the labels, e.g. abnormal,acl,meniscus "
+                                   "(empty: injury, or label1, label2, ...).")
+    freeze: FreezePolicy = setting(FreezePolicy.FROZEN, "What of the ResNet50 trunk trains: nothing (frozen, the "
+                                                        "paper's default and needed for DP), its last block "
+                                                        "(layer4) or all of it (full).")
+    backbone_weights: str = setting("none", "ResNet50 weights: none (seeded random init, warns), imagenet (the torch "
+                                            "hub cache) or the path of a .pth file.")
+    proj_dim: int = setting(128, "Width of each image's projected backbone feature.")
+    gru_hidden: int = setting(64, "Hidden width of each direction of the BiGRU.")
+    attn_dim: int = setting(64, "Width of the attention that pools the sequence.")
+    dropout: float = setting(0.1, "Dropout on the projected features, in [0, 1).")
+    # Kept at the site, like FedBN's local statistics: they describe the site's own scanners.
+    feature_norm: FeatureNorm = setting(FeatureNorm.SITE, "site: standardise backbone features with statistics of "
+                                                          "the site's own training images (never sent); none: use "
+                                                          "them as they are.")
+    severity_head: bool = setting(True, "A severity regression head, trained where labels.csv has a target.")
+    recon_head: bool = setting(True, "A light decoder that rebuilds each image from its feature (PSNR, SSIM, FID).")
+    recon_size: int = setting(16, "Side of the rebuilt images, between 4 and image-size.")
+
+    def check(self) -> None:
+        for name in ("num_labels", "proj_dim", "gru_hidden", "attn_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_key(name)} must be >= 1")
         if self.label_names and len(self.label_names.split(",")) != self.num_labels:
             raise ConfigError(f"label-names has {len(self.label_names.split(','))} names but num-labels = {self.num_labels}")
         if not 4 <= self.recon_size <= self.image_size:
             raise ConfigError("recon-size must be between 4 and image-size")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout must be in [0, 1)")
-
 
     def names(self) -> list[str]:
         if self.label_names:
@@ -73,45 +252,52 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    image_size: int = 64
-    seq_len: int = 8
-    series_description: str = ""
-    test_fraction: float = 0.25
-    seed: int = 0
-    biomech_features: int = 0  # columns of biomech/<study>.csv; 0 = no biomechanical series
-    mrnet_plane: str = "sagittal"  # MRNet layout: which plane's volumes form the sequence
-    mrnet_labels: str = "abnormal,acl,meniscus"  # MRNet layout: the tasks, in label order
+class DataConfig(ReadsShared):
+    """How each site reads and splits its studies (every site preprocesses to the same shape); see docs/data.md."""
 
-    def __post_init__(self) -> None:
+    title: ClassVar[str] = "Data"
+
+    shared: SharedConfig = field(default_factory=SharedConfig)
+    series_description: str = setting("", "DICOM layout: use the series whose SeriesDescription contains this text "
+                                           "(case-insensitive; empty: the series with the most images).")
+    test_fraction: float = setting(0.25, "Fraction of each site's patients held out for testing, unless labels.csv "
+                                         "has a split column; in (0, 1).")
+    mrnet_plane: MrnetPlane = setting(MrnetPlane.SAGITTAL, "MRNet layout: the plane whose volume forms the "
+                                                           "sequence.")
+    mrnet_labels: str = setting("abnormal,acl,meniscus", "MRNet layout: the tasks, comma-separated, in label order "
+                                                         "(from abnormal, acl, meniscus).")
+
+    def check(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError("test-fraction must be in (0, 1)")
-        if self.biomech_features < 0:
-            raise ConfigError("biomech-features must be >= 0")
-        if self.mrnet_plane not in MRNET_PLANES:
-            raise ConfigError(f"mrnet-plane must be one of {MRNET_PLANES}, got {self.mrnet_plane!r}")
         tasks = [t.strip() for t in self.mrnet_labels.split(",") if t.strip()]
         if not tasks or any(t not in MRNET_TASKS for t in tasks) or len(set(tasks)) != len(tasks):
-            raise ConfigError(f"mrnet-labels must be distinct names from {MRNET_TASKS}, got {self.mrnet_labels!r}")
+            raise ConfigError(f"mrnet-labels must be distinct names from {', '.join(MRNET_TASKS)}, "
+                              f"got {self.mrnet_labels!r}")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    local_epochs: int = 2
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    batch_size: int = 8
-    severity_weight: float = 0.02  # targets are on a 0-10 scale: keep the MSE term below the BCE
-    recon_weight: float = 1.0
-    # The learning rate of round r is lr * lr-decay^(r - 1): a per-round schedule every site
-    # follows (1.0: constant).
-    lr_decay: float = 1.0
-    seed: int = 0
+class TrainConfig(ReadsShared):
+    """Adam on each site's training split, every round."""
+
+    title: ClassVar[str] = "Local training"
+
+    shared: SharedConfig = field(default_factory=SharedConfig)
+    local_epochs: int = setting(2, "Epochs of local training per round.")
+    lr: float = setting(1e-3, "Adam's learning rate in round 1.")
+    weight_decay: float = setting(1e-2, "Adam's weight decay; 1e-2 had the lowest final test loss at the same AUC in "
+                                        "the local-training study (README, Results).")
+    batch_size: int = setting(8, "Studies per batch.")
+    severity_weight: float = setting(0.02, "Weight of the severity loss; its targets are on a 0-10 scale, so the MSE "
+                                           "term stays below the BCE.")
+    recon_weight: float = setting(1.0, "Weight of the reconstruction loss.")
+    lr_decay: float = setting(1.0, "Round r trains with lr * lr-decay^(r-1), a per-round schedule every site "
+                                   "follows (1.0 = constant); in (0, 1].")
 
     def lr_at(self, server_round: int) -> float:
         return self.lr * self.lr_decay ** max(server_round - 1, 0)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not 0.0 < self.lr_decay <= 1.0:
             raise ConfigError("lr-decay must be in (0, 1]")
         if self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -121,34 +307,41 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    threshold: float = 0.5  # decision threshold for the confusion-count metrics
-    min_site_cases: int = 10  # per-site figures of a site with fewer test studies are not shown
-    fid_dim: int = 64  # FID feature width: the statistics grow with its square
-    # PSNR, SSIM and FID use a fixed subsample of each site's test images (evenly spaced, the same
-    # every round; 0 = all): the reconstructions change every round and FID runs the backbone on them.
-    image_metrics_sample: int = 32
-    # FID features come from the model's ResNet50 on images resized to this size (0 = image-size):
-    # the reconstructions carry recon-size detail, and a smaller input costs the backbone less.
-    fid_image_size: int = 32
-    # FID is the one catalogue figure that runs the backbone every time (on the new reconstructions,
-    # ~80 ms a site on one CPU core, more than the site's training of a round here): it is computed
-    # at round 0, every fid-every rounds and the last round, and reported not available in between.
-    fid_every: int = 5
-    fid_inception_weights: str = ""  # a local torchvision InceptionV3 .pth; empty = the model's ResNet50
-    server_val_path: str = ""  # a site-layout folder the server evaluates on centrally (optional)
-    # Score-histogram bins a site sends per label: 0 = by test size (about 1 study per bin,
-    # 4..2048), else a fixed power of two. Fine bins on a small test split almost disclose each
-    # study's (score, label) pair; see docs/privacy.md.
-    eval_bins: int = 0
-    # The exported model's operating threshold reaches this sensitivity on the pooled statistics.
-    target_sensitivity: float = 0.9
+class EvalConfig(Section):
+    """The metric catalogue each site computes and the centre pools; see docs/metrics.md."""
+
+    title: ClassVar[str] = "Evaluation"
+
+    threshold: float = setting(0.5, "Decision threshold of the confusion-count metrics.")
+    min_site_cases: int = setting(10, "A site with fewer test studies gets no per-site figures.")
+    fid_dim: int = setting(64, "FID feature width, in [2, 2048]: the statistics a site sends grow with its square.")
+    # The reconstructions change every round and FID runs the backbone on them: a fixed sample keeps
+    # the figures comparable across rounds and the cost bounded.
+    image_metrics_sample: int = setting(32, "PSNR, SSIM and FID use this many of each site's test images, evenly "
+                                            "spaced and the same every round (0 = all).")
+    # The reconstructions carry recon-size detail, and a smaller input costs the backbone less.
+    fid_image_size: int = setting(32, "FID features come from the model's ResNet50 on images resized to this size "
+                                      "(0 = image-size).")
+    # FID is the one figure that runs the backbone every time (~80 ms a site on one CPU core, more
+    # than the site's training of a round here).
+    fid_every: int = setting(5, "FID at round 0, every fid-every rounds and the last round (not available in "
+                                "between); the other figures every round.")
+    fid_inception_weights: str = setting("", "A local torchvision InceptionV3 .pth for the FID features (empty: the "
+                                             "model's ResNet50).")
+    server_val_path: str = setting("", "A site-layout folder the server evaluates on itself every round (optional; "
+                                       "best-metric server-val-loss/-auc needs it).")
+    eval_bins: int = setting(0, "Score-histogram bins per label a site sends: 0 = by its test size (about one study "
+                                "a bin, 4..2048; the AUC error bound is reported), else a power of two. Fine bins "
+                                "on a small test split almost disclose each study's score and label; see "
+                                "docs/privacy.md.")
+    target_sensitivity: float = setting(0.9, "export: the operating threshold reaches this sensitivity on the "
+                                             "exported round's pooled statistics.")
 
     def fid_round(self, server_round: int, num_rounds: int) -> bool:
         """Whether the evaluation of ``server_round`` computes FID (round 0, every fid-every, the last)."""
         return server_round % self.fid_every == 0 or server_round == num_rounds
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError("threshold must be in (0, 1)")
         if not 0.0 < self.target_sensitivity <= 1.0:
@@ -166,120 +359,132 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
-    """Sample-level differential privacy at each site (Opacus DP-SGD)."""
+class PrivacyConfig(Section):
+    """Sample-level differential privacy at each site (Opacus DP-SGD), with a budget for the whole run; a site's
+    node config or policy may be stricter. See docs/privacy.md."""
 
-    dp_enabled: bool = False
-    dp_target_epsilon: float = 8.0  # for the whole run, not per round
-    dp_target_delta: float = 0.0  # 0: 1 / (10 * training units), capped at 1e-5
-    dp_max_grad_norm: float = 1.0
-    dp_noise_multiplier: float = 0.0  # 0: calibrated once so the planned run ends at the target
-    dp_accountant: str = "rdp"
-    dp_unit: str = "study"  # "patient": one study per patient per sampled unit (patient-level privacy)
+    title: ClassVar[str] = "Differential privacy"
 
-    def __post_init__(self) -> None:
+    dp_enabled: bool = setting(False, "Train with DP-SGD (needs freeze = frozen).")
+    dp_target_epsilon: float = setting(8.0, "The epsilon the whole run may spend, not per round.")
+    dp_target_delta: float = setting(0.0, "The delta, in [0, 1); 0 = 1 / (10 x training units), capped at 1e-5.")
+    dp_max_grad_norm: float = setting(1.0, "Each unit's gradient is clipped to this L2 norm.")
+    dp_noise_multiplier: float = setting(0.0, "0 = calibrated once so the planned run ends at the target epsilon.")
+    dp_accountant: DpAccountant = setting(DpAccountant.RDP, "Opacus' privacy accountant.")
+    dp_unit: DpUnit = setting(DpUnit.STUDY, "What DP protects: each study, or each patient (one study per patient "
+                                            "per sampled unit).")
+
+    def check(self) -> None:
         if self.dp_target_epsilon <= 0 or self.dp_max_grad_norm <= 0 or self.dp_noise_multiplier < 0:
             raise ConfigError("dp-target-epsilon and dp-max-grad-norm must be > 0, dp-noise-multiplier >= 0")
         if not 0.0 <= self.dp_target_delta < 1.0:
             raise ConfigError("dp-target-delta must be in [0, 1)")
-        if self.dp_accountant not in ("rdp", "prv"):
-            raise ConfigError("dp-accountant must be rdp or prv")
-        if self.dp_unit not in ("study", "patient"):
-            raise ConfigError("dp-unit must be study or patient")
 
 
 @dataclass(frozen=True)
-class FederationConfig:
-    num_rounds: int = 3
-    min_sites: int = 2
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    round_timeout: float = 600.0
-    run_dir: str = "runs"
-    data_root: str = ""
-    audit_outgoing: bool = False  # sites keep a byte-exact copy of every reply (client/audit.py)
-    aggregation: str = "fedavg"  # fedavg (weighted by studies), fedmedian, trimmed-mean
-    trim_fraction: float = 0.2  # trimmed-mean: the fraction cut at each end, per coordinate
-    proximal_mu: float = 0.01  # fedprox: the weight of mu/2 ||w - w_global||^2 in each site's local loss
-    max_update_norm: float = 0.0  # reject a site's update whose L2 distance from the global model exceeds this (0: off)
-    resume_from: str = ""  # a run directory: continue from its last finished round (clinicfl-server resume)
-    control_poll: float = 2.0  # seconds between checks of the pause flag while a run is paused
-    # How the centre waits for the sites' replies (server/transport.py): prompt pulls them 10 ms
-    # after the push, then every tenth of the time waited (at most 0.5 s); flower keeps Flower's
-    # fixed interval (3 s in a deployment, 0.1 s in a simulation).
-    reply_polling: str = "prompt"
-    # One message per site per round: the message that trains round r first has the site evaluate
-    # the model it starts from (round r-1's), so a round costs one exchange, not two, and a
-    # deployed site starts one ClientApp process per round. The last round is evaluated on its own.
-    # Off (two phases, as Flower's FedAvg) with DP or secure aggregation (a round trained before an
-    # early stop would spend privacy budget for nothing), and with fraction-train/-evaluate below 1.
-    evaluate_with_training: bool = True
-    # The centre's sites.json (clinicfl-server register-site): replies are filed under the name
-    # their authenticated node id is registered with. Empty in simulation: each node keeps the
-    # name it first reports.
-    site_registry: str = ""
-    # Parameters on the wire: float32, or float16 (half the bytes both ways; the server checks,
-    # widens and aggregates in float64, and keeps float32 checkpoints).
-    wire_dtype: str = "float32"
-    # Lossless compression of the parameters on the wire (the top byte plane deflated; common/exchange.py).
-    wire_compression: str = "zlib"
-    # The best global model: the round with the best pooled test loss (default), pooled AUC, or the
-    # centre's own validation loss/AUC. export takes it by default. patience > 0 ends the run after
-    # that many rounds without improvement.
-    best_metric: str = "loss"
-    patience: int = 0
-    # Experiment tracking at the centre (server/tracking.py): none, mlflow or tensorboard.
-    tracking: str = "none"
-    tracking_uri: str = ""  # MLflow tracking URI; empty = a SQLite store beside the run directories
-    tracking_experiment: str = "clinicfl"
-    # Simulation only (client/drills.py): a fault drill, and the sites that run it ("" = all).
-    drill: str = ""
-    drill_sites: str = ""
-    # Simulation only: the site policy file every simulated site applies (common/policy.py). A
-    # deployed site ignores it and reads only its own (clinicfl-client start --policy).
-    site_policy: str = ""
-    # Secure aggregation (SecAgg+, server/secure_aggregation.py): the centre learns only the
-    # weighted sum of the sites' updates. Each update is clipped to +-secagg-clipping-range,
-    # quantised to 2**secagg-quantization-bits levels and masked. Shares: 0 = every sampled site;
-    # threshold: 0 = a majority of the shares, so a minority of sites may drop out mid-round.
-    secure_aggregation: bool = False
-    secagg_num_shares: int = 0
-    secagg_reconstruction_threshold: int = 0
-    secagg_clipping_range: float = 1.0
-    secagg_quantization_bits: int = 24
-    secagg_max_weight: float = 1000.0  # the largest num-examples one site may weigh in with
+class FederationConfig(Section):
+    """Rounds, sites, aggregation, the wire and the centre's bookkeeping."""
 
-    def __post_init__(self) -> None:
+    title: ClassVar[str] = "Federation"
+
+    num_rounds: int = setting(3, "Rounds of federated training.")
+    min_sites: int = setting(2, "Sites that must reply for a round to update the model.")
+    fraction_train: float = setting(1.0, "Fraction of the connected sites asked to train each round.")
+    fraction_evaluate: float = setting(1.0, "Fraction of the connected sites asked to evaluate each round.")
+    round_timeout: float = setting(600.0, "Seconds a round waits for the sites' replies.")
+    run_dir: str = setting("runs", "The folder of the centre's run directories.")
+    data_root: str = setting("", "Simulation only: the sites are the sorted sub-folders of data-root, one per "
+                                 "partition.")
+    audit_outgoing: bool = setting(False, "Every site keeps a byte-exact copy of each message it sends in "
+                                          "STATE_DIR/audit (client/audit.py); also a node-config key.")
+    aggregation: Aggregation = setting(Aggregation.FEDAVG, "fedavg: the mean weighted by studies; fedprox: FedAvg "
+                                                           "with proximal-mu/2 ||w - w_global||^2 in the sites' "
+                                                           "local loss; fedmedian: the coordinate-wise median; "
+                                                           "trimmed-mean: the mean after cutting trim-fraction at "
+                                                           "each end.")
+    trim_fraction: float = setting(0.2, "trimmed-mean: the fraction cut at each end, per coordinate, in [0, 0.5).")
+    proximal_mu: float = setting(0.01, "fedprox: the weight mu of the proximal term.")
+    max_update_norm: float = setting(0.0, "Reject a site's update farther (L2) than this from the global model it "
+                                          "started from (0 = no bound).")
+    resume_from: str = setting("", "A run directory to continue from its last finished round (clinicfl-server "
+                                   "resume sets it).")
+    control_poll: float = setting(2.0, "Seconds between checks of the pause flag while a run is paused "
+                                       "(clinicfl-server pause/continue).")
+    pause_after_round: int = setting(0, "Pause the run after this round, as clinicfl-server pause does; "
+                                        "clinicfl-server continue resumes it (0 = never).")
+    reply_polling: ReplyPolling = setting(ReplyPolling.PROMPT, "How the centre waits for the sites' replies "
+                                                               "(server/transport.py): prompt pulls them 10 ms "
+                                                               "after the push, then every tenth of the time waited "
+                                                               "(at most every 0.5 s); flower keeps Flower's fixed "
+                                                               "interval (3 s deployed, 0.1 s simulated).")
+    # A round trained before an early stop would spend privacy budget for nothing: DP and secure
+    # aggregation keep the two phases, and so do fractions below 1 (different sites per phase).
+    evaluate_with_training: bool = setting(True, "One exchange per site per round: the message that trains round r "
+                                                 "has the site score round r-1's model first (the last round is "
+                                                 "scored on its own). Two exchanges (train, then evaluate) with DP, "
+                                                 "secure aggregation, fractions below 1 or false; see "
+                                                 "docs/design.md.")
+    site_registry: str = setting("", "The centre's sites.json (clinicfl-server register-site; clinicfl-server run "
+                                     "sets it): replies are filed under the name their authenticated node is "
+                                     "registered with. Empty (simulation): each node keeps the name it first "
+                                     "reports.")
+    wire_dtype: WireDtype = setting(WireDtype.FLOAT32, "Parameters on the wire; float16 halves the bytes both ways "
+                                                       "(the server widens and aggregates in float64 and keeps "
+                                                       "float32 checkpoints).")
+    wire_compression: WireCompression = setting(WireCompression.ZLIB, "Lossless compression of the parameters on "
+                                                                      "the wire: zlib deflates the sign-and-exponent "
+                                                                      "byte of each value (about 16% fewer bytes in "
+                                                                      "a few ms); none sends Flower's plain numpy "
+                                                                      "arrays.")
+    best_metric: BestMetric = setting(BestMetric.LOSS, "The best global model (export's default): the round with the "
+                                                       "best pooled test loss or AUC, or the centre's own validation "
+                                                       "loss or AUC (server-val-path).")
+    patience: int = setting(0, "End the run after this many rounds without improvement of best-metric (0 = never).")
+    tracking: Tracking = setting(Tracking.NONE, "Experiment tracking at the centre (server/tracking.py): mlflow "
+                                                "(extra .[mlflow]) or tensorboard (event files in the run directory, "
+                                                "extra .[tensorboard]).")
+    tracking_uri: str = setting("", "mlflow: the tracking URI (empty: a SQLite store beside the run directories).")
+    tracking_experiment: str = setting("clinicfl", "mlflow: the experiment the runs are filed under.")
+    drill: str = setting("", "Simulation only: a fault drill, nan-update, wrong-shape-update or raise-phi "
+                             "(client/drills.py).")
+    drill_sites: str = setting("", "Simulation only: the sites that run the drill, comma-separated (empty: all).")
+    site_policy: str = setting("", "Simulation only: the site policy file every simulated site applies "
+                                   "(common/policy.py); a deployed site reads only its own (clinicfl-client start "
+                                   "--policy).")
+    secure_aggregation: bool = setting(False, "SecAgg+ (server/secure_aggregation.py): the centre learns only the "
+                                              "weighted sum of the sites' updates. Not with fedmedian, trimmed-mean "
+                                              "or max-update-norm (refused at start-up); its cost: "
+                                              "docs/security.md.")
+    secagg_num_shares: int = setting(0, "SecAgg+: the shares of each site's secrets (0 = every sampled site, else "
+                                        ">= 3).")
+    secagg_reconstruction_threshold: int = setting(0, "SecAgg+: the shares that rebuild a secret (0 = a majority of "
+                                                      "the shares, so a minority of sites may drop out mid-round).")
+    secagg_clipping_range: float = setting(1.0, "SecAgg+: each update is clipped to +-this before it is quantised.")
+    secagg_quantization_bits: int = setting(24, "SecAgg+: updates are quantised to 2^bits levels (8..28; masks are "
+                                                "taken modulo 2^32).")
+    secagg_max_weight: float = setting(1000.0, "SecAgg+: the largest num-examples one site may weigh in with.")
+
+    def check(self) -> None:
         if self.num_rounds < 1:
             raise ConfigError("num-rounds must be >= 1")
         if self.min_sites < 1:
             raise ConfigError("min-sites must be >= 1")
-        if self.aggregation not in AGGREGATIONS:
-            raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.proximal_mu < 0:
             raise ConfigError("proximal-mu must be >= 0")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError("trim-fraction must be in [0, 0.5)")
         if self.max_update_norm < 0 or self.control_poll <= 0:
             raise ConfigError("max-update-norm must be >= 0 and control-poll > 0")
-        if self.wire_dtype not in ("float32", "float16"):
-            raise ConfigError(f"wire-dtype must be float32 or float16, got {self.wire_dtype!r}")
-        if self.wire_compression not in ("zlib", "none"):
-            raise ConfigError(f"wire-compression must be zlib or none, got {self.wire_compression!r}")
-        if self.reply_polling not in ("prompt", "flower"):
-            raise ConfigError(f"reply-polling must be prompt or flower, got {self.reply_polling!r}")
-        if self.best_metric not in BEST_METRICS:
-            raise ConfigError(f"best-metric must be one of {BEST_METRICS}, got {self.best_metric!r}")
         if self.patience < 0:
             raise ConfigError("patience must be >= 0 (0: no early stopping)")
-        if self.tracking not in TRACKERS:
-            raise ConfigError(f"tracking must be one of {TRACKERS}, got {self.tracking!r}")
+        if self.pause_after_round < 0:
+            raise ConfigError("pause-after-round must be >= 0 (0: never)")
         if self.secure_aggregation:
             self._check_secure_aggregation()
 
     def _check_secure_aggregation(self) -> None:
         """Refuse what cannot work on masked updates, with a one-line reason each."""
-        if self.aggregation in ("fedmedian", "trimmed-mean"):
+        if self.aggregation in (Aggregation.FEDMEDIAN, Aggregation.TRIMMED_MEAN):
             raise ConfigError(f"secure-aggregation cannot be used with aggregation = {self.aggregation}: "
                               "the centre sees only the sum of the updates, and a median or a trimmed mean "
                               "needs each one")
@@ -299,20 +504,17 @@ class FederationConfig:
             raise ConfigError("secagg-clipping-range and secagg-max-weight must be > 0")
 
 
-# Which run-config key feeds which field. Keys shared by several sections (image-size, seed)
-# are listed under each of them, so the sections can never disagree.
-_SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
+# The run config's sections, in the order the generated pyproject.toml and README list them.
+# The shared section's keys are parsed once and handed to every section that reads them.
+SECTIONS: dict[str, type[Section]] = {
+    "federation": FederationConfig,
+    "shared": SharedConfig,
     "data": DataConfig,
+    "model": ModelConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
     "privacy": PrivacyConfig,
-    "federation": FederationConfig,
 }
-
-
-def _key(field_name: str) -> str:
-    return field_name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -324,37 +526,47 @@ class RunConfig:
     privacy: PrivacyConfig
     federation: FederationConfig
 
+    @property
+    def shared(self) -> SharedConfig:
+        return self.model.shared
+
     def __post_init__(self) -> None:
+        if not self.model.shared == self.data.shared == self.train.shared:
+            raise ConfigError("the model, data and train sections must share one SharedConfig (image-size, seq-len, "
+                              "biomech-features, seed): build them with the same one")
         if self.federation.best_metric.startswith("server-val") and not self.eval.server_val_path:
             raise ConfigError(f"best-metric = {self.federation.best_metric} needs a server validation set "
                               "(server-val-path)")
-        if self.privacy.dp_enabled and self.model.freeze != "frozen":
+        if self.privacy.dp_enabled and self.model.freeze != FreezePolicy.FROZEN:
             raise ConfigError("dp-enabled needs freeze = frozen: the backbone's BatchNorm layers cannot be trained "
                               "with per-sample gradients")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
         """Parse a Flower run config (kebab-case keys). Unknown keys are an error, not ignored."""
-        known = {_key(f.name) for section in _SECTIONS.values() for f in fields(section)}
+        known = {_key(f.name) for section in SECTIONS.values() for f in settings(section)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}")
         parts: dict[str, Any] = {}
-        for name, section in _SECTIONS.items():
-            kwargs = {}
-            for f in fields(section):
-                if _key(f.name) in values:
-                    kwargs[f.name] = _coerce(_key(f.name), values[_key(f.name)], f.default)
+        for name, section in SECTIONS.items():
+            kwargs: dict[str, Any] = {f.name: _coerce(_key(f.name), values[_key(f.name)], f.default)
+                                      for f in settings(section) if _key(f.name) in values}
+            if issubclass(section, ReadsShared):
+                kwargs["shared"] = parts["shared"]
             parts[name] = section(**kwargs)
+        del parts["shared"]  # RunConfig.shared is the one the sections hold
         return cls(**parts)
 
     def to_mapping(self) -> dict[str, Any]:
-        """The flat kebab-case form, e.g. for a checkpoint or a run-config override."""
+        """The flat kebab-case form with plain str/int/float/bool values, e.g. for a checkpoint, a
+        run-config override or a Flower ConfigRecord."""
         flat: dict[str, Any] = {}
-        for name in _SECTIONS:
-            section = getattr(self, name)
-            for f in fields(section):
-                flat[_key(f.name)] = getattr(section, f.name)
+        for name, section in SECTIONS.items():
+            values = getattr(self, name)
+            for f in settings(section):
+                value = getattr(values, f.name)
+                flat[_key(f.name)] = value.value if isinstance(value, Enum) else value
         return flat
 
 
@@ -378,6 +590,36 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class NodeSetting:
+    """A node-config key: read by the site's ClientApp from its SuperNode's ``--node-config``."""
+
+    key: str
+    default: Any  # None: required, or derived as the help says
+    help: str
+
+
+# The node config's documentation, rendered into the README next to the run config's.
+NODE_SETTINGS: tuple[NodeSetting, ...] = (
+    NodeSetting("data-path", None, "The site folder (required in a deployment; clinicfl-client start sets it). In a "
+                                   "simulation the site is sub-folder partition-id of data-root instead."),
+    NodeSetting("state-dir", None, "The site's private state: privacy ledger, caches, audit copies (default: "
+                                   ".clinicfl-state/<site> beside data-path)."),
+    NodeSetting("site-name", None, "The name the site reports (default: the data-path folder's name)."),
+    NodeSetting("layout", SiteLayout.AUTO, "The site folder's layout: dicom (labels.csv + studies/), mura, mrnet, "
+                                           "or auto (detected); see docs/data.md."),
+    NodeSetting("dp-target-epsilon", None, "This site's DP budget: the smaller of it and the run's applies."),
+    NodeSetting("dp-target-delta", None, "This site's DP delta: the smaller of it and the run's applies."),
+    NodeSetting("dp-budget-scope", DpBudgetScope.RUN, "run: a privacy ledger per run; site: one ledger for every "
+                                                      "run on this data."),
+    NodeSetting("audit-outgoing", False, "Keep a byte-exact copy of each message the site sends in STATE_DIR/audit "
+                                         "(client/audit.py)."),
+    NodeSetting("drill", None, "A fault drill this site runs (client/drills.py), whatever the run config says."),
+    NodeSetting("site-policy", None, "The site admin's policy file (common/policy.py; clinicfl-client start "
+                                     "--policy sets it); without one, the policy's defaults."),
+)
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """Where a site's data and private state live. Never sent to the server."""
 
@@ -387,8 +629,8 @@ class SiteConfig:
     # A site may be stricter than the server: the smaller budget wins.
     dp_target_epsilon: float | None = None
     dp_target_delta: float | None = None
-    dp_budget_scope: str = "run"  # "site": one ledger for every run on this data
-    layout: str = "auto"  # dicom (labels.csv + studies/), mura, mrnet, or auto (detected)
+    dp_budget_scope: str = DpBudgetScope.RUN.value  # "site": one ledger for every run on this data
+    layout: str = SiteLayout.AUTO.value  # dicom (labels.csv + studies/), mura, mrnet, or auto (detected)
     # The site admin's policy file (common/policy.py); None: the policy's defaults.
     policy_path: Path | None = None
 
@@ -409,12 +651,9 @@ class SiteConfig:
                               "--node-config 'data-path=\"/path/to/site\"'")
         state = node_config.get("state-dir")
         state_dir = Path(str(state)).expanduser() if state else data_path.parent / ".clinicfl-state" / data_path.name
-        scope = str(node_config.get("dp-budget-scope", "run"))
-        if scope not in ("run", "site"):
-            raise ConfigError("node config dp-budget-scope must be run or site")
-        layout = str(node_config.get("layout", "auto"))
-        if layout not in SITE_LAYOUTS:
-            raise ConfigError(f"node config layout must be one of {SITE_LAYOUTS}, got {layout!r}")
+        # Plain strings: the node config goes back into Flower's and the daemon's own files.
+        scope = choice(DpBudgetScope, "node config dp-budget-scope", node_config.get("dp-budget-scope", "run")).value
+        layout = choice(SiteLayout, "node config layout", node_config.get("layout", "auto")).value
         return cls(data_path=data_path, state_dir=state_dir, site_name=site_name, layout=layout,
                    dp_target_epsilon=_optional_float(node_config, "dp-target-epsilon"),
                    dp_target_delta=_optional_float(node_config, "dp-target-delta"), dp_budget_scope=scope,

@@ -18,6 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from common.model import InjuryNet
+from common.reason_codes import ReasonCodeError
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -41,8 +42,10 @@ GLOBAL_NOT_HELD = "global-model-not-held"  # the site's reason code when it does
 UPDATE_NAMES_KEY = "update-names"
 
 
-class UpdateError(ValueError):
+class UpdateError(ReasonCodeError, ValueError):
     """A set of parameters does not fit the model (wrong names, shapes, dtypes or values)."""
+
+    code = "bad-global-parameters"  # what a site answers when the centre's model does not fit
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from torchvision.models import ResNet50_Weights, resnet50
 
 from common.config import ModelConfig, RunConfig
+from common.reason_codes import ReasonCodeError
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,16 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(ReasonCodeError, RuntimeError):
     """The configured backbone weights cannot be loaded."""
 
+    code = "backbone-weights-unavailable"
 
-class BackboneMismatchError(RuntimeError):
+
+class BackboneMismatchError(ReasonCodeError, RuntimeError):
     """The frozen backbone differs between server and site."""
+
+    code = "backbone-mismatch"
 
 
 @dataclass

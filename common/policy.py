@@ -20,11 +20,11 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.config import ConfigError, RunConfig, SiteConfig
+from common.config import ConfigError, DpUnit, RunConfig, SiteConfig
 
 POLICY_REFUSED = "policy-refused"
 POLICY_ERROR = "policy-error"
-DP_UNITS = ("study", "patient")  # in order of increasing protection
+DP_UNITS = tuple(DpUnit)  # in order of increasing protection (a patient holds one or more studies)
 
 
 class PolicyError(ConfigError):
@@ -130,7 +130,7 @@ class SitePolicy:
     def check_run_config(self, config: RunConfig, trainable_parameters: int) -> None:
         """Raise PolicyRefused (with the run-config key) when the run config asks for less privacy
         or more resources than this policy allows. Reads no data."""
-        privacy, model, data, train, evaluation = config.privacy, config.model, config.data, config.train, config.eval
+        privacy, model, train, evaluation = config.privacy, config.model, config.train, config.eval
         if self.require_dp and not privacy.dp_enabled:
             raise PolicyRefused("dp-enabled", "this site takes part only with differential privacy")
         if privacy.dp_enabled:
@@ -152,7 +152,7 @@ class SitePolicy:
         for key, value in (("image-size", model.image_size), ("fid-image-size", evaluation.fid_image_size)):
             if value > self.max_image_size:
                 raise PolicyRefused(key, f"above the site's max-image-size {self.max_image_size}")
-        if max(model.seq_len, data.seq_len) > self.max_seq_len:
+        if model.seq_len > self.max_seq_len:
             raise PolicyRefused("seq-len", f"above the site's max-seq-len {self.max_seq_len}")
         if train.batch_size > self.max_batch_size:
             raise PolicyRefused("batch-size", f"above the site's max-batch-size {self.max_batch_size}")

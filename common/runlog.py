@@ -1,61 +1,19 @@
-"""metrics.jsonl, the run directory's round log: one JSON record per finished round.
-
-Shared by the centre (which writes it) and the simulation runner and studies (which read it).
-A crash in the middle of an append leaves a torn last line; readers skip it and the next append
-cuts it off, so ``status``, ``resume`` and ``report`` keep working.
+"""A round record of the run directory's metrics log: its one-line summary and the best-round
+selection. The log's file is ``common.rundir.RunDirectory``'s.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
+from common.rundir import RunDirectory
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Every complete record, oldest first; a torn or damaged line is skipped with a warning."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s line %d is torn or damaged; skipped", path, number)
-            continue
-        if isinstance(record, dict) and isinstance(record.get("round"), int):
-            records.append(record)
-    return records
-
-
-def append_record(run_dir: Path, line: str) -> None:
-    """Append one JSON line durably, first cutting off a torn last line left by a crash."""
-    path = Path(run_dir) / METRICS_FILE
-    with path.open("a+b") as handle:
-        handle.seek(0, os.SEEK_END)
-        size = handle.tell()
-        if size:
-            handle.seek(max(0, size - 1))
-            if handle.read(1) != b"\n":
-                handle.seek(0)
-                data = handle.read()
-                handle.truncate(data.rfind(b"\n") + 1)
-        handle.seek(0, os.SEEK_END)
-        handle.write(line.encode() + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Every complete round record of the run directory ``run_dir``, oldest first."""
+    return RunDirectory(run_dir).read_metrics()
 
 
 def _value(record: dict[str, Any], name: str) -> Any:
@@ -112,16 +70,3 @@ def select_best(records: list[dict[str, Any]], metric: str) -> tuple[int, float]
         if best is None or (value < best[1] if lower_is_better else value > best[1]):
             best = (int(record["round"]), value)
     return best
-
-
-def json_safe(value: Any) -> Any:
-    """NaN is not JSON: write null (a figure that could not be computed); numpy scalars as Python."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return json_safe(value.item())
-    return value

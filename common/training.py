@@ -25,10 +25,12 @@ class TrainResult:
 
 
 def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, config: TrainConfig,
-                device: torch.device, server_round: int = 0, proximal_mu: float = 0.0) -> TrainResult:
+                device: torch.device, server_round: int = 0, proximal_mu: float = 0.0,
+                batches_type: type[StudyBatches] = StudyBatches) -> TrainResult:
     """Adam + BCE-with-logits for ``local-epochs`` over the site's training studies. With
     ``proximal_mu`` > 0 (FedProx), mu/2 ||w - w_global||^2 over the trainable parameters is added
-    to the loss, w_global being the parameters the round started from."""
+    to the loss, w_global being the parameters the round started from. ``batches_type`` gathers the
+    batches (benchmarks/device_path.py measures a naive one against the site's)."""
     start = time.perf_counter()
     move_to(model, device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -40,7 +42,7 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype(device) == torch.float16)
     seed = config.seed * 100_003 + server_round
     generator = torch.Generator().manual_seed(seed)
-    batches = StudyBatches.for_training(model, data, device)
+    batches = batches_type.for_training(model, data, device)
     total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     # Dropout draws from the global generator: seeded, a site's round trains alike whatever the
     # process ran before (a simulation's worker serves several sites, in no fixed order).

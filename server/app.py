@@ -7,7 +7,6 @@ round, with the same round numbering, metric history and privacy budget id.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -18,19 +17,20 @@ from threadpoolctl import threadpool_limits
 from common.config import RunConfig
 from common.exchange import to_array_record, trainable_spec
 from common.model import build_model, frozen_backbone_hash
-from common.metrics.features import FidFeatureExtractor
+from common.rundir import RunDirectory
 from server.evaluation import CentralValidation, measure_efficiency
 from server.federation import FederatedRun
 from server.identities import SiteIdentities
-from server.runs import RunDirectory, last_finished_round, load_checkpoint_arrays
 from server.strategy import make_strategy
+from server.strategy_config import StrategyConfig
 from server.transport import PromptGrid, prompt_simulation_dispatch
 from server.tracking import GuardedTracker, open_tracker
 
 log = logging.getLogger(__name__)
 app = ServerApp()
 # In a Flower simulation, this import runs before the runtime starts dispatching messages to the
-# sites: the only point at which its dispatcher can be made to wake on a push (server/transport.py).
+# sites: the only point at which its dispatcher can be made to wake on a push (server/transport.py;
+# the patch, and the Flower versions it fits, in common/flower_patches.py).
 prompt_simulation_dispatch()
 
 
@@ -49,26 +49,14 @@ def main(grid: Grid, context: Context) -> None:
         previous = Path(fed.resume_from).expanduser()
         last, arrays, budget_id = _resume_point(previous, backbone_hash)
         first_round = last + 1
-    run = RunDirectory.create(Path(fed.run_dir), context.run_id, config.to_mapping(), backbone_hash, budget_id,
-                              str(previous) if previous else None)
+    run = RunDirectory.create_under(Path(fed.run_dir), context.run_id, config.to_mapping(), backbone_hash, budget_id,
+                                    str(previous) if previous else None)
     print(f"clinicfl: run directory {run.path}", flush=True)
     if previous is not None:
-        records = run.adopt(previous, first_round - 1)
+        records = run.adopt(RunDirectory(previous), first_round - 1)
         print(f"clinicfl: resuming {previous.name} after round {first_round - 1} (budget id {budget_id})", flush=True)
 
-    strategy = make_strategy(fed.aggregation, fed.proximal_mu, spec=trainable_spec(model), backbone_hash=backbone_hash,
-                            label_names=config.model.names(), min_sites=fed.min_sites,
-                            fid_dim=config.eval.fid_dim if config.model.recon_head else None,
-                            fid_extractor=FidFeatureExtractor.describe(
-                                config.eval.fid_dim, config.eval.fid_inception_weights,
-                                config.eval.fid_image_size or config.model.image_size),
-                            min_site_cases=config.eval.min_site_cases,
-                            image_sample=config.eval.image_metrics_sample, images_per_study=config.model.seq_len,
-                            fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
-                            trim_fraction=fed.trim_fraction,
-                            max_update_norm=fed.max_update_norm, wire_dtype=fed.wire_dtype,
-                            wire_compression=fed.wire_compression,
-                            identities=identities)
+    strategy = make_strategy(StrategyConfig.from_run_config(config, trainable_spec(model), backbone_hash), identities)
     central = (CentralValidation(config, Path(config.eval.server_val_path).expanduser(), build_model(config.model))
                if config.eval.server_val_path else None)
     tracker = GuardedTracker(open_tracker(fed.tracking, run.path, config.to_mapping(), fed.tracking_uri,
@@ -86,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
         with threadpool_limits(1, user_api="blas"):
             state = federation.execute(arrays, first_round)
     finally:
-        if fed.tracking != "none" and run.path.joinpath("metrics.jsonl").is_file():
+        if fed.tracking != "none" and run.has_metrics():
             tracker.log_artifacts(_report_pngs(run.path))
         tracker.finish(state)
 
@@ -106,15 +94,15 @@ def _report_pngs(run_dir: Path) -> list[Path]:
 
 def _resume_point(previous: Path, backbone_hash: str) -> tuple[int, ArrayRecord, str]:
     """The last finished round of ``previous``, its global model and the budget id to keep."""
-    meta_path = previous / "config.json"
-    if not meta_path.is_file():
-        raise RuntimeError(f"resume-from {previous} is not a clinicfl run directory (no config.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("backbone-hash") != backbone_hash:
+    try:
+        run = RunDirectory.open(previous)
+    except ValueError as error:
+        raise RuntimeError(f"resume-from {error}") from None
+    if run.meta().get("backbone-hash") != backbone_hash:
         raise RuntimeError("resume-from: that run used another backbone (hash differs); resume with its config")
-    last = last_finished_round(previous)
+    last = run.last_finished_round()
     if last is None:
         raise RuntimeError(f"resume-from {previous}: no finished round to continue from")
-    arrays, _ = load_checkpoint_arrays(previous, last)
+    arrays, _ = run.load_checkpoint_arrays(last)
     # A chain of resumes keeps the first run's budget id: the sites' privacy ledgers continue.
-    return last, arrays, str(meta.get("budget-id") or previous.name.rsplit("-run", 1)[-1])
+    return last, arrays, run.budget_id()

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.processes import bin_path, flower_env, port_open
+from common.processes import bin_path, flower_env, pid_alive, port_open, start_in_group, stop_group, wait_for_port, \
+    write_flwr_connection, write_pid_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "clinicfl"
+STOP_TIMEOUT_S = 30.0  # a SuperLink asked to stop gets this long before its process group is killed
 
 
 class CentreError(RuntimeError):
@@ -81,16 +80,6 @@ class Centre:
         return json.loads(self.registry.read_text()) if self.registry.is_file() else {}
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running_superlink(centre: Centre) -> dict | None:
     """The SuperLink this centre started, if it is still running: {pid, host, port, insecure}."""
     state_file = centre.superlink / "superlink.json"
@@ -123,63 +112,32 @@ def start_superlink(centre: Centre, host: str, port: int, insecure: bool, timeou
         command += ["--ssl-ca-certfile", str(centre.certs / "ca.crt"), "--ssl-certfile",
                     str(centre.certs / "server.crt"), "--ssl-keyfile", str(centre.certs / "server.key"),
                     "--enable-supernode-auth"]
-    with (centre.superlink / "superlink.out").open("ab") as out:
-        process = subprocess.Popen(command, env=centre.env(), stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True, cwd=centre.home)
-    deadline = time.monotonic() + timeout
-    while not port_open(probe_host, port):
-        if process.poll() is not None:
-            raise CentreError(f"flower-superlink exited with code {process.returncode}; see "
-                              f"{centre.superlink / 'superlink.out'}")
-        if time.monotonic() > deadline:
-            _kill_group(process.pid)
-            raise CentreError(f"flower-superlink did not open port {port} within {timeout:.0f}s")
-        time.sleep(0.3)
+    output = centre.superlink / "superlink.out"
+    process = start_in_group(command, output, centre.env(), cwd=centre.home)
+    try:
+        wait_for_port(process, probe_host, port, timeout, output, error=CentreError)
+    except CentreError:
+        stop_group(process, STOP_TIMEOUT_S)
+        raise
     state = {"pid": process.pid, "host": host, "port": port, "insecure": insecure}
     (centre.superlink / "superlink.json").write_text(json.dumps(state))
-    centre.pid_file.write_text(f"{process.pid}\n")
+    write_pid_file(centre.pid_file, process.pid)
     write_connection(centre, f"{probe_host}:{port}", insecure)
     return state
 
 
 def write_connection(centre: Centre, address: str, insecure: bool) -> None:
     """The flwr CLI's connection to this centre's SuperLink (FLWR_HOME/config.toml)."""
-    centre.flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{address}"']
-    lines += ["insecure = true"] if insecure else [f'root-certificates = "{centre.certs / "ca.crt"}"']
-    (centre.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+    write_flwr_connection(centre.flwr_home, CONNECTION, address, None if insecure else centre.certs / "ca.crt")
 
 
-def stop_superlink(centre: Centre, timeout: float = 30.0) -> int | None:
+def stop_superlink(centre: Centre, timeout: float = STOP_TIMEOUT_S) -> int | None:
     """Stop the SuperLink (and the ServerApp processes it spawned) by its PID; returns the PID."""
     state = running_superlink(centre)
     if state is None:
         return None
-    _kill_group(int(state["pid"]), timeout)
+    stop_group(int(state["pid"]), timeout)
     return int(state["pid"])
-
-
-def _kill_group(pid: int, timeout: float = 30.0) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
-        _reap(pid)
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    _reap(pid)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def flwr(centre: Centre, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:

@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from common.config import AGGREGATIONS, RunConfig
@@ -33,8 +32,8 @@ from common.processes import absolute_paths, parse_assignments, write_config_fil
 from sitegate.approvals import bundle_hash, project_bundle
 from server.centre import CONNECTION, PROJECT_ROOT, Centre, CentreError, flwr, key_fingerprint, parse_json_output, \
     running_superlink, start_superlink, stop_superlink
-from common.runlog import read_metrics
-from server.runs import best_round, print_rounds, read_run_state, record_stop, write_control
+from common.rundir import ENDED_STATES, RunDirectory
+from server.runs import print_status, record_stop, wide_console
 from server.identities import RegistryError, SiteIdentities
 
 
@@ -42,14 +41,9 @@ def _centre(args: argparse.Namespace) -> Centre:
     return Centre(Path(args.home).expanduser().resolve())
 
 
-def _run_dir(args: argparse.Namespace, value: str) -> Path:
+def _run_dir(args: argparse.Namespace, value: str) -> RunDirectory:
     """A run id (through the centre) or a run directory path."""
-    if value.isdigit():
-        return _centre(args).run_dir(int(value))
-    path = Path(value)
-    if not (path / "config.json").is_file():
-        raise CentreError(f"{path} is not a clinicfl run directory (no config.json)")
-    return path
+    return RunDirectory.open(_centre(args).run_dir(int(value)) if value.isdigit() else Path(value))
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -70,7 +64,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
         table.add_column(column)
     for item in issued:
         table.add_row(str(item.path.relative_to(centre.home)), "0600 secret" if item.secret else "0644", item.goes_to)
-    _console().print(table)
+    wide_console().print(table)
     print("Each site needs: certs/ca.crt and its own sites/<name>.key. Register the public key with "
           "clinicfl-server register-site NAME sites/NAME.pub")
     return 0
@@ -132,7 +126,7 @@ def cmd_sites(args: argparse.Namespace) -> int:
         table.add_column(column)
     for row in rows:
         table.add_row(row["site"], row["node-id"], row["status"], row["online-at"], row["key"])
-    _console().print(table)
+    wide_console().print(table)
     return 0
 
 
@@ -194,8 +188,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     centre = _centre(args)
     previous = _run_dir(args, args.run)
-    config = json.loads((previous / "config.json").read_text())["config"]
-    values = {**config, **run_overrides(args, centre), "resume-from": str(previous.resolve())}
+    values = {**previous.config(), **run_overrides(args, centre), "resume-from": str(previous.path.resolve())}
     run_id = submit_run(centre, values)
     print(run_id)
     print(f"run {run_id} continues {previous.name}; clinicfl-server status {run_id}", file=sys.stderr)
@@ -205,33 +198,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     if args.run is None:
         return _list_runs(_centre(args))
-    run_dir = _run_dir(args, args.run)
-    state = read_run_state(run_dir)
-    records = read_metrics(run_dir)
-    print(f"{run_dir.name}: {state.get('state', 'starting')}"
-          f"{', last finished round ' + str(state['last-round']) if state.get('last-round') is not None else ''}"
-          f"{' (' + state['detail'] + ')' if state.get('detail') else ''}")
-    if not records:
-        print("no finished round yet")
-        return 0
-    best = best_round(run_dir)
-    if best is not None:
-        print(f"best round {best['round']} by {best['metric']} ({best['value']:.4f}); last round "
-              f"{records[-1]['round']}; clinicfl-server export exports the best round unless --round is given")
-    print_rounds(records)
-    table = Table(title="sites per round")
-    for column in ("round", "trained", "evaluated", "rejected (reason)", "eps max"):
-        table.add_column(column)
-    for record in records:
-        rejected = "; ".join(f"{r['site']} {r['phase']}: {r['reason']}" for r in record.get("rejected") or [])
-        eps = ((record.get("catalogue") or {}).get("epsilon") or {}).get("value")
-        table.add_row(str(record["round"]), ", ".join(sorted(record.get("train") or {})) or "-",
-                      ", ".join(sorted(record.get("evaluation") or {})) or "-", rejected or "-",
-                      f"{eps:.2f}" if isinstance(eps, (int, float)) else "n/a")
-    _console().print(table)
-    mismatches = [(r["round"], m) for r in records for m in r.get("mismatches") or []]
-    for rnd, mismatch in mismatches:
-        print(f"round {rnd}: {mismatch['phase']} reply filed under {mismatch['site']}: {mismatch['reason']}")
+    print_status(_run_dir(args, args.run), wide_console())
     return 0
 
 
@@ -243,20 +210,15 @@ def _list_runs(centre: Centre) -> int:
     for run in payload.get("runs", []):
         run_id = int(run["run-id"])
         try:
-            run_dir = centre.run_dir(run_id)
-            state = read_run_state(run_dir)
+            run_dir = RunDirectory(centre.run_dir(run_id))
+            state = run_dir.state()
             last_round = state.get("last-round")
             name, progress, last = run_dir.name, state.get("state", "-"), "-" if last_round is None else str(last_round)
         except CentreError:
             name, progress, last = "-", "-", "-"
         table.add_row(str(run_id), str(run.get("status", "")), str(run.get("elapsed", "")), name, progress, last)
-    _console().print(table)
+    wide_console().print(table)
     return 0
-
-
-def _console() -> Console:
-    # Run ids are 19 digits: in a log file or pipe, do not squeeze the columns to 80.
-    return Console(width=None if sys.stdout.isatty() else 200)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -268,27 +230,31 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     centre = _centre(args)
     try:  # a paused run is waiting on its flag: let it end cleanly as well
-        run_dir: Path | None = centre.run_dir(int(args.run))
-        write_control(run_dir, "stop")
+        run: RunDirectory | None = RunDirectory(centre.run_dir(int(args.run)))
+        run.set_control("stop")
     except CentreError:
-        run_dir = None
-    parse_json_output(flwr(centre, "stop", str(args.run), CONNECTION, "--format", "json"), f"stopping run {args.run}")
-    if run_dir is not None:
-        record_stop(run_dir, "stopped by the coordinating centre")
+        run = None
+    try:
+        parse_json_output(flwr(centre, "stop", str(args.run), CONNECTION, "--format", "json"), f"stopping run {args.run}")
+    except CentreError:
+        # A paused run sees the flag and ends by itself, and Flower then refuses to stop a finished
+        # run: that is the stop asked for. Anything else is an error.
+        if run is None or run.state().get("state") not in ENDED_STATES:
+            raise
+    if run is not None:
+        record_stop(run, "stopped by the coordinating centre")
     print(f"run {args.run} stopped; continue it later with clinicfl-server resume {args.run}")
     return 0
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    run_dir = _run_dir(args, args.run)
-    write_control(run_dir, "paused")
+    _run_dir(args, args.run).set_control("paused")
     print(f"run {args.run} will pause after its current round (clinicfl-server continue {args.run} to go on)")
     return 0
 
 
 def cmd_continue(args: argparse.Namespace) -> int:
-    run_dir = _run_dir(args, args.run)
-    write_control(run_dir, "running")
+    _run_dir(args, args.run).set_control("running")
     print(f"run {args.run} continues")
     return 0
 
@@ -302,12 +268,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from server.report import write_report  # matplotlib only when plotting
+    from server.report import print_report  # matplotlib only when plotting
 
-    run_dir = _run_dir(args, args.run)
-    results = write_report(run_dir, Path(args.out) if args.out else None)
-    for name, outcome in results:
-        print(f"{name:20s} {outcome}")
+    print_report(_run_dir(args, args.run), wide_console(), Path(args.out) if args.out else None)
     return 0
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from common.config import RunConfig
 from common.metrics.calibration import Calibration, expected_calibration_error, fit_platt, operating_point
 from common.files import atomic_torch_save
 from common.exchange import load_array_record
 from common.model import EXPORT_FORMAT, build_model, check_backbone_hash, frozen_backbone_hash
-from server.runs import best_round, chosen_round, finished_rounds, load_checkpoint_arrays
+from common.rundir import RunDirectory
+from server.runs import best_round, chosen_round
 
 
 def calibrations(payload: dict, config: RunConfig) -> dict[str, dict]:
@@ -41,19 +41,20 @@ def calibrations(payload: dict, config: RunConfig) -> dict[str, dict]:
     return out
 
 
-def export_model(run_dir: Path, server_round: int | None = None, out: Path | None = None) -> Path:
-    """Export ``server_round``, or by default the run's best round (``best-metric``)."""
-    server_round = chosen_round(run_dir, server_round)
-    arrays, payload = load_checkpoint_arrays(run_dir, server_round)
+def export_model(run: RunDirectory, server_round: int | None = None, out: Path | None = None) -> Path:
+    """Export ``server_round``, or by default the run's best round (``best-metric``), to ``out`` or
+    the run directory's export folder."""
+    server_round = chosen_round(run, server_round)
+    arrays, payload = run.load_checkpoint_arrays(server_round)
     config = RunConfig.from_mapping(payload["config"])
     model = build_model(config.model)  # the backbone weights the run config names, loaded here
     check_backbone_hash(payload["backbone-hash"], frozen_backbone_hash(model))
     load_array_record(model, arrays)
-    out = out or run_dir / "export" / f"model-round-{server_round:03d}.pt"
+    out = out or run.export_path(server_round)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"format": EXPORT_FORMAT, "state_dict": model.state_dict(), "config": payload["config"],
                        "backbone-hash": payload["backbone-hash"], "round": server_round,
-                       "label-names": config.model.names(), "run": run_dir.name, "best-round": best_round(run_dir),
-                       "last-round": finished_rounds(run_dir)[-1],
+                       "label-names": config.model.names(), "run": run.name, "best-round": best_round(run),
+                       "last-round": run.finished_rounds()[-1],
                        "calibration": calibrations(payload, config)}, out)
     return out

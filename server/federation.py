@@ -24,9 +24,10 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.exchange import EVALUATE_FIRST_KEY, FID_KEY, STATUS_OK, site_record
+from common.rundir import RunDirectory
 from common.runlog import round_line, select_best
 from server.evaluation import CentralValidation
-from server.runs import RunDirectory, round_record
+from server.runs import round_record
 from server.secure_aggregation import SecAggSettings, SecureAggregation
 from server.strategy import ClinicFedAvg
 from server.tracking import Tracker
@@ -56,6 +57,7 @@ class FederatedRun:
                        if self.fed.secure_aggregation else None)
         self.started = time.perf_counter()
         self.phases: dict[str, float] = {}
+        self.first_round = 1
 
     # ------------------------------------------------------------------ the loop
     def execute(self, arrays: ArrayRecord, first_round: int) -> str:
@@ -68,37 +70,36 @@ class FederatedRun:
             raise
 
     def _rounds(self, arrays: ArrayRecord, first_round: int) -> str:
+        self.first_round = first_round  # pause-after-round pauses only after a round this run trains
         for record in self.records:
             self.tracker.log_round(record)
         unscored = 0 if first_round == 1 else None  # the last round whose model the sites have not scored
         for server_round in range(first_round, self.fed.num_rounds + 1):
-            together = unscored is not None and self.evaluate_with_training and self.run.control() == "running"
-            if unscored is not None and not together:  # scored before the centre's pause or stop takes effect
-                if stopped := self.evaluate_and_finish(unscored, arrays):
-                    return self.end("stopped", unscored, stopped)
-            control = self.wait_while_paused(server_round - 1)
-            if control == "stop":
-                return self.end("stopped", server_round - 1, "stopped by the coordinating centre")
-            log.info("[ROUND %d/%d]", server_round, self.fed.num_rounds)
-            started = time.perf_counter()
-            if together:
-                replies = self.send_train(server_round, arrays, evaluate_first=True)
-                self.phases["evaluate_and_next_training_at_sites"] = time.perf_counter() - started
-                self.pool_evaluation(server_round - 1, replies, within_training=True)
-                if stopped := self.finish_scored(server_round - 1, arrays):
-                    if any(not r.has_error() and site_record(r).get("status") == STATUS_OK for r in replies):
-                        stopped += f"; round {server_round}'s training came with that evaluation and was not aggregated"
-                    return self.end("stopped", server_round - 1, stopped)
-                started = time.perf_counter()
-                arrays = self.aggregate_train(server_round, arrays, replies)
-                self.phases["train_pooling"] = time.perf_counter() - started
-            else:
-                arrays = self.train(server_round, arrays)
-                self.phases["train"] = time.perf_counter() - started
+            arrays, stopped = self.run_round(server_round, arrays, unscored)
+            if stopped:
+                return self.end("stopped", server_round - 1, stopped)
             unscored = server_round
         if unscored is not None and (stopped := self.evaluate_and_finish(unscored, arrays)):
             return self.end("stopped", unscored, stopped)
         return self.end("finished", self.fed.num_rounds, f"finished {self.fed.num_rounds} rounds")
+
+    def run_round(self, server_round: int, arrays: ArrayRecord, unscored: int | None
+                  ) -> tuple[ArrayRecord, str | None]:
+        """Round ``server_round``: the scores of round ``unscored`` (server_round - 1, or None when
+        it has them) first, in the same exchange as the training when it can, then the training.
+        Returns the global model and why the run ends after round server_round - 1, if it does."""
+        if server_round - 1 == self.fed.pause_after_round >= self.first_round and self.run.control() == "running":
+            self.run.set_control("paused")  # pause-after-round: as clinicfl-server pause would write it
+        together = unscored is not None and self.evaluate_with_training and self.run.control() == "running"
+        if unscored is not None and not together:  # scored before the centre's pause or stop takes effect
+            if stopped := self.evaluate_and_finish(unscored, arrays):
+                return arrays, stopped
+        if self.wait_while_paused(server_round - 1) == "stop":
+            return arrays, "stopped by the coordinating centre"
+        log.info("[ROUND %d/%d]", server_round, self.fed.num_rounds)
+        if together:
+            return self.score_and_train(server_round, arrays)
+        return self.train(server_round, arrays), None
 
     @property
     def evaluate_with_training(self) -> bool:
@@ -108,11 +109,33 @@ class FederatedRun:
         return (self.fed.evaluate_with_training and not self.config.privacy.dp_enabled and self.secure is None
                 and self.fed.fraction_train == 1.0 and self.fed.fraction_evaluate == 1.0)
 
+    def score_and_train(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, str | None]:
+        """One exchange: the sites score round server_round - 1's model, then train round
+        ``server_round`` from it. Round server_round - 1 is recorded first; when the run ends after
+        it, this round's training is left unaggregated. Returns as ``run_round``."""
+        started = time.perf_counter()
+        replies = self.send_train(server_round, arrays, evaluate_first=True)
+        self.phases["evaluate_and_next_training_at_sites"] = time.perf_counter() - started
+        self.pool_evaluation(server_round - 1, replies, within_training=True)
+        if stopped := self.finish_scored(server_round - 1, arrays):
+            if any(not r.has_error() and site_record(r).get("status") == STATUS_OK for r in replies):
+                stopped += f"; round {server_round}'s training came with that evaluation and was not aggregated"
+            return arrays, stopped
+        started = time.perf_counter()
+        arrays = self.aggregate_train(server_round, arrays, replies)
+        self.phases["train_pooling"] = time.perf_counter() - started
+        return arrays, None
+
     def train(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The training phase of two: the new global model (``arrays`` when none could be formed)."""
+        started = time.perf_counter()
         if self.secure is not None:  # SecAgg+: only the sum of the updates is ever seen
             new_arrays = self.secure.train(server_round, arrays, ConfigRecord(dict(self.train_config)))
-            return new_arrays if new_arrays is not None else arrays
-        return self.aggregate_train(server_round, arrays, self.send_train(server_round, arrays))
+            arrays = new_arrays if new_arrays is not None else arrays
+        else:
+            arrays = self.aggregate_train(server_round, arrays, self.send_train(server_round, arrays))
+        self.phases["train"] = time.perf_counter() - started
+        return arrays
 
     def aggregate_train(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
         """The new global model from the replies; ``arrays`` when no aggregate could be formed."""
@@ -139,8 +162,9 @@ class FederatedRun:
         """Train replies. With PromptGrid each update is decoded and checked as it comes, while
         the other sites still train, rather than all of them after the last one has come."""
         if isinstance(self.grid, PromptGrid):
+            check = self.strategy.validator.check_early
             return list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout,
-                                                   each=lambda reply: self.strategy.check_early(server_round, reply)))
+                                                   each=lambda reply: check(server_round, reply)))
         return list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout))
 
     def evaluate_and_finish(self, server_round: int, arrays: ArrayRecord) -> str | None:
@@ -196,14 +220,18 @@ class FederatedRun:
         self.run.append_metrics(record)
         self.run.set_state("running", server_round, best=self.best())
         self.tracker.log_round(record)
+        self.print_round(server_round, record)
+        self.phases["previous_round_records"] = time.perf_counter() - ended
+        return record.get("stopped")
+
+    def print_round(self, server_round: int, record: dict[str, Any]) -> None:
+        """The round's line on the console, and a line per rejected reply and per site secure aggregation dropped."""
         print(f"clinicfl: {round_line(record, self.fed.num_rounds)}", flush=True)
         for rejected in record.get("rejected") or []:
             print(f"clinicfl: round {server_round}: {rejected['phase']} reply from {rejected['site']} rejected: "
                   f"{rejected['reason']}", flush=True)
         for site, why in (record.get("secure_aggregation") or {}).get("dropped", {}).items():
             print(f"clinicfl: round {server_round}: secure aggregation went on without {site} ({why})", flush=True)
-        self.phases["previous_round_records"] = time.perf_counter() - ended
-        return record.get("stopped")
 
     # ------------------------------------------------------------------ between rounds
     def best(self) -> dict[str, Any] | None:
@@ -223,10 +251,15 @@ class FederatedRun:
     def wait_while_paused(self, server_round: int) -> str:
         """Between rounds: wait while the centre has paused the run; returns running or stop."""
         if self.run.control() == "paused":
-            self.run.set_state("paused", server_round, "clinicfl-server continue RUN resumes it", best=self.best())
+            detail = "clinicfl-server continue RUN resumes it"
+            self.run.set_state("paused", server_round, detail, best=self.best(), paused_checks=0)
             print(f"clinicfl: paused after round {server_round}; waiting for continue or stop", flush=True)
+            checks = 0
             while self.run.control() == "paused":
                 time.sleep(self.fed.control_poll)
+                checks += 1
+                if self.run.control() == "paused":
+                    self.run.set_state("paused", server_round, detail, best=self.best(), paused_checks=checks)
             print(f"clinicfl: {self.run.control()} requested after round {server_round}", flush=True)
         return "stop" if self.run.control() == "stop" else "running"
 

@@ -3,7 +3,6 @@ validation set, attention heat-maps and real vs reconstructed images."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,9 @@ from common.config import RunConfig  # noqa: E402
 from common.model import build_model, upsample_reconstruction  # noqa: E402
 from common.inference import predict  # noqa: E402
 from server.evaluation import CentralValidation  # noqa: E402
-from common.runlog import read_metrics  # noqa: E402
-from server.runs import chosen_round, load_checkpoint_arrays  # noqa: E402
+from common.rundir import RunDirectory  # noqa: E402
+from rich.console import Console  # noqa: E402
+from server.runs import chosen_round  # noqa: E402
 
 CURVES = ["auc", "accuracy", "sensitivity", "specificity", "f1", "kappa", "mae", "rmse", "psnr", "ssim", "fid", "is"]
 
@@ -28,20 +28,20 @@ def write_report(run_dir: Path, out_dir: Path | None = None, studies: int = 4) -
     """Writes the PNGs; returns (file or plot, what happened) for each plot."""
     out_dir = out_dir or run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = read_metrics(run_dir)
+    run = RunDirectory(run_dir)
+    records = run.read_metrics()
     if not records:
-        raise ValueError(f"{run_dir} has no finished round (metrics.jsonl is empty)")
+        raise ValueError(f"{run_dir} has no finished round (its metrics log is empty)")
     done = [("curves.png", _curves(records, out_dir / "curves.png")),
             ("roc.png", _roc(records[-1], out_dir / "roc.png"))]
-    config_file = json.loads((run_dir / "config.json").read_text())
-    config = RunConfig.from_mapping(config_file["config"])
+    config = RunConfig.from_mapping(run.config())
     if not config.eval.server_val_path:
         reason = "not available: the run has no server validation set (server-val-path)"
         return done + [("attention.png", reason), ("reconstructions.png", reason)]
     # The best finished round (checkpoint and metrics both written; as export takes it), loaded as
     # data only.
-    last = chosen_round(run_dir)
-    arrays, _ = load_checkpoint_arrays(run_dir, last)
+    last = chosen_round(run)
+    arrays, _ = run.load_checkpoint_arrays(last)
     central = CentralValidation(config, Path(config.eval.server_val_path), build_model(config.model))
     central.evaluate(arrays)
     pred = predict(central.model, central.inputs, central.index, central.device)
@@ -152,3 +152,10 @@ def _reconstructions(central: CentralValidation, pred, chosen: list[int], path: 
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return str(path)
+
+
+def print_report(run: RunDirectory, console: Console, out: Path | None = None) -> None:
+    """``clinicfl-server report RUN``: writes the run's PNG plots (in RUN_DIR/report unless
+    ``out``) and prints what became of each, one line each as print() writes it."""
+    for name, outcome in write_report(run.path, out):
+        console.out(f"{name:20s} {outcome}", highlight=False)

@@ -1,211 +1,53 @@
-"""The run directory: one checkpoint per round, metrics.jsonl, and the per-round table.
-
-    RUN_DIR/
-      config.json               the run config, backbone hash, budget id, and the run it resumes
-      checkpoints/round-003.pt  trainable parameters + config + backbone hash
-      metrics.jsonl             one JSON record per round (global and per-site figures)
-      state.json                running / paused / finished / stopped / failed, the last finished round
-      control.json              written by clinicfl-server pause/continue/stop, read between rounds
-
-Every file is written to a temporary name and renamed (metrics.jsonl is appended and fsynced),
-so a crash never leaves half a file. A round is finished when both its checkpoint and its
-metrics record exist: that is where ``resume`` continues.
+"""The centre's view of a run directory (``common.rundir.RunDirectory``): which round a command
+works on, a round's metrics record, and what ``clinicfl-server status`` and ``report`` print.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import shutil
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord
 from rich.console import Console
 from rich.table import Table
 
-from common.files import atomic_torch_save, atomic_write_bytes
-from common.runlog import METRICS_FILE, append_record, json_safe, read_metrics, select_best
+from common.rundir import ENDED_STATES, RunDirectory
+from common.runlog import select_best
 from common.metrics.catalogue import MetricValue
 from server.strategy import RoundReport
 
-CSV_FILE = "metrics.csv"
-CHECKPOINT_DIR = "checkpoints"
 
-
-CONTROL_STATES = ("running", "paused", "stop")
-ENDED_STATES = ("finished", "stopped", "failed")
-
-
-class RunDirectory:
-    def __init__(self, path: Path, config: dict[str, Any], backbone_hash: str, budget_id: str = "",
-                 resumed_from: str | None = None) -> None:
-        self.path = path
-        self.config = config
-        self.backbone_hash = backbone_hash
-        self._csv_rows: list[str] | None = None  # metrics.csv's rows, one string per round record
-        (path / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path / "config.json", json.dumps(
-            {"config": config, "backbone-hash": backbone_hash, "budget-id": budget_id,
-             "resumed-from": resumed_from}, indent=2).encode())
-
-    @classmethod
-    def create(cls, root: Path, run_id: int | str, config: dict[str, Any], backbone_hash: str,
-               budget_id: str = "", resumed_from: str | None = None) -> "RunDirectory":
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
-        return cls(root.expanduser().resolve() / name, config, backbone_hash, budget_id or str(run_id), resumed_from)
-
-    def adopt(self, previous: Path, last_round: int) -> list[dict[str, Any]]:
-        """Continue ``previous``: its records and checkpoints up to ``last_round`` become this
-        run's history, so the metric log reads rounds 0..N once each across the restart."""
-        records = [r for r in read_metrics(previous) if r["round"] <= last_round]
-        for record in records:
-            source = previous / CHECKPOINT_DIR / f"round-{record['round']:03d}.pt"
-            if source.is_file():
-                shutil.copy2(source, self.checkpoint_path(record["round"]))
-        atomic_write_bytes(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
-        self._csv_rows = [csv_rows(r) for r in records]
-        write_csv(self.path, self._csv_rows)
-        return records
-
-    def control(self) -> str:
-        """What the coordinating centre asked for: running, paused or stop."""
-        return read_control(self.path)
-
-    def set_state(self, state: str, last_round: int | None, detail: str = "",
-                  best: dict[str, Any] | None = None) -> None:
-        """state.json: running / paused / finished / stopped / failed, the last finished round
-        (None before round 0 has finished), why, and the best round so far ({"round", "metric", "value"})."""
-        write_run_state(self.path, state, last_round, detail, best)
-
-    def checkpoint_path(self, server_round: int) -> Path:
-        return self.path / CHECKPOINT_DIR / f"round-{server_round:03d}.pt"
-
-    def save_checkpoint(self, server_round: int, arrays: ArrayRecord,
-                        histograms: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
-        """Trainable parameters, config and backbone hash; with ``histograms``, the round's pooled
-        score histograms (resolution -> positives, negatives per label), which the export's
-        probability calibration is fitted on."""
-        path = self.checkpoint_path(server_round)
-        payload = {
-            "round": server_round,
-            "trainable": {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()},
-            "config": self.config,
-            "backbone-hash": self.backbone_hash,
-            "pooled-histograms": {int(bins): (torch.from_numpy(np.asarray(pos, np.int64)),
-                                              torch.from_numpy(np.asarray(neg, np.int64)))
-                                  for bins, (pos, neg) in (histograms or {}).items()},
-        }
-        atomic_torch_save(payload, path)
-        return path
-
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        safe = json_safe(record)  # as metrics.jsonl holds it (and read_metrics returns it)
-        append_record(self.path, json.dumps(safe))
-        # The CSV is rewritten whole (atomically) but only the new round's rows are formatted:
-        # rereading and reformatting every round made each round cost more than the last.
-        if self._csv_rows is None:
-            self._csv_rows = [csv_rows(r) for r in read_metrics(self.path)]
-        else:
-            self._csv_rows.append(csv_rows(safe))
-        write_csv(self.path, self._csv_rows)
-
-
-def read_control(run_dir: Path) -> str:
-    path = run_dir / "control.json"
-    if not path.is_file():
-        return "running"
-    try:
-        state = json.loads(path.read_text()).get("state", "running")
-    except (json.JSONDecodeError, OSError):
-        return "running"
-    return state if state in CONTROL_STATES else "running"
-
-
-def write_control(run_dir: Path, state: str) -> None:
-    if state not in CONTROL_STATES:
-        raise ValueError(f"control state must be one of {CONTROL_STATES}")
-    atomic_write_bytes(run_dir / "control.json", json.dumps({"state": state, "at": time.time()}).encode())
-
-
-def read_run_state(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "state.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_run_state(run_dir: Path, state: str, last_round: int | None, detail: str = "",
-                    best: dict[str, Any] | None = None) -> None:
-    atomic_write_bytes(run_dir / "state.json", json.dumps(
-        {"state": state, "last-round": last_round, "detail": detail, "best": best, "updated": time.time()}).encode())
-
-
-def record_stop(run_dir: Path, detail: str) -> None:
-    """A run the centre stopped, in its state.json. A ServerApp stopped mid-round ends without
+def record_stop(run: RunDirectory, detail: str) -> None:
+    """A run the centre stopped, in its state. A ServerApp stopped mid-round ends without
     writing it (its state would say 'running' for good); one that already ended is left as it is."""
-    if read_run_state(run_dir).get("state") in ENDED_STATES:
+    if run.state().get("state") in ENDED_STATES:
         return
-    write_run_state(run_dir, "stopped", last_finished_round(run_dir), detail, best_round(run_dir))
+    run.set_state("stopped", run.last_finished_round(), detail, best_round(run))
 
 
-def last_finished_round(run_dir: Path) -> int | None:
-    """The last round with both a metrics record and a readable checkpoint."""
-    finished = finished_rounds(run_dir)
-    return finished[-1] if finished else None
-
-
-def finished_rounds(run_dir: Path) -> list[int]:
-    """Rounds with both a metrics record and a readable checkpoint, in order."""
-    rounds = []
-    for record in read_metrics(run_dir):
-        path = run_dir / CHECKPOINT_DIR / f"round-{record['round']:03d}.pt"
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # missing or torn
-            continue
-        rounds.append(int(record["round"]))
-    return sorted(set(rounds))
-
-
-def best_round(run_dir: Path) -> dict[str, Any] | None:
+def best_round(run: RunDirectory) -> dict[str, Any] | None:
     """The best finished round by the run's own best-metric: {"round", "metric", "value"}."""
-    metric = run_config(run_dir).get("best-metric", "loss")
-    finished = set(finished_rounds(run_dir))
-    found = select_best([r for r in read_metrics(run_dir) if r["round"] in finished], metric)
+    metric = run.config().get("best-metric", "loss")
+    finished = set(run.finished_rounds())
+    found = select_best([r for r in run.read_metrics() if r["round"] in finished], metric)
     return None if found is None else {"round": found[0], "metric": metric, "value": found[1]}
 
 
-def chosen_round(run_dir: Path, requested: int | None = None) -> int:
+def chosen_round(run: RunDirectory, requested: int | None = None) -> int:
     """The round a command works on: the one asked for (it must be finished), else the best
     finished round, else the last finished one."""
-    finished = finished_rounds(run_dir)
+    finished = run.finished_rounds()
     if not finished:
-        raise ValueError(f"{run_dir} has no finished round (a checkpoint and its metrics record)")
+        raise ValueError(f"{run.path} has no finished round (a checkpoint and its metrics record)")
     if requested is not None:
         if requested not in finished:
-            raise ValueError(f"round {requested} of {run_dir.name} is not finished; finished rounds: "
+            raise ValueError(f"round {requested} of {run.name} is not finished; finished rounds: "
                              f"{', '.join(map(str, finished))}")
         return requested
-    best = best_round(run_dir)
+    best = best_round(run)
     return best["round"] if best is not None else finished[-1]
-
-
-def run_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.json"
-    return json.loads(path.read_text()).get("config", {}) if path.is_file() else {}
-
-
-def load_checkpoint_arrays(run_dir: Path, server_round: int) -> tuple[ArrayRecord, dict[str, Any]]:
-    payload = torch.load(run_dir / CHECKPOINT_DIR / f"round-{server_round:03d}.pt", map_location="cpu",
-                         weights_only=True)
-    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in payload["trainable"].items()})
-    return arrays, payload
 
 
 def epsilon_value(epsilon: dict[str, float] | None) -> MetricValue:
@@ -221,7 +63,7 @@ def epsilon_value(epsilon: dict[str, float] | None) -> MetricValue:
 def round_record(report: RoundReport, seconds: float, checkpoint: Path | None,
                  efficiency: dict[str, MetricValue], central: dict[str, MetricValue] | None,
                  epsilon: dict[str, float] | None = None) -> dict[str, Any]:
-    """One line of metrics.jsonl: the whole catalogue (global, per site), who took part, traffic."""
+    """One round's metrics record: the whole catalogue (global, per site), who took part, traffic."""
     record = asdict(report)
     record["round"] = record.pop("server_round")
     record["seconds"] = round(seconds, 3)
@@ -242,36 +84,6 @@ def round_record(report: RoundReport, seconds: float, checkpoint: Path | None,
     record["server_validation"] = ({name: value.to_json(name) for name, value in central.items()}
                                    if central is not None else None)
     return record
-
-
-CSV_HEADER = "round,scope,metric,value,aggregation,reason\r\n"
-
-
-def write_csv(run_dir: Path, rows: list[str]) -> None:
-    """metrics.csv in long form: round, scope (global, a site, server-validation), metric, value;
-    ``rows``: each round record's rows (``csv_rows``)."""
-    atomic_write_bytes(run_dir / CSV_FILE, (CSV_HEADER + "".join(rows)).encode())
-
-
-def csv_rows(record: dict[str, Any]) -> str:
-    """One round record's rows of metrics.csv."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    sources = [("global", record.get("catalogue") or {})]
-    if record.get("server_validation"):
-        sources.append(("server-validation", record["server_validation"]))
-    for scope, catalogue in sources:
-        for name, entry in catalogue.items():
-            writer.writerow([record["round"], scope, name, _csv_value(entry.get("value")),
-                             entry.get("aggregation", ""), entry.get("reason", "")])
-            if scope == "global":
-                for site, value in (entry.get("per_site") or {}).items():
-                    writer.writerow([record["round"], site, name, _csv_value(value), "site", ""])
-    return buffer.getvalue()
-
-
-def _csv_value(value: Any) -> str:
-    return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else repr(value)
 
 
 CLASSIFICATION_COLUMNS = [("AUC", "auc"), ("acc", "accuracy"), ("sens", "sensitivity"), ("spec", "specificity"),
@@ -311,9 +123,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def print_rounds(records: list[dict[str, Any]], console: Console | None = None) -> None:
-    # In a terminal rich fits its width; in a log file or pipe, do not squeeze the columns to 80.
-    console = console or Console(width=None if sys.stdout.isatty() else 140)
+def wide_console() -> Console:
+    """The console of the centre's tables. In a terminal rich fits its width; in a log file or pipe
+    the columns are not squeezed to 80 (run ids alone are 19 digits)."""
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def print_rounds(records: list[dict[str, Any]], console: Console) -> None:
     for table in rounds_tables(records):
         console.print(table)
     last = records[-1] if records else {}
@@ -330,3 +146,41 @@ def print_rounds(records: list[dict[str, Any]], console: Console | None = None) 
         console.print(f"round {last['round']}: {note}")
     if last.get("stopped"):
         console.print(f"run ended after round {last['round']}: {last['stopped']}")
+
+
+def print_status(run: RunDirectory, console: Console) -> None:
+    """``clinicfl-server status RUN``: the run's state, its best round, the per-round tables and
+    who took part in each round."""
+    state = run.state()
+    records = run.read_metrics()
+    _line(console, f"{run.name}: {state.get('state', 'starting')}"
+                   f"{', last finished round ' + str(state['last-round']) if state.get('last-round') is not None else ''}"
+                   f"{' (' + state['detail'] + ')' if state.get('detail') else ''}")
+    if not records:
+        _line(console, "no finished round yet")
+        return
+    best = best_round(run)
+    if best is not None:
+        _line(console, f"best round {best['round']} by {best['metric']} ({best['value']:.4f}); last round "
+                       f"{records[-1]['round']}; clinicfl-server export exports the best round unless --round is given")
+    print_rounds(records, console)
+    table = Table(title="sites per round")
+    for column in ("round", "trained", "evaluated", "rejected (reason)", "eps max"):
+        table.add_column(column)
+    for record in records:
+        rejected = "; ".join(f"{r['site']} {r['phase']}: {r['reason']}" for r in record.get("rejected") or [])
+        eps = ((record.get("catalogue") or {}).get("epsilon") or {}).get("value")
+        table.add_row(str(record["round"]), ", ".join(sorted(record.get("train") or {})) or "-",
+                      ", ".join(sorted(record.get("evaluation") or {})) or "-", rejected or "-",
+                      f"{eps:.2f}" if isinstance(eps, (int, float)) else "n/a")
+    console.print(table)
+    for record in records:
+        for mismatch in record.get("mismatches") or []:
+            _line(console, f"round {record['round']}: {mismatch['phase']} reply filed under {mismatch['site']}: "
+                           f"{mismatch['reason']}")
+
+
+def _line(console: Console, text: str) -> None:
+    # As print() writes it: a site's reason may hold [brackets] (no markup), and a long line is
+    # not wrapped.
+    console.out(text, highlight=False)

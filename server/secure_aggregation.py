@@ -101,7 +101,7 @@ class SecAggSettings:
         """Per coordinate, |secure mean - FedAvg mean| of updates within +-clipping range: the
         stochastic rounding of each site (< one level of 2C/Q, so k levels in the sum, divided by
         the total weight) plus the rounding of the weights themselves."""
-        c, q = self.clipping_range, self.quantization_range
+        c = self.clipping_range
         factors = np.array([self.weight_factor(n) for n in num_examples], dtype=float)
         n = np.array(num_examples, dtype=float)
         rounding = 2 * c * len(num_examples) / factors.sum()
@@ -276,7 +276,7 @@ class SecureAggregation:
     def _masked_vector(self, reply: Message) -> tuple[list[np.ndarray], str | None]:
         """The reply's masked arrays, or why they cannot be summed (shapes and names are all the
         centre can check of a masked update)."""
-        spec = self.strategy.spec
+        spec = self.strategy.settings.spec
         names = site_record(reply).get(UPDATE_NAMES_KEY)
         if names != list(spec):
             return [], "masked update: parameter names or their order differ from the model's"
@@ -294,9 +294,9 @@ class SecureAggregation:
 
     def _unmask(self, server_round: int, arrays: ArrayRecord, state: _Round, keyed: dict[int, tuple[list, list]],
                 accepted: dict[int, tuple[list[np.ndarray], int]], report: RoundReport) -> ArrayRecord | None:
-        if len(accepted) < max(2, self.strategy.min_sites):
+        if len(accepted) < max(2, self.strategy.settings.min_sites):
             raise _Abort(f"only {len(accepted)} masked updates passed the checks (min-sites "
-                         f"{self.strategy.min_sites}; secure aggregation never unmasks fewer than 2)")
+                         f"{self.strategy.settings.min_sites}; secure aggregation never unmasks fewer than 2)")
         alive, dead = set(accepted), set(keyed) - set(accepted)
         configs = {node: ConfigRecord({Key.STAGE: Stage.UNMASK,
                                        Key.ACTIVE_NODE_ID_LIST: sorted(state.neighbours[node] & alive),
@@ -314,7 +314,7 @@ class SecureAggregation:
         keys = {node: bytes_to_private_key(self._rebuild(state, node, held[node], "first private key",
                                                          _key_check(state.public_keys[node][0]), report))
                 for node in sorted(dead)}
-        shapes = [(1,)] + [p.shape for p in self.strategy.spec.values()]
+        shapes = [(1,)] + [p.shape for p in self.strategy.settings.spec.values()]
         total = [np.zeros(shape, dtype=np.int64) for shape in shapes]
         for vector, _ in accepted.values():
             total = [(t + v) % MOD_RANGE for t, v in zip(total, vector)]
@@ -339,14 +339,14 @@ class SecureAggregation:
         bound = self.settings.error_bound(counts)
         limit = self.settings.clipping_range + bound
         updates = [(update + offset) * scale for update in mean]
-        for name, update in zip(self.strategy.spec, updates):
+        for name, update in zip(self.strategy.settings.spec, updates):
             if not np.all(np.abs(update) <= limit):  # NaN fails it too
                 raise _Abort(f"the unmasked mean update of {name} reaches {float(np.max(np.abs(update))):.4g}, "
                              f"outside the clipping range {self.settings.clipping_range:g} plus the quantisation "
                              f"error bound {bound:.3g}: a site altered its masked vector or key shares")
         combined = ArrayRecord()
-        for name, update in zip(self.strategy.spec, updates):
-            value = (arrays[name].numpy().astype(np.float64) + update).astype(self.strategy.spec[name].dtype)
+        for name, update in zip(self.strategy.settings.spec, updates):
+            value = (arrays[name].numpy().astype(np.float64) + update).astype(self.strategy.settings.spec[name].dtype)
             if not np.all(np.isfinite(value)):
                 raise _Abort("the unmasked aggregate is not finite in float32")
             combined[name] = Array(value)
@@ -429,12 +429,12 @@ class SecureAggregation:
         messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
                     for node, content in contents.items()]
         # kept so that an error reply the SuperLink makes (naming only our message) finds its node
-        self.strategy.remember_sent(server_round, "train", messages, append=stage != Stage.SETUP)
+        self.strategy.traffic.remember_sent(server_round, "train", messages, append=stage != Stage.SETUP)
         for message in messages:
             state.traffic[message.metadata.dst_node_id][0] += payload_bytes(message)
         replies: dict[int, Message] = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            node = self.strategy.node_of(reply)
+            node = self.strategy.traffic.node_of(reply)
             if node in contents:
                 replies[node] = reply
                 state.traffic[node][1] += payload_bytes(reply)

@@ -25,12 +25,14 @@ wake-up, which ``PromptGrid.push_messages`` sets (the thread still looks every 0
 so with ``reply-polling = "flower"``, without PromptGrid, it behaves as Flower's), and makes the
 runtime's reply thread signal each reply it stores, which ends PromptGrid's wait for the next
 pull at once. In a deployment neither exists and PromptGrid pulls on its own schedule.
+
+The replacements are here; ``common/flower_patches.py`` puts them in Flower's place, and only for
+the Flower versions they were written for.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -40,13 +42,15 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from common import flower_patches
+from common.flower_patches import HTTP_GRID_OBJECT_PULLS, SIMULATION_DISPATCH
+
 SHORTEST_PULL_INTERVAL_S = 0.01
 LONGEST_PULL_INTERVAL_S = 0.5
 INTERVAL_FRACTION = 0.1  # of the time waited so far
 OBJECT_FIRST_RETRY_S = 0.02
 OBJECT_LONGEST_RETRY_S = 0.5
 DISPATCH_INTERVAL_S = 0.1  # Flower's own: the simulation dispatcher looks this often without a wake-up
-SIMULATION_RUNTIME = "flwr.server.superlink.fleet.vce.vce_api"
 
 _pushed = threading.Event()  # set by PromptGrid.push_messages, consumed by the simulation dispatcher
 _replied = threading.Event()  # set by the simulation runtime when it has stored a reply
@@ -56,42 +60,41 @@ _pull_deadline: float | None = None
 
 
 def shorten_object_retries() -> None:
-    """Flower's HttpGrid (1.42) fetches a reply's arrays with ``pull_objects`` and its default
-    retry intervals (1 s, doubling to 10 s); give it 20 ms, doubling to 0.5 s. Idempotent. It
-    changes the name HttpGrid calls in this process, the ServerApp's own."""
-    from flwr.superlink.grid import http_grid
+    """Flower's HttpGrid fetches a reply's arrays with ``pull_objects`` and its default retry
+    intervals (1 s, doubling to 10 s); give it 20 ms, doubling to 0.5 s, within the round's deadline.
+    Idempotent. It changes the name HttpGrid calls in this process, the ServerApp's own
+    (``HTTP_GRID_OBJECT_PULLS`` in common/flower_patches.py)."""
+    flower_patches.apply(HTTP_GRID_OBJECT_PULLS, {"pull_objects": pull_objects_by_deadline})
 
-    if getattr(http_grid.pull_objects, "flower_pull_objects", None) is None:
-        flower_pull_objects = http_grid.pull_objects
 
-        @functools.wraps(flower_pull_objects)
-        def pull_objects_by_deadline(*args: object, **kwargs: object) -> dict[str, bytes]:
-            # No cap on the number of tries (500 at 0.5 s would give up after about 4 min); the
-            # time is capped by the round's deadline, else by Flower's own limit (2 h).
-            if _pull_deadline is not None:
-                kwargs["max_time"] = max(0.0, _pull_deadline - time.monotonic())
-            return flower_pull_objects(*args, initial_backoff=OBJECT_FIRST_RETRY_S, backoff_cap=OBJECT_LONGEST_RETRY_S,
-                                       max_tries_per_object=None, **kwargs)
+def pull_objects_by_deadline(flower_pull_objects: Callable[..., dict[str, bytes]]) -> Callable[..., dict[str, bytes]]:
+    """Flower's ``pull_objects`` with short retries, bounded by ``_pull_deadline``."""
 
-        pull_objects_by_deadline.flower_pull_objects = flower_pull_objects  # type: ignore[attr-defined]
-        http_grid.pull_objects = pull_objects_by_deadline
+    @functools.wraps(flower_pull_objects)
+    def pull_objects(*args: object, **kwargs: object) -> dict[str, bytes]:
+        # No cap on the number of tries (500 at 0.5 s would give up after about 4 min); the
+        # time is capped by the round's deadline, else by Flower's own limit (2 h).
+        if _pull_deadline is not None:
+            kwargs["max_time"] = max(0.0, _pull_deadline - time.monotonic())
+        return flower_pull_objects(*args, initial_backoff=OBJECT_FIRST_RETRY_S, backoff_cap=OBJECT_LONGEST_RETRY_S,
+                                   max_tries_per_object=None, **kwargs)
+
+    return pull_objects
 
 
 def prompt_simulation_dispatch() -> bool:
     """Replace the simulation runtime's dispatcher and reply loop (``vce_api.add_messages_to_queue``
-    and ``put_message_into_state``, Flower 1.42) with ones that a push wakes and that signal each
-    stored reply; returns whether this process runs that runtime. Idempotent.
+    and ``put_message_into_state``) with ones that a push wakes and that signal each stored reply;
+    returns whether this process runs that runtime. Idempotent (``SIMULATION_DISPATCH`` in
+    common/flower_patches.py).
 
     The runtime starts both threads after it has imported the ServerApp, and looks the functions
     up when it does, so the ServerApp's module calls this when it is imported. A process
     without the runtime (a deployment's ServerApp, an in-process federation) is left alone: the
     runtime's module is not even imported."""
-    runtime = sys.modules.get(SIMULATION_RUNTIME)
-    if runtime is None:
-        return False
-    runtime.add_messages_to_queue = _add_messages_to_queue
-    runtime.put_message_into_state = _put_message_into_state
-    return True
+    # Flower's loops are replaced whole: the replacements do not call them.
+    return flower_patches.apply(SIMULATION_DISPATCH, {"add_messages_to_queue": lambda _: _add_messages_to_queue,
+                                                      "put_message_into_state": lambda _: _put_message_into_state})
 
 
 def _add_messages_to_queue(state, queue, nodes_mapping, f_stop: threading.Event) -> None:  # noqa: ANN001
@@ -116,9 +119,20 @@ def _put_message_into_state(state, queue, f_stop: threading.Event) -> None:  # n
         _replied.set()
 
 
+def wait_for_a_reply(seconds: float) -> None:
+    """Wait ``seconds``, or less when a simulation's runtime stores a reply. Clearing after the wait
+    (before the pull that follows) means a reply stored during the pull is not missed."""
+    _replied.wait(seconds)
+    _replied.clear()
+
+
 class PromptGrid(Grid):
+    """``clock`` and ``wait`` are the time source and the pause between pulls (a test gives a
+    clock it controls)."""
+
     def __init__(self, grid: Grid, shortest_interval: float = SHORTEST_PULL_INTERVAL_S,
-                 longest_interval: float = LONGEST_PULL_INTERVAL_S) -> None:
+                 longest_interval: float = LONGEST_PULL_INTERVAL_S, clock: Callable[[], float] = time.monotonic,
+                 wait: Callable[[float], None] = wait_for_a_reply) -> None:
         from flwr.superlink.grid import HttpGrid
 
         if isinstance(grid, HttpGrid):
@@ -126,6 +140,8 @@ class PromptGrid(Grid):
         self.grid = grid
         self.shortest_interval = shortest_interval
         self.longest_interval = longest_interval
+        self.clock = clock
+        self.wait = wait
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
@@ -156,17 +172,15 @@ class PromptGrid(Grid):
         reply as it comes, while the other sites are still at work."""
         global _pull_deadline
         waiting = set(self.push_messages(list(messages)))
-        started = time.monotonic()
+        started = self.clock()
         deadline = None if timeout is None else started + timeout
         replies: list[Message] = []
         while waiting:
-            now = time.monotonic()
+            now = self.clock()
             interval = min(self.longest_interval, max(self.shortest_interval, INTERVAL_FRACTION * (now - started)))
-            # A simulation's runtime ends the wait when it stores a reply; clearing before the pull
-            # means a reply stored after it is not missed.
-            _replied.wait(interval if deadline is None else max(0.0, min(interval, deadline - now)))
-            _replied.clear()
-            _pull_deadline = deadline
+            self.wait(interval if deadline is None else max(0.0, min(interval, deadline - now)))
+            # Flower's object pulls run on the process's monotonic clock: the time left, on it.
+            _pull_deadline = None if deadline is None else time.monotonic() + max(0.0, deadline - self.clock())
             try:
                 arrived = list(self.pull_messages(waiting))
             finally:
@@ -175,6 +189,6 @@ class PromptGrid(Grid):
             for reply in arrived if each is not None else ():
                 each(reply)
             waiting.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and self.clock() >= deadline:
                 break
         return replies

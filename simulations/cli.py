@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import time
 import tomllib
@@ -25,7 +24,9 @@ from tqdm import tqdm
 from common.config import ConfigError
 from common.policy import PolicyError, SitePolicy
 from common.processes import console_logging, parse_assignments
-from common.runlog import read_metrics, round_line
+from common.rundir import CHECKPOINT_DIR, CSV_FILE, METRICS_FILE, SUMMARY_FILE, RunDirectory
+from common.runlog import round_line
+from server.runs import print_status, wide_console
 from simulations.runner import PROJECT_ROOT, SimulationError, run_simulation
 from simulations.synthetic import SyntheticSpec, generate_clinics
 
@@ -89,36 +90,46 @@ def _run_and_report(data_root: Path, run_root: Path, num_sites: int, overrides: 
         (console.print if verbose else progress.write)(round_line(record, rounds))
 
     try:
-        run_dir = run_simulation(data_root, run_root, num_sites, overrides, stream=verbose, on_round=show)
+        run = RunDirectory(run_simulation(data_root, run_root, num_sites, overrides, stream=verbose, on_round=show))
     except (SimulationError, ConfigError) as exc:
         progress.close()
         console.print(f"[red]error:[/] {exc}")
         return 1
     progress.close()
     console.rule("results")
-    # The coordinating centre's own commands show the run, as they would in a deployment.
-    server_cli = [sys.executable, "-m", "server.cli"]
-    subprocess.run([*server_cli, "status", str(run_dir)], check=False)
-    if plots:
-        subprocess.run([*server_cli, "report", str(run_dir)], check=False)
-    records = read_metrics(run_dir)
+    _show_as_the_centre(run, plots)
+    records = run.read_metrics()
     first, last = records[0]["catalogue"], records[-1]["catalogue"]
-    state = json.loads((run_dir / "state.json").read_text())
+    state = run.state()
     best = state.get("best") or {}
     best_record = next((r for r in records if r["round"] == best.get("round")), records[-1])
-    summary = {"run_dir": str(run_dir), "rounds": records[-1]["round"], "state": state.get("state"),
+    summary = {"run_dir": str(run.path), "rounds": records[-1]["round"], "state": state.get("state"),
                "detail": state.get("detail"), "wall_seconds": round(time.perf_counter() - started, 1),
                "auc_round0": first["auc"]["value"], "auc_final": last["auc"]["value"],
                "best": {**best, "auc": best_record["catalogue"]["auc"]["value"]},
                "final": {name: entry.get("value") for name, entry in last.items()}}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    run.write_summary(summary)
     console.print(f"AUC {summary['auc_round0']:.3f} (round 0) -> {summary['auc_final']:.3f} "
                   f"(round {summary['rounds']}); best round {best.get('round', '-')} by {best.get('metric', '-')} "
                   f"(AUC {summary['best']['auc']:.3f}); {summary['wall_seconds']} s")
-    console.print(f"run directory: {run_dir}")
-    console.print("  metrics.jsonl, metrics.csv, checkpoints/, summary.json, simulation.log"
+    console.print(f"run directory: {run.path}")
+    console.print(f"  {METRICS_FILE}, {CSV_FILE}, {CHECKPOINT_DIR}/, {SUMMARY_FILE}, simulation.log"
                   + (", report/*.png" if plots else ""))
     return 0
+
+
+def _show_as_the_centre(run: RunDirectory, plots: bool) -> None:
+    """The run as the coordinating centre's own commands show it in a deployment:
+    ``clinicfl-server status`` and, with ``plots``, ``clinicfl-server report``."""
+    centre_console = wide_console()
+    print_status(run, centre_console)
+    if plots:
+        from server.report import print_report  # matplotlib only when plotting
+
+        try:
+            print_report(run, centre_console)
+        except (ValueError, OSError) as exc:  # as clinicfl-server says it; the run's summary still follows
+            print(f"error: {exc}", file=sys.stderr)
 
 
 def _default_rounds() -> int:

@@ -8,11 +8,9 @@ and stop the SuperLink by its PID, whatever happens.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -22,12 +20,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from common.config import RunConfig
+from common.rundir import RunDirectory
 from common.runlog import read_metrics
-from common.processes import absolute_paths, bin_path, flower_env as base_flower_env, free_port, port_open, \
-    write_config_file
+from common.processes import absolute_paths, bin_path, flower_env as base_flower_env, free_port, start_in_group, \
+    stop_group, wait_for_port, write_config_file, write_flwr_connection
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONNECTION = "clinicfl-sim"
+STOP_TIMEOUT_S = 20.0  # the SuperLink asked to stop gets this long before its process group is killed
 
 
 class SimulationError(RuntimeError):
@@ -46,42 +47,18 @@ def local_superlink(flwr_home: Path, startup_timeout: float = 60.0) -> Iterator[
     """A simulation SuperLink on a free loopback port; yields its connection name."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    (flwr_home / "config.toml").write_text(
-        '[superlink]\ndefault = "clinicfl-sim"\n\n'
-        f'[superlink.clinicfl-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    write_flwr_connection(flwr_home, CONNECTION, f"127.0.0.1:{port}")
     log_path = flwr_home / "superlink.log"
-    env = flower_env(flwr_home)
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            [bin_path("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-             "--host", "127.0.0.1", "--port", str(port), "--database", str(flwr_home / "superlink.db")],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    process = start_in_group(
+        [bin_path("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+         "--host", "127.0.0.1", "--port", str(port), "--database", str(flwr_home / "superlink.db")],
+        log_path, flower_env(flwr_home))
     try:
-        deadline = time.monotonic() + startup_timeout
-        while not port_open("127.0.0.1", port):
-            if process.poll() is not None:
-                raise SimulationError(f"flower-superlink exited with code {process.returncode}; see {log_path}")
-            if time.monotonic() > deadline:
-                raise SimulationError(f"flower-superlink did not start within {startup_timeout:.0f}s; see {log_path}")
-            time.sleep(0.3)
-        yield "clinicfl-sim"
+        wait_for_port(process, "127.0.0.1", port, startup_timeout, log_path, error=SimulationError)
+        yield CONNECTION
     finally:
-        _stop(process)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the SuperLink and everything it spawned (its own process group)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    try:  # simulation workers (Ray) share the group: make sure none is left behind
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        # The simulation runs under flower-superexec, which ends once the SuperLink's pid is gone.
+        stop_group(process, STOP_TIMEOUT_S)
 
 
 RUN_DIR_LINE = re.compile(r"clinicfl: run directory (\S.*)$")
@@ -114,9 +91,10 @@ def run_simulation(data_root: Path, run_root: Path, num_sites: int, overrides: d
                               f"log: {log_path}")
     shutil.copy2(log_path, run_dir / "simulation.log")
     # `flwr run --stream` exits 0 even when the ServerApp crashed: trust only what was written.
-    records = read_metrics(run_dir)
-    expected = json.loads((run_dir / "config.json").read_text())["config"]["num-rounds"]
-    state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").is_file() else {}
+    run = RunDirectory(run_dir)
+    records = run.read_metrics()
+    expected = run.config()["num-rounds"]
+    state = run.state()
     if not records or (records[-1]["round"] != expected and state.get("state") != "stopped"):
         raise SimulationError(f"the run stopped early: {len(records)} round record(s) in {run_dir}; "
                               f"log: {run_dir / 'simulation.log'}")
@@ -130,7 +108,7 @@ def run_flower_app(app: Path, config: dict[str, object], num_sites: int, flwr_ho
     Flower's output goes to ``log_path`` (and the console when ``stream``); ``poll`` runs twice a
     second while the run lasts."""
     found = found if found is not None else {}
-    command = [bin_path("flwr"), "run", str(app), "clinicfl-sim", "--stream",
+    command = [bin_path("flwr"), "run", str(app), CONNECTION, "--stream",
                "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}",
                "--run-config", str(write_config_file(config, flwr_home / f"run-config-{time.time_ns()}.toml"))]
     with local_superlink(flwr_home) as _:

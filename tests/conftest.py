@@ -11,10 +11,22 @@ import pytest
 from flwr.app import Error, Metadata, RecordDict
 from flwr.app.message.message import make_message
 
-from common.config import DataConfig, ModelConfig
+from common.config import DataConfig, ModelConfig, SharedConfig
 from simulations.synthetic import SyntheticSpec, generate_clinics
 
 TINY_SPEC = SyntheticSpec(sites=2, studies_per_site=16, image_size=32, slices_per_study=4, seed=7)
+
+# The files that take longest, longest first (measured with --durations). make test runs the suite
+# on pytest-xdist workers, one file per worker at a time (--dist loadfile, no reordering): a long
+# file that started last would end last, so these start first.
+LONGEST_FIRST = ("test_deployment.py", "test_benchmarks.py", "test_approval.py", "test_studies.py",
+                 "test_privacy.py", "test_predict.py", "test_simulation.py", "test_phi.py",
+                 "test_secure_aggregation.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
 
 
 @pytest.fixture(scope="session")
@@ -32,12 +44,12 @@ def site(tiny_clinics: list[Path], tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tiny_model_config() -> ModelConfig:
-    return ModelConfig(image_size=32, seq_len=4, proj_dim=16, gru_hidden=8, attn_dim=8, dropout=0.0)
+    return ModelConfig(SharedConfig(image_size=32, seq_len=4), proj_dim=16, gru_hidden=8, attn_dim=8, dropout=0.0)
 
 
 @pytest.fixture
 def tiny_data_config() -> DataConfig:
-    return DataConfig(image_size=32, seq_len=4)
+    return DataConfig(SharedConfig(image_size=32, seq_len=4))
 
 
 def reply(content: RecordDict | Error, node_id: int = 1, message_type: str = "train"):

@@ -21,8 +21,10 @@ import signal
 
 import pytest
 
+from benchmarks.loopback_deployment import ROOT, RUN_SETTINGS, Deployment
 from simulations.synthetic import SyntheticSpec, generate_clinics
-from tests.deployment_helpers import ROOT, RUN_SETTINGS, Deployment
+
+pytestmark = pytest.mark.slow  # a real TLS deployment (make test)
 
 SITES = ["site-01", "site-02"]
 

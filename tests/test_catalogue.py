@@ -17,6 +17,7 @@ from common.metrics.classification import ClassificationStats
 from common.metrics.errors import ErrorStats
 from common.metrics.images import GaussianMoments, ImageStats, InceptionStats, frechet_distance, psnr, ssim
 from server.strategy import ClinicFedAvg
+from server.strategy_config import StrategyConfig
 from tests.conftest import reply
 
 HASH = "frozen:abc"
@@ -63,9 +64,9 @@ def _federated(pooled, fid_dim=FID_DIM, small_site: bool = False, with_images: b
     """Split the pooled predictions over 3 sites and aggregate their records at the server.
     ``asked_fid``: what the round's evaluation message asked for (None: no message configured);
     ``sent_fid``: whether each site sends its FID moments."""
-    strategy = ClinicFedAvg(spec={"w": ParamSpec((1,), np.dtype("float32"))}, backbone_hash=HASH,
-                            label_names=LABELS, min_sites=1, fid_dim=fid_dim if with_images else None,
-                            fid_extractor="test features", min_site_cases=10)
+    strategy = ClinicFedAvg(StrategyConfig(spec={"w": ParamSpec((1,), np.dtype("float32"))}, backbone_hash=HASH,
+                                           label_names=LABELS, min_sites=1, fid_dim=fid_dim if with_images else None,
+                                           fid_extractor="test features", min_site_cases=10))
     if asked_fid is not None:
         strategy.configure_evaluate(1, ArrayRecord({"w": Array(np.zeros(1, np.float32))}),
                                     ConfigRecord({"fid": asked_fid}), _ThreeNodes())
@@ -318,3 +319,34 @@ def test_fid_real_features_are_kept_on_disk_for_a_frozen_backbone_only(tmp_path,
     after, _ = moving.real_and_fake(real, fake)
     assert not np.allclose(before, after), "real features follow a backbone that trains"
     assert not (tmp_path / "partial").exists() and not moving._real
+
+
+# ------------------------------------------------------------- figures that cannot be formed
+
+
+def _small_stats(rng, n_images: int, one_class: bool = False, degenerate_features: bool = False) -> EvaluationStats:
+    labels = np.ones((40, 2)) if one_class else (rng.random((40, 2)) < 0.5).astype(float)
+    probs = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0.01, 0.99)
+    real = rng.random((n_images, 16, 16))
+    real_f = np.full((n_images, FID_DIM), np.nan) if degenerate_features else rng.normal(0, 1, (n_images, FID_DIM))
+    return _site_stats(probs, labels, probs[:, 0] * 10, labels[:, 0] * 10, real, np.clip(real + 0.1, 0, 1), real_f,
+                       rng.normal(0, 1, (n_images, FID_DIM)))
+
+
+def test_the_catalogue_lists_its_figures_in_registry_order_and_says_why_one_is_missing():
+    rng = np.random.default_rng(3)
+    empty = compute_catalogue(EvaluationStats.empty(2, FID_DIM), LABELS)
+    assert list(empty) == [name for name, spec in REGISTRY.items() if spec.group in ("classification", "error", "image")]
+    assert {name: entry.reason for name, entry in empty.items()} == {
+        **{name: "not available: no test studies" for name in empty}, "psnr": "not available: no test images",
+        "ssim": "not available: no test images", "fid": "not available: no test images"}
+
+    one_image = compute_catalogue(_small_stats(rng, 1), LABELS)
+    assert one_image["psnr"].value is not None and one_image["fid"].reason == "not available: fewer than 2 images"
+    degenerate = compute_catalogue(_small_stats(rng, 8, degenerate_features=True), LABELS)
+    assert degenerate["fid"].value is None
+    assert degenerate["fid"].reason.startswith("not available: the Frechet distance could not be computed (")
+    one_class = compute_catalogue(_small_stats(rng, 8, one_class=True), LABELS)
+    assert one_class["auc"].reason == "not available: test studies of one class only"
+    assert one_class["specificity"].reason == "not available: no negative test studies"
+    assert one_class["sensitivity"].value is not None and one_class["fid"].value is not None

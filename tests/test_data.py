@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.config import DataConfig, SharedConfig
 from common.data.errors import DataError
 from common.data.labels import read_labels
 from common.data.site import assign_split, load_site
@@ -106,8 +107,22 @@ def test_check_data_cli_summarises_a_good_site(tiny_clinics):
                              "--image-size", "32", "--seq-len", "4"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
-    assert "usable studies" in result.stdout and "16" in result.stdout
+    rows = _table_rows(result.stdout)
+    data = load_site(tiny_clinics[0], DataConfig(SharedConfig(image_size=32, seq_len=4)), 1, progress=False)
+    assert rows["usable studies"] == str(len(data.studies)) == "16"
+    assert rows["train / test studies"] == f"{len(data.train_index)} / {len(data.test_index)}"
+    assert rows["patients"] == str(len(set(data.groups)))
     assert "ZZFAKE" not in result.stdout + result.stderr, "no header values on screen"
+
+
+def _table_rows(text: str) -> dict[str, str]:
+    """{first cell: second cell} of every row of the rich tables a CLI printed."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("│┃").split("│")]
+        if len(cells) >= 2 and cells[0]:
+            rows.setdefault(cells[0], cells[1])
+    return rows
 
 
 def _spreadsheet_export(site: Path, delimiter: str, bom: bool, line_end: str) -> list[tuple[str, str]]:

@@ -16,17 +16,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.loopback_deployment import ROOT, RUN_SETTINGS, Deployment
 from common.model import load_exported
-from common.processes import port_open
+from common.processes import pid_alive, port_open
 from simulations.synthetic import SyntheticSpec, generate_clinics
-from tests.deployment_helpers import DATA_ARGS, ROOT, RUN_SETTINGS, Deployment, _alive
+
+pytestmark = pytest.mark.slow  # a real TLS deployment (make test)
 
 SITES = ["site-01", "site-02", "site-03"]
 DRILLS = {"drill-nan": "nan-update", "drill-shape": "wrong-shape-update"}
@@ -42,9 +43,11 @@ def deployment(tmp_path_factory):
         dep.data[name] = path
     dep.server("certs", "--host", "localhost", *[a for n in [*names, "rogue"] for a in ("--site", n)])
     dep.server("start", "--address", f"127.0.0.1:{dep.port}")
+    bundle = root / "clinicfl.fab"
+    dep.server("bundle", "--out", str(bundle))  # the release the centre ships, built once
     for name in names:
         dep.server("register-site", name, str(dep.centre / "sites" / f"{name}.pub"))
-        dep.approve(name)  # each site's admin approves the app bundle this centre ships
+        dep.approve(name, str(bundle))  # each site's admin approves that bundle
     try:
         yield dep
     finally:
@@ -60,9 +63,7 @@ def deployment(tmp_path_factory):
                 os.killpg(process.pid, signal.SIGKILL)
         state = json.loads((dep.centre / "superlink/superlink.json").read_text())
         dep.server("shutdown", check=False)
-        time.sleep(1)
-        leftovers = [pid for pid in [*pids, state["pid"]] if _alive(pid)]
-        assert not leftovers, f"processes still running: {leftovers}"
+        dep.wait(lambda: not any(pid_alive(pid) for pid in [*pids, state["pid"]]), 60, "every process to end")
         assert not port_open("127.0.0.1", dep.port), "the SuperLink port is still open"
         assert not [n for n, p in dep.ports.items() if port_open("127.0.0.1", p)], "a SuperNode port is still open"
 
@@ -82,7 +83,11 @@ def test_an_unregistered_site_key_is_refused(deployment):
     assert process.wait(timeout=120) == 3
     deployment.daemons.pop("rogue")
     log = (deployment.root / "state/rogue/supernode.log").read_text()
-    assert "305" in log and "Failed to activate SuperNode" in log
+    # Flower's SuperNode exits with its connection error (ExitCode.SUPERNODE_CONNECTION_ERROR), after
+    # the SuperLink refused to activate an unregistered key
+    from flwr.supercore.exit.exit_code import ExitCode
+
+    assert f"Exit Code: {int(ExitCode.SUPERNODE_CONNECTION_ERROR)}\n" in log and "Failed to activate SuperNode" in log
 
 
 def test_a_site_with_unusable_data_does_not_join(deployment, tmp_path):
@@ -96,18 +101,24 @@ def test_a_site_with_unusable_data_does_not_join(deployment, tmp_path):
     assert "error: not joining the federation" in log and "SuperNode running" not in log
 
 
+def _start_sites(deployment, names: list[str], **kwargs) -> None:
+    """Start the daemons of ``names`` that are not running (a test needs no daemon an earlier test
+    started), and wait until the SuperLink sees them online."""
+    for name in names:
+        if name not in deployment.daemons or deployment.daemons[name].poll() is not None:
+            deployment.start_site(name, **kwargs.get(name, {}))
+    deployment.wait_online(set(names))
+
+
 def test_federation_survives_a_dead_site_and_pauses(deployment):
-    for name in SITES:
-        deployment.start_site(name)
-    deployment.wait_online(set(SITES))
-    run_id = deployment.run("run", "--rounds", "3", "--min-sites", "2", *RUN_SETTINGS)
+    _start_sites(deployment, SITES)
+    # The run pauses after round 2 by its config: no race between a pause command and the rounds.
+    run_id = deployment.run("run", "--rounds", "3", "--min-sites", "2", *RUN_SETTINGS, "--set", "pause-after-round=2")
     deployment.wait(lambda: any(r["round"] == 0 for r in deployment.records(run_id)), 600, "round 0")
     # Round 0's record comes with round 1's training (one message per site per round: the sites
     # score the model they train from), so the message that scores round 1 and trains round 2 is
-    # under way: site-03 dies in the middle of it, or before round 2's own evaluation (a message
-    # costs a site about a second), and the run pauses after round 2.
+    # under way: site-03 dies in the middle of it, or before round 2's own evaluation.
     deployment.kill_site("site-03")
-    deployment.server("pause", str(run_id))
     deployment.wait(lambda: deployment.state(run_id).get("state") == "paused", 600, "the run to pause")
     assert deployment.state(run_id)["last-round"] == 2, "the pause took effect after round 2"
     records = deployment.records(run_id)
@@ -115,8 +126,14 @@ def test_federation_survives_a_dead_site_and_pauses(deployment):
     assert round2["round"] == 2 and round2["aggregated"] and {"site-01", "site-02"} <= set(round2["train"])
     assert set(round2["evaluation"]) == {"site-01", "site-02"}, "the dead site did not evaluate round 2"
     assert any(r["site"] == "site-03" for r in round2["rejected"]), round2["rejected"]
-    time.sleep(3)
+    # While paused the ServerApp checks the flag every control-poll and says so in state.json: once
+    # it has checked twice more, any round it were to run would have started.
+    checks = deployment.state(run_id)["paused-checks"]
+    deployment.wait(lambda: deployment.state(run_id).get("paused-checks", 0) >= checks + 2, 120,
+                    "the paused run to check its flag twice more")
     assert len(deployment.records(run_id)) == 3, "no round runs while paused"
+    deployment.server("pause", str(run_id))  # the centre's pause command on a paused run changes nothing
+    assert deployment.state(run_id)["state"] == "paused"
     status = deployment.server("status", str(run_id)).stdout
     assert "paused" in status and "site-03" in status
 
@@ -148,21 +165,18 @@ def test_federation_survives_a_dead_site_and_pauses(deployment):
 
 
 def test_bad_updates_are_rejected_and_a_stopped_server_resumes(deployment):
-    for name, drill in DRILLS.items():
-        deployment.start_site(name, extra=("--node-config", f"drill={drill}"))
-    deployment.wait_online(set(SITES) | set(DRILLS))
-    run_id = deployment.run("run", "--rounds", "3", "--min-sites", "3", *RUN_SETTINGS)
-    deployment.wait(lambda: any(r["round"] == 1 for r in deployment.records(run_id)), 600, "round 1")
-    # Stop the run and the server while round 2 (or, on a slow machine, round 3) is under way, then
-    # restart the server. A round takes about 20 s here, the two commands a few seconds. Round 1's
-    # record comes with round 2's training (the sites score the model they train from), so the
-    # stop ends the run in the message that scores round 2 and trains round 3: round 1 is the last
-    # finished round, and the resumed run trains rounds 2 and 3 again.
+    _start_sites(deployment, SITES + list(DRILLS),
+                 **{name: {"extra": ("--node-config", f'drill="{drill}"')} for name, drill in DRILLS.items()})
+    # Paused after round 1 by its config; then the centre stops the run and the server, and
+    # restarts the server: round 1 is the last finished round, and the resumed run trains 2 and 3.
+    run_id = deployment.run("run", "--rounds", "3", "--min-sites", "3", *RUN_SETTINGS, "--set", "pause-after-round=1")
+    deployment.wait(lambda: deployment.state(run_id).get("state") == "paused", 600, "the run to pause after round 1")
     deployment.server("stop", str(run_id))
+    deployment.wait(lambda: deployment.state(run_id).get("state") == "stopped", 120, "the stop to be recorded")
     deployment.server("shutdown")
     records = deployment.records(run_id)
-    done = len(records) - 1
-    assert 1 <= done < 3 and [r["round"] for r in records] == list(range(done + 1)), "stopped in round 2 or 3"
+    done = 1
+    assert [r["round"] for r in records] == [0, 1]
     stopped = deployment.state(run_id)
     assert (stopped["state"], stopped["last-round"]) == ("stopped", done), "the centre's stop is recorded"
     for record in records[1:]:

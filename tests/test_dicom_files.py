@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from common.config import DataConfig
+from common.config import DataConfig, SharedConfig
 from common.data.dicom import FileProblem, read_header, read_pixels
 from common.data.site import load_site
 
@@ -80,7 +80,7 @@ def test_a_site_of_real_files_keeps_the_good_and_quarantines_the_bad(tmp_path):
     # One study mixes a good file with a broken one: the good one is kept.
     _file("MR_truncated.dcm", site / "studies" / "s00" / "any")
     (site / "labels.csv").write_text("study,label\n" + "".join(f"s{i:02d},{i % 2}\n" for i in range(len(names))))
-    data = load_site(site, DataConfig(image_size=32, seq_len=4), num_labels=1, progress=False)
+    data = load_site(site, DataConfig(SharedConfig(image_size=32, seq_len=4)), num_labels=1, progress=False)
     assert len(data.studies) == len(GOOD)
     assert data.mask.sum(1).tolist() == [1, 1, 1, 1, 1, 1, 4, 2], "emri: 10 frames sampled to 4; RGB: 2"
     reasons = dict(data.quarantine)
@@ -94,7 +94,8 @@ def test_a_site_of_real_files_keeps_the_good_and_quarantines_the_bad(tmp_path):
 
 
 def _pixel_file(path: Path, stored: np.ndarray, bits_stored: int, signed: bool, photometric: str,
-                slope: float, intercept: float, window: tuple[float, float] | None) -> Path:
+                slope: float, intercept: float, window: tuple[float, float] | None,
+                voi_function: str | None = None) -> Path:
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -112,6 +113,8 @@ def _pixel_file(path: Path, stored: np.ndarray, bits_stored: int, signed: bool, 
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
+    if voi_function is not None:
+        ds.VOILUTFunction = voi_function
     ds.PixelData = stored.astype({8: np.uint8, 12: np.uint16, 16: np.int16 if signed else np.uint16}[bits_stored]
                                  ).tobytes()
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
@@ -161,6 +164,102 @@ def test_voi_lut_sequence_is_applied_as_pydicom_documents(tmp_path):
     peak = max(ds.VOILUTSequence[0].LUTData)
     assert np.allclose(frame, reference / peak, atol=1e-6)
     assert frame.min() == 0.0 and frame.max() == 1.0 and len(np.unique(frame)) > 100
+
+
+def _window_by_hand(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 (LINEAR), C.11.2.1.3.2 (LINEAR_EXACT) and C.11.2.1.3.1 (SIGMOID), with
+    the output range taken as [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR":
+        center, width = center - 0.5, width - 1.0
+    ramp = (x - center) / width + 0.5
+    return np.where(x <= center - width / 2, 0.0, np.where(x > center + width / 2, 1.0, ramp))
+
+
+@pytest.mark.parametrize("function, expected", [
+    # x = 96 ... 104 around a window of centre 100, width 4.
+    (None, [0, 0, 0, 1 / 3, 2 / 3, 1, 1, 1, 1]),  # no VOI LUT Function: LINEAR
+    ("LINEAR", [0, 0, 0, 1 / 3, 2 / 3, 1, 1, 1, 1]),  # centre - 0.5, width - 1: 98.5 ... 101.5
+    ("LINEAR_EXACT", [0, 0, 0, 0.25, 0.5, 0.75, 1, 1, 1]),  # exactly 98 ... 102
+    ("SIGMOID", [1 / (1 + np.exp(4 - k)) for k in range(9)]),  # 1 / (1 + exp(-4 (x - 100) / 4))
+])
+def test_voi_lut_functions_follow_the_dicom_formulas(tmp_path, function, expected):
+    """Each VOI LUT Function, on a ramp across a narrow window, gives the values the standard's
+    formulas give (worked out by hand above); without one, the window is LINEAR."""
+    stored = np.tile(np.arange(96, 105), (2, 1))
+    path = _pixel_file(tmp_path / "x.dcm", stored, 12, False, "MONOCHROME2", 1.0, 0.0, (100.0, 4.0), function)
+    (frame,) = read_pixels(read_header(path).path)
+    assert np.allclose(frame, np.tile(expected, (2, 1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_voi_lut_functions_with_rescale_and_sign(tmp_path, function, photometric):
+    """Signed stored values through a rescale and a wide window: pydicom's output range (set by
+    the bit depth, sign and rescale) maps back to exactly the formula's [0, 1], inverted for
+    MONOCHROME1."""
+    stored = np.random.default_rng(7).integers(-2000, 2001, size=(16, 16))
+    path = _pixel_file(tmp_path / "x.dcm", stored, 16, True, photometric, 2.0, -1024.0, (40.0, 400.0), function)
+    expected = _window_by_hand(stored * 2.0 - 1024.0, 40.0, 400.0, function)
+    if photometric == "MONOCHROME1":
+        expected = 1.0 - expected
+    (frame,) = read_pixels(read_header(path).path)
+    assert np.allclose(frame, expected, atol=1e-6)
+    assert 0.0 <= frame.min() and frame.max() <= 1.0
+
+
+@pytest.mark.parametrize("window, function", [((100.0, 0.5), "LINEAR"), ((100.0, 0.0), "SIGMOID"),
+                                              ((100.0, 4.0), "GAMMA")])
+def test_a_window_pydicom_refuses_falls_back_to_the_percentile_range(tmp_path, window, function):
+    """A width below what the function allows, or a function DICOM does not define: the image is
+    still used, scaled by the 0.5-99.5 percentile range as if it had no window."""
+    stored = np.random.default_rng(3).integers(0, 4096, size=(16, 16))
+    path = _pixel_file(tmp_path / "x.dcm", stored, 12, False, "MONOCHROME2", 1.0, 0.0, window, function)
+    lo, hi = np.percentile(stored, [0.5, 99.5])
+    (frame,) = read_pixels(read_header(path).path)
+    assert np.allclose(frame, np.clip((stored - lo) / (hi - lo), 0, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [
+    "MR_small.dcm",  # signed 16-bit, window 600/1600 (bundled with pydicom)
+    "examples_overlay.dcm",  # two windows (450/790 and 200/443): the first is the one used
+    "693_UNCI.dcm",  # CT: signed 14-bit, rescale -1024, abdomen window 40/100 (pydicom-data)
+    "MR2_UNCI.dcm",  # a fractional rescale slope (3.77), window 1000/2000 (pydicom-data)
+    "RG3_UNCI.dcm",  # MONOCHROME1 radiograph, 10-bit, window 550/1024 (pydicom-data)
+])
+def test_windows_of_pydicom_test_files_match_the_dicom_formula(name):
+    path = Path(get_testdata_file(name))  # pydicom-data (a dev dependency) is read offline
+    ds = pydicom.dcmread(path)
+    modality = ds.pixel_array * float(ds.get("RescaleSlope", 1.0)) + float(ds.get("RescaleIntercept", 0.0))
+    first = lambda value: float(value[0]) if isinstance(value, pydicom.multival.MultiValue) else float(value)
+    expected = _window_by_hand(modality, first(ds.WindowCenter), first(ds.WindowWidth))
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        expected = 1.0 - expected
+    (frame,) = read_pixels(path)
+    assert np.allclose(frame, expected, atol=1e-6)
+    assert 0.0 < frame.mean() < 1.0
+
+
+@pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
+def test_voi_lut_function_on_a_pydicom_test_file(tmp_path, function):
+    """pydicom's MR_small with a VOI LUT Function added: the same formulas on a real image."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.VOILUTFunction = function
+    ds.save_as(tmp_path / "mr.dcm")
+    (frame,) = read_pixels(tmp_path / "mr.dcm")
+    assert np.allclose(frame, _window_by_hand(ds.pixel_array.astype(np.float64), 600.0, 1600.0, function), atol=1e-6)
+
+
+def test_a_voi_lut_sequence_comes_before_a_window(tmp_path):
+    """pydicom applies the VOI LUT Sequence when a file also has a window, and so does the pipeline."""
+    path = Path(get_testdata_file("vlut_04.dcm"))
+    (without_window,) = read_pixels(path)
+    ds = pydicom.dcmread(path)
+    ds.WindowCenter, ds.WindowWidth = 10.0, 2.0  # a window that would make the image almost binary
+    ds.save_as(tmp_path / "both.dcm")
+    (with_window,) = read_pixels(tmp_path / "both.dcm")
+    assert np.array_equal(with_window, without_window)
 
 
 def test_hidden_files_are_ignored_and_broken_links_quarantined(site, tiny_data_config):

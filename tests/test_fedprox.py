@@ -14,6 +14,7 @@ from common.model import build_model
 from common.data.site import load_site
 from common.training import train_local
 from server.strategy import ClinicFedProx, make_strategy
+from server.strategy_config import StrategyConfig
 
 RUN = {"image-size": 32, "seq-len": 4, "proj-dim": 16, "gru-hidden": 8, "attn-dim": 8, "dropout": 0.0,
        "recon-head": False, "severity-head": False, "batch-size": 4, "local-epochs": 2, "lr": 0.01}
@@ -28,14 +29,15 @@ def test_flowers_fedprox_strategy_sends_mu_with_every_train_message():
     from simulations.inprocess import _task_identity  # messages take their run id from the task identity
 
     spec = {"w": ParamSpec((2,), np.dtype("float32"))}
-    strategy = make_strategy("fedprox", 0.5, spec=spec, backbone_hash="h", label_names=["injury"], min_sites=1)
+    strategy = make_strategy(StrategyConfig(spec=spec, backbone_hash="h", label_names=["injury"], min_sites=1,
+                                            aggregation="fedprox", proximal_mu=0.5))
     assert isinstance(strategy, ClinicFedProx)
     with _task_identity(1):
         messages = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
                                                  ConfigRecord({}), _Grid()))
     assert len(messages) == 2 and all(m.content["config"]["proximal-mu"] == 0.5 for m in messages)
-    assert not isinstance(make_strategy("fedavg", 0.5, spec=spec, backbone_hash="h", label_names=["injury"],
-                                        min_sites=1), ClinicFedProx)
+    assert not isinstance(make_strategy(StrategyConfig(spec=spec, backbone_hash="h", label_names=["injury"],
+                                                       min_sites=1, proximal_mu=0.5)), ClinicFedProx)
 
 
 def _site(tiny_clinics):

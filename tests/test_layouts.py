@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from common.config import DataConfig, ModelConfig, TrainConfig
+from common.config import DataConfig, ModelConfig, SharedConfig, TrainConfig
 from common.data import dicom
 from common.data.layouts import detect_layout
 from common.data.site import load_site
@@ -24,7 +24,7 @@ from common.model import build_model
 from simulations.synthetic import SyntheticSpec, generate_clinics
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = DataConfig(image_size=32, seq_len=4)
+CONFIG = DataConfig(SharedConfig(image_size=32, seq_len=4))
 
 
 def _png(path: Path, shape: tuple[int, int], value: int) -> None:
@@ -102,7 +102,7 @@ def test_mrnet_layout_is_multi_label_with_a_chosen_plane(mrnet):
     assert site.mask.sum(1).tolist() == [3, 4, 2] and site.is_test.tolist() == [False, False, True]
     assert ("train/sagittal/0002.npy", "label-without-study") in site.quarantine
     assert ("train/sagittal/0003.npy", "study-without-label") in site.quarantine
-    axial = load_site(mrnet, DataConfig(image_size=32, seq_len=8, mrnet_plane="axial", mrnet_labels="acl"),
+    axial = load_site(mrnet, DataConfig(SharedConfig(image_size=32, seq_len=8), mrnet_plane="axial", mrnet_labels="acl"),
                       num_labels=1, progress=False)
     assert axial.mask.sum(1).tolist() == [4, 8, 7, 3], "axial volumes have one more slice here"
     assert axial.labels[:, 0].tolist() == [1, 0, 0, 1]
@@ -149,7 +149,7 @@ def test_second_load_reads_no_dicom_and_gives_the_same_arrays(site, tmp_path, mo
     victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")  # changed content: a miss
     third = load_site(site, CONFIG, num_labels=1, progress=False, cache_dir=cache)
     assert third.profile.cache_misses == 1 and third.profile.cache_hits == 15
-    other = load_site(site, DataConfig(image_size=48, seq_len=4), num_labels=1, progress=False, cache_dir=cache)
+    other = load_site(site, DataConfig(SharedConfig(image_size=48, seq_len=4)), num_labels=1, progress=False, cache_dir=cache)
     assert other.profile.cache_misses == 16, "another image size is another key"
 
 
@@ -164,7 +164,7 @@ def biomech_site(tmp_path_factory) -> Path:
 def test_biomech_series_are_resampled_and_site_standardised(biomech_site, tmp_path):
     site_dir = tmp_path / "site"
     shutil.copytree(biomech_site, site_dir)
-    config = DataConfig(image_size=32, seq_len=4, biomech_features=3)
+    config = DataConfig(SharedConfig(image_size=32, seq_len=4, biomech_features=3))
     data = load_site(site_dir, config, num_labels=1, progress=False)
     assert data.biomech.shape == (80, 4, 3)
     train_steps = data.biomech[data.train_index][data.mask[data.train_index]]
@@ -184,10 +184,10 @@ def test_biomech_features_reach_the_model_and_carry_signal(biomech_site):
     held-out studies, and predictions change when the series change."""
     from common.training import train_local
 
-    config = DataConfig(image_size=32, seq_len=4, biomech_features=3)
+    config = DataConfig(SharedConfig(image_size=32, seq_len=4, biomech_features=3))
     data = load_site(biomech_site, config, num_labels=1, progress=False)
-    model_config = ModelConfig(image_size=32, seq_len=4, proj_dim=16, gru_hidden=8, attn_dim=8, dropout=0.0,
-                               biomech_features=3, recon_head=False, severity_head=False, feature_norm="none")
+    model_config = ModelConfig(config.shared, proj_dim=16, gru_hidden=8, attn_dim=8, dropout=0.0,
+                               recon_head=False, severity_head=False, feature_norm="none")
     torch.manual_seed(0)
     model = build_model(model_config)
     inputs = prepare_inputs(model, data, None, torch.device("cpu"))

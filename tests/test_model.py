@@ -65,7 +65,7 @@ def test_mask_must_be_a_prefix(tiny_model_config):
 
 
 def test_biomechanical_features_join_each_step(tiny_model_config):
-    model = build_model(replace(tiny_model_config, biomech_features=3)).eval()
+    model = build_model(tiny_model_config.with_shared(biomech_features=3)).eval()
     images, mask = _batch()
     biomech = torch.randn(2, 4, 3)
     a = model(images, mask, biomech).logits
@@ -122,7 +122,7 @@ def test_only_trainable_parameters_are_exchanged(tiny_model_config):
 def test_backbone_hash_identifies_the_frozen_weights(tiny_model_config):
     a = frozen_backbone_hash(build_model(tiny_model_config))
     assert a == frozen_backbone_hash(build_model(replace(tiny_model_config, proj_dim=32)))
-    other_seed = frozen_backbone_hash(build_model(replace(tiny_model_config, seed=1)))
+    other_seed = frozen_backbone_hash(build_model(tiny_model_config.with_shared(seed=1)))
     other_policy = frozen_backbone_hash(build_model(replace(tiny_model_config, freeze="layer4")))
     assert len({a, other_seed, other_policy}) == 3
     check_backbone_hash(a, a)
@@ -203,6 +203,7 @@ def test_tensor_hash_sees_every_byte():
 
 
 def test_pyproject_run_config_matches_the_typed_config():
+    """Keys, values and types: pyproject.toml's defaults are the dataclasses' (python -m common.config_docs --write)."""
     import tomllib
     from pathlib import Path
 
@@ -211,7 +212,9 @@ def test_pyproject_run_config_matches_the_typed_config():
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     values = pyproject["tool"]["flwr"]["app"]["config"]
     config = RunConfig.from_mapping(values)  # every key known, every type right
-    assert set(values) == set(config.to_mapping()), "every config field must be settable with --run-config"
+    defaults = RunConfig.from_mapping({}).to_mapping()
+    assert config.to_mapping() == defaults
+    assert {k: (type(v), v) for k, v in values.items()} == {k: (type(v), v) for k, v in defaults.items()}
 
 
 def test_linear_bigru_equals_torch_gru_on_packed_sequences():

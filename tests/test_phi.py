@@ -17,6 +17,8 @@ from common.runlog import read_metrics
 from simulations.runner import run_simulation
 from simulations.synthetic import FAKE_PHI_MARKER, SyntheticSpec, generate_clinics
 
+pytestmark = pytest.mark.slow  # a real SuperLink and Ray simulation (make test)
+
 PATH_PHI = "ZZFAKE-DOE-JOHN-19750315"
 
 

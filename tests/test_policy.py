@@ -18,6 +18,7 @@ from common.config import RunConfig, SiteConfig, FederationConfig
 from common.model import build_model, frozen_backbone_hash, trainable_parameter_count
 from common.policy import PolicyError, PolicyRefused, SitePolicy
 from server.strategy import ClinicFedAvg
+from server.strategy_config import StrategyConfig
 from tests.conftest import reply, site_message
 
 RUN = {"image-size": 32, "seq-len": 4, "proj-dim": 16, "gru-hidden": 8, "attn-dim": 8, "batch-size": 4,
@@ -117,8 +118,8 @@ def test_the_centre_shows_the_refusal_per_site_with_the_key():
     from common.exchange import trainable_spec
 
     model = build_model(RunConfig.from_mapping(RUN).model)
-    strategy = ClinicFedAvg(spec=trainable_spec(model), backbone_hash=frozen_backbone_hash(model),
-                            label_names=["injury"], min_sites=1)
+    strategy = ClinicFedAvg(StrategyConfig(spec=trainable_spec(model), backbone_hash=frozen_backbone_hash(model),
+                                           label_names=["injury"], min_sites=1))
     refusal = RecordDict({"site": ConfigRecord({"status": "error", "reason": "policy-refused", "site-name": "a",
                                                 "policy-key": "dp-enabled"})})
     strategy.aggregate_train(1, [reply(refusal, node_id=3)])

@@ -63,6 +63,7 @@ def _hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
     return math.sqrt((auc * (1 - auc) + (n_pos - 1) * (q1 - auc ** 2) + (n_neg - 1) * (q2 - auc ** 2)) / (n_pos * n_neg))
 
 
+@pytest.mark.slow
 def test_predictions_on_an_unseen_clinic_match_the_federations_own_auc(exported, tmp_path):
     """The held-out clinic comes from the same generator as the sites' test splits, so the model's
     AUC on it estimates the same quantity as the server's pooled AUC of the exported round. The
@@ -93,6 +94,7 @@ def test_predictions_on_an_unseen_clinic_match_the_federations_own_auc(exported,
     assert any("calibration platt" in line for line in header) and any("operating threshold" in line for line in header)
 
 
+@pytest.mark.slow
 def test_attention_is_on_a_lesion_slice_more_often_than_chance(exported, tmp_path):
     """Injured studies: the most attended image shows the lesion far more often than a random
     image of the same study would (chance = the share of lesion slices among its images)."""
@@ -114,6 +116,7 @@ def test_attention_is_on_a_lesion_slice_more_often_than_chance(exported, tmp_pat
     assert rate >= expected + 0.25, f"attention on a lesion slice in {rate:.2f} of injured studies, chance {expected:.2f}"
 
 
+@pytest.mark.slow
 def test_pngs_html_and_dicom_are_written_and_open_in_a_real_browser(exported, tmp_path):
     root, _, model, holdout = exported
     out = tmp_path / "out"
@@ -178,6 +181,7 @@ def _check_in_chromium(page: Path, studies: int) -> None:
         assert link.startswith("file://") and Path(link.removeprefix("file://")).is_file(), link
 
 
+@pytest.mark.slow
 def test_the_same_study_in_every_lossless_transfer_syntax_gets_the_same_probability(exported, tmp_path):
     root, _, model, _ = exported
     variants = ["MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm",
@@ -196,6 +200,7 @@ def test_the_same_study_in_every_lossless_transfer_syntax_gets_the_same_probabil
     assert all(abs(p - reference) <= 1e-6 for p in probabilities.values()), probabilities
 
 
+@pytest.mark.slow
 def test_a_model_the_site_cannot_reproduce_is_refused_in_one_line(exported, tmp_path):
     root, _, model, holdout = exported
     # no standardisation statistics for this backbone in an empty state dir
@@ -216,6 +221,7 @@ def test_a_model_the_site_cannot_reproduce_is_refused_in_one_line(exported, tmp_
     assert result.returncode == 2 and "not a clinicfl model export" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_study_folder_of_only_broken_files_is_a_quarantine_entry(exported, tmp_path):
     _, _, model, holdout = exported
     study = tmp_path / "broken-study"
@@ -262,6 +268,7 @@ class _TableRows(HTMLParser):
             self.rows[-1] = (study + data, links)
 
 
+@pytest.mark.slow
 def test_two_patients_whose_names_differ_only_in_non_ascii_letters_keep_their_own_outputs(exported, tmp_path):
     """'Müller^Hans' and 'Möller^Hans' fold to the same ASCII. Each study still gets its own
     figure, and its Secondary Capture carries its own patient, its own study and its own figure's
@@ -301,6 +308,7 @@ def test_two_patients_whose_names_differ_only_in_non_ascii_letters_keep_their_ow
         name: {row["figure"], row["dicom"]} for name, row in rows.items()}
 
 
+@pytest.mark.slow
 def test_text_from_the_centre_is_cleaned_before_it_goes_into_dicom_and_the_csv(exported, tmp_path):
     """A label name and a run name with a DICOM backslash (the VR value delimiter), a newline and
     markup still give valid descriptions: every value reads strictly, dciodvfy finds no error, and

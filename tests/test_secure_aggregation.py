@@ -22,6 +22,7 @@ from common.config import ConfigError, RunConfig
 from common.exchange import UPDATE_NAMES_KEY, ParamSpec, numpy_of
 from server.secure_aggregation import SecAggSettings, SecureAggregation
 from server.strategy import ClinicFedAvg
+from server.strategy_config import StrategyConfig
 
 HASH = "frozen:abc"
 SPEC = {"head.w": ParamSpec((40, 50), np.dtype("float32")), "head.b": ParamSpec((50,), np.dtype("float32"))}
@@ -103,7 +104,8 @@ def _fedavg(start: ArrayRecord, updates: dict, counts: dict, nodes: list[int]) -
 
 
 def _run(grid: InProcessGrid, start: ArrayRecord, strategy: ClinicFedAvg | None = None):
-    strategy = strategy or ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=2)
+    strategy = strategy or ClinicFedAvg(StrategyConfig(spec=SPEC, backbone_hash=HASH, label_names=["injury"],
+                                                       min_sites=2))
     for node in grid.updates:  # round 0's evaluation replies have named every node
         strategy.identities.resolve(node, f"site-{node}")
     result = SecureAggregation(SETTINGS, strategy, grid, timeout=60).train(1, start, ConfigRecord())
@@ -182,12 +184,13 @@ def test_combinations_that_cannot_work_on_masked_updates_are_refused_at_start_up
 
 
 def test_a_federated_run_with_secure_aggregation_and_dp_at_the_sites(tmp_path):
-    """A real Flower simulation (SuperLink, Ray, the ClientApp with secaggplus_mod): every round is
-    aggregated through SecAgg+, the sites' DP accountant still charges them, the model learns."""
+    """The real ServerApp and ClientApp (with secaggplus_mod) in process, every message serialised:
+    every round is aggregated through SecAgg+, the sites' DP accountant still charges them, the
+    model learns. (tests/test_approval.py runs SecAgg+ over real TLS.)"""
     import torch
 
-    from server.runs import read_metrics
-    from simulations.runner import run_simulation
+    from common.runlog import read_metrics
+    from simulations.inprocess import run_inprocess
     from simulations.synthetic import SyntheticSpec, generate_clinics
 
     generate_clinics(tmp_path / "data", SyntheticSpec(sites=3, studies_per_site=16, image_size=32,
@@ -198,8 +201,7 @@ def test_a_federated_run_with_secure_aggregation_and_dp_at_the_sites(tmp_path):
     # Little noise, so that two rounds visibly move the model: these synthetic sites accept it, and
     # require secure aggregation, which every train message must then use.
     (tmp_path / "site-policy.toml").write_text("max-epsilon = 1000.0\nrequire-secure-aggregation = true\n")
-    run_dir = run_simulation(tmp_path / "data", tmp_path / "runs", num_sites=3, overrides=overrides,
-                             flwr_home=tmp_path / "flwr-home", timeout=600)
+    run_dir = run_inprocess(tmp_path / "data", tmp_path / "runs", 3, overrides)
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [0, 1, 2]
     sites = {"site-01", "site-02", "site-03"}
@@ -244,7 +246,7 @@ def test_a_site_named_a_model_it_does_not_hold_gets_it_in_full_within_the_protoc
 
     updates, counts, start = _setting(3, seed=5)
     grid = InProcessGrid(updates, counts)
-    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=2)
+    strategy = ClinicFedAvg(StrategyConfig(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=2))
     strategy.configure_evaluate(0, start, ConfigRecord(), grid)
     strategy.aggregate_evaluate(0, [_eval_reply(_good_eval_record(), node, f"site-{node}") for node in (1, 2, 3)])
     result, report = _run(grid, start, strategy)

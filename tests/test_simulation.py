@@ -17,9 +17,11 @@ import torch
 from common.config import RunConfig
 from common.exchange import trainable_spec
 from common.model import build_model
-from server.runs import read_metrics
+from common.runlog import read_metrics
 from simulations.runner import run_simulation
 from simulations.synthetic import SyntheticSpec, generate_clinics
+
+pytestmark = pytest.mark.slow  # a real SuperLink and Ray simulation (make test)
 
 ROUNDS = 2
 

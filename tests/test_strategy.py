@@ -6,19 +6,26 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
+from flwr.common.constant import ErrorCode
 
 from common.exchange import ParamSpec, UpdateError, arrays_digest, check_arrays, payload_bytes
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 
+from server.held_models import HeldModels
+from server.identities import SiteIdentities
+from server.reply_checks import EvaluationLayout, ReplyValidator
 from server.strategy import ClinicFedAvg
+from server.strategy_config import StrategyConfig
+from server.traffic import TrafficLedger
 from tests.conftest import reply
 
 HASH = "frozen:abc"
 SPEC = {"head.w": ParamSpec((2, 3), np.dtype("float32")), "head.b": ParamSpec((2,), np.dtype("float32"))}
 
 
-def _strategy(min_sites: int = 1) -> ClinicFedAvg:
-    return ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=min_sites)
+def _strategy(min_sites: int = 1, identities: SiteIdentities | None = None, **settings: object) -> ClinicFedAvg:
+    return ClinicFedAvg(StrategyConfig(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=min_sites,
+                                       **settings), identities)
 
 
 def _train_content(value: float, n: int, *, site: str, backbone_hash: str = HASH, arrays: dict | None = None,
@@ -74,7 +81,7 @@ def test_malformed_reply_is_rejected_and_the_round_goes_on(kind, early):
     good = [reply(_train_content(1.0, 10, site="a"), 1), reply(_train_content(3.0, 10, site="b"), 2)]
     replies = [good[0], reply(make_bad(), 3), good[1]]
     for msg in replies if early else ():
-        strategy.check_early(1, msg)
+        strategy.validator.check_early(1, msg)
     arrays, _ = strategy.aggregate_train(1, replies)
     assert np.allclose(arrays["head.w"].numpy(), 2.0), "the bad reply must not enter the average"
     (rejected,) = strategy.reports[1].rejected
@@ -85,16 +92,16 @@ def test_replies_checked_as_they_came_are_not_decoded_again_and_aggregate_alike(
     strategy = _strategy()
     replies = _replies([1.0, 2.0, 4.0])
     for msg in replies[:2]:
-        strategy.check_early(1, msg)
-    strategy.check_early(2, replies[2])  # checked for another round: checked again
+        strategy.validator.check_early(1, msg)
+    strategy.validator.check_early(2, replies[2])  # checked for another round: checked again
     checked_again = []
-    check = strategy._train_problem
-    strategy._train_problem = lambda msg, *args: checked_again.append(msg) or check(msg, *args)
+    check = strategy.validator.train_problem
+    strategy.validator.train_problem = lambda msg, *args: checked_again.append(msg) or check(msg, *args)
     arrays, _ = strategy.aggregate_train(1, replies)
     assert checked_again == [replies[2]], "only the reply checked for another round is decoded again"
     expected, _ = _strategy().aggregate_train(1, _replies([1.0, 2.0, 4.0]))
     assert all(np.array_equal(arrays[k].numpy(), expected[k].numpy()) for k in expected.keys())
-    assert not strategy._checked, "nothing is held after the round"
+    assert not strategy.validator.waiting_early_checks, "nothing is held after the round"
 
 
 def test_too_few_valid_replies_keep_the_global_model():
@@ -123,8 +130,7 @@ def _replies(values: list[float]) -> list:
 ])
 def test_robust_aggregation_matches_flowers_strategy_and_resists_an_outlier(aggregation, flower_strategy):
     values = [1.0, 1.5, 2.0, 2.5, 1000.0]  # one site far off
-    ours = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1, aggregation=aggregation,
-                        trim_fraction=0.2)
+    ours = _strategy(aggregation=aggregation, trim_fraction=0.2)
     arrays, _ = ours.aggregate_train(1, _replies(values))
     flower_arrays, _ = flower_strategy().aggregate_train(1, [reply(RecordDict({
         "arrays": m.content["arrays"], "metrics": m.content["metrics"]}), m.metadata.src_node_id)
@@ -137,9 +143,9 @@ def test_robust_aggregation_matches_flowers_strategy_and_resists_an_outlier(aggr
 
 
 def test_update_norm_bound_rejects_a_far_update():
-    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1, max_update_norm=5.0)
+    strategy = _strategy(max_update_norm=5.0)
     start = ArrayRecord({"head.w": Array(np.ones((2, 3), np.float32)), "head.b": Array(np.ones(2, np.float32))})
-    strategy.start_round(1, start)
+    strategy.validator.start_round(1, start)
     # distance from the start: 8 entries * 1.0**2 -> 2.83 (kept); 8 * 3.0**2 -> 8.49 (rejected)
     arrays, _ = strategy.aggregate_train(1, [reply(_train_content(2.0, 10, site="near"), 1),
                                              reply(_train_content(4.0, 10, site="far"), 2)])
@@ -180,8 +186,7 @@ def test_a_registered_site_cannot_report_under_another_sites_name(tmp_path):
 
     registry = tmp_path / "sites.json"
     registry.write_text(json.dumps({"hospital-a": {"node-id": "101"}, "hospital-b": {"node-id": "202"}}))
-    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1,
-                            identities=SiteIdentities.from_registry(registry))
+    strategy = _strategy(identities=SiteIdentities.from_registry(registry))
     # node 202 (hospital-b's key) claims to be hospital-a, and sends 10x the weight
     strategy.aggregate_train(1, [reply(_train_content(1.0, 10, site="hospital-a"), 101),
                                  reply(_train_content(3.0, 100, site="hospital-a"), 202)])
@@ -200,8 +205,7 @@ def test_a_reply_from_a_node_outside_the_registry_is_rejected(tmp_path):
 
     registry = tmp_path / "sites.json"
     registry.write_text(json.dumps({"hospital-a": {"node-id": "101"}, "hospital-b": {"node-id": "202"}}))
-    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1,
-                            identities=SiteIdentities.from_registry(registry))
+    strategy = _strategy(identities=SiteIdentities.from_registry(registry))
     arrays, _ = strategy.aggregate_train(1, [reply(_train_content(1.0, 10, site="hospital-a"), 101),
                                              reply(_train_content(1.0, 10, site="hospital-b"), 202),
                                              reply(_train_content(50.0, 1000, site="hospital-c"), 303)])
@@ -224,8 +228,7 @@ def test_a_missing_or_empty_site_registry_is_an_error_or_admits_no_one(tmp_path)
     with pytest.raises(RegistryError, match="cannot be read"):
         SiteIdentities.from_registry(tmp_path / "broken.json")
     (tmp_path / "empty.json").write_text("{}")
-    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1,
-                            identities=SiteIdentities.from_registry(tmp_path / "empty.json"))
+    strategy = _strategy(identities=SiteIdentities.from_registry(tmp_path / "empty.json"))
     arrays, _ = strategy.aggregate_train(1, [reply(_train_content(1.0, 10, site="a"), 1)])
     assert arrays is None and "not in the site registry" in strategy.reports[1].rejected[0]["reason"]
 
@@ -243,9 +246,8 @@ def test_a_sites_image_count_must_fit_its_test_studies():
         images = ImageStats(n_images, 20.0 * n_images, 0.5 * n_images, None, None)
         return {**_good_eval_record(), **images.to_record()}
 
-    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1, fid_dim=4,
-                            image_sample=8, images_per_study=4)
-    strategy._fid_asked[1] = False  # this round's message did not ask for FID moments
+    strategy = _strategy(fid_dim=4, image_sample=8, images_per_study=4)
+    strategy.validator.expect_fid(1, False)  # this round's message did not ask for FID moments
     strategy.aggregate_evaluate(1, [_eval_reply(with_images(8), 1, "honest"),
                                     _eval_reply(with_images(10_000), 2, "inflated"),
                                     _eval_reply(with_images(2), 3, "deflated")])
@@ -339,8 +341,7 @@ def test_fuzzed_train_replies_never_crash_and_the_global_model_stays_finite(arra
 
     # Names bound to node ids, as a deployment's registry binds them: whatever the fuzzed reply
     # claims (it may claim "b" before node 2 replies), each site keeps its own name.
-    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1,
-                            identities=SiteIdentities({1: "a", 2: "b", 9: "fuzz"}))
+    strategy = _strategy(identities=SiteIdentities({1: "a", 2: "b", 9: "fuzz"}))
     try:
         fuzz = reply(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                                  "metrics": MetricRecord(metrics),
@@ -358,7 +359,7 @@ def test_fuzzed_train_replies_never_crash_and_the_global_model_stays_finite(arra
 
 
 def test_float16_on_the_wire_is_widened_and_aggregated_in_float32():
-    strategy = ClinicFedAvg(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1, wire_dtype="float16")
+    strategy = _strategy(wire_dtype="float16")
     half = {"head.w": np.full((2, 3), 1.0009765625, np.float16), "head.b": np.full(2, 3.0, np.float16)}
     full = {"head.w": np.full((2, 3), 9.0, np.float32), "head.b": np.full(2, 9.0, np.float32)}
     arrays, _ = strategy.aggregate_train(1, [reply(_train_content(0, 10, site="a", arrays=half), 1),
@@ -376,6 +377,132 @@ def test_a_site_gate_refusal_is_recorded_with_its_reason_and_hash():
     reasons = [r["reason"] for r in strategy.reports[1].rejected]
     assert reasons[0] == f"site refused the app: app-not-approved (bundle sha256 {digest})"
     assert "DOE" not in reasons[1] and "refused the app bundle" in reasons[1]
+
+
+# ------------------------------------------------------------------ the strategy's parts on their own
+def _sent(node: int, message_id: str, server_round: int = 1):
+    """A message the centre sent to ``node``, with the id the grid gave it when it pushed it."""
+    metadata = Metadata(run_id=1, message_id=message_id, src_node_id=0, dst_node_id=node, reply_to_message_id="",
+                        group_id=str(server_round), created_at=0.0, ttl=60.0, message_type="train")
+    return make_message(metadata, content=RecordDict({"config": ConfigRecord({"server-round": server_round})}))
+
+
+def _validator(identities: SiteIdentities | None = None, ledger: TrafficLedger | None = None,
+               max_update_norm: float = 0.0) -> ReplyValidator:
+    return ReplyValidator(SPEC, HASH, identities or SiteIdentities(), (ledger or TrafficLedger()).node_of,
+                          EvaluationLayout(num_labels=1), max_update_norm=max_update_norm)
+
+
+def test_the_validator_gives_a_train_replys_update_or_why_it_cannot_be_used():
+    validator = _validator()
+    problem, update = validator.train_problem(reply(_train_content(2.0, 10, site="a"), 1))
+    assert problem is None and set(update) == set(SPEC) and np.all(update["head.w"] == 2.0)
+    masked = reply(RecordDict({"metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5, "train-seconds": 1.0}),
+                               "site": ConfigRecord({"status": "ok", "site-name": "a", "backbone-hash": HASH})}), 1)
+    assert validator.train_problem(masked, masked=True) == (None, {}), "a masked update is the protocol's to check"
+    assert validator.train_problem(masked) == ("reply has no parameter record", {})
+    bounded = _validator(max_update_norm=1.0)
+    bounded.start_round(2, ArrayRecord({k: Array(np.zeros(p.shape, p.dtype)) for k, p in SPEC.items()}))
+    far = reply(_train_content(4.0, 10, site="a"), 1)
+    assert "exceeds max-update-norm 1" in bounded.train_problem(far, 2)[0]
+    assert bounded.train_problem(far, 3)[0] is None, "the bound needs the model of the reply's own round"
+
+
+def test_an_error_reply_is_admitted_or_refused_by_the_node_its_message_went_to():
+    ledger = TrafficLedger()
+    ledger.remember_sent(1, "train", [_sent(2, "q")])
+    lost = reply(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="unreachable"), node_id=0)  # the SuperLink's, for "q"
+    assert _validator(SiteIdentities({1: "a"}), ledger).reply_problem(lost) == "node 2 is not in the site registry"
+    assert "Node Unavailable" in _validator(SiteIdentities({1: "a", 2: "b"}), ledger).reply_problem(lost)
+
+
+def test_an_early_check_is_taken_once_for_its_own_reply_and_round():
+    validator = _validator()
+    msg = reply(_train_content(1.0, 10, site="a"), 1)
+    checked_again = []
+    check = validator.train_problem
+    validator.train_problem = lambda m, *args: checked_again.append(m) or check(m, *args)
+    validator.check_early(1, msg)
+    assert checked_again == [msg] and validator.waiting_early_checks == 1
+    problem, update = validator.train_update(msg, 1)
+    assert problem is None and np.all(update["head.w"] == 1.0)
+    assert checked_again == [msg] and validator.waiting_early_checks == 0, "taken, not checked again"
+    validator.check_early(1, msg)
+    validator.train_update(msg, 2)  # another round's aggregation
+    validator.check_early(1, msg)
+    validator.train_update(msg, 1, masked=True)  # a masked update is checked as such
+    assert checked_again == [msg] * 5
+    validator.check_early(1, msg)
+    validator.check_early(1, reply(Error(code=0, reason="x"), 2))  # an error reply has no update to decode
+    assert validator.waiting_early_checks == 1
+    validator.end_round()
+    assert validator.waiting_early_checks == 0
+
+
+def test_the_validator_reads_evaluation_statistics_from_the_record_they_came_in():
+    validator = _validator()
+    good = _eval_reply(_good_eval_record(), 1, "a")
+    problem, stats = validator.evaluation_stats(good, 1)
+    assert problem is None and stats.n == 6
+    assert validator.evaluation_stats(good, 1, "evaluation") == ("reply lacks the evaluation statistics", None)
+    problem, stats = validator.evaluation_stats(_eval_reply({**_good_eval_record(), "tp": [1, 2]}, 1, "a"), 1)
+    assert problem.startswith("malformed evaluation statistics") and stats is None
+    validator.expect_fid(3, False)
+    assert validator.fid_expected(2) and not validator.fid_expected(3)
+
+
+def test_the_ledger_counts_the_bytes_sent_under_their_round_phase_and_node():
+    ledger = TrafficLedger()
+    first, resent, scoring = _sent(5, "a"), _sent(5, "b"), _sent(5, "c", server_round=3)
+    ledger.remember_sent(2, "train", [first, _sent(6, "x")])
+    ledger.remember_sent(2, "train", [resent], append=True)
+    ledger.remember_sent(3, "train", [scoring], counted_as=(2, "evaluate"))  # a train message that scores first
+    assert ledger.sent_bytes(2, "train", 5) == payload_bytes(first) + payload_bytes(resent)
+    assert ledger.sent_bytes(2, "evaluate", 5) == payload_bytes(scoring) and ledger.sent_bytes(3, "train", 5) == 0
+    assert [m.metadata.message_id for m in ledger.sent_to("train", 5)] == ["c"], \
+        "a phase keeps the messages of its latest exchange"
+
+
+def test_the_ledger_names_the_node_an_error_reply_stands_for():
+    ledger = TrafficLedger()
+    ledger.remember_sent(1, "train", [_sent(7, "q")])
+    ledger.remember_sent(1, "evaluate", [_sent(8, "r")])
+    lost = reply(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="unreachable"), node_id=0)  # answers "q"
+    assert ledger.node_of(lost) == 7 and ledger.node_of(reply(_train_content(1.0, 1, site="a"), 9)) == 9
+    ledger.remember_sent(2, "train", [_sent(7, "s")])
+    assert ledger.node_of(lost) == 0, "a message of an earlier exchange no longer names the node"
+    ledger.remember_sent(2, "train", [_sent(7, "q")], append=True)
+    assert [m.metadata.message_id for m in ledger.sent_to("train", 7)] == ["s", "q"] and ledger.node_of(lost) == 7
+
+
+def test_a_site_holds_the_model_it_scored_until_it_replies_again():
+    held = HeldModels()
+    model = ArrayRecord({"head.w": Array(np.full((2, 3), 0.5, np.float32)), "head.b": Array(np.zeros(2, np.float32))})
+    wire, digest = held.wire(model)
+    assert held.wire(model)[0] is wire and digest == arrays_digest(wire), "converted and hashed once"
+    held.sent_to_evaluate(4, digest)
+    held.evaluated(1, 3)  # a reply of another round's evaluation
+    assert not held.holds(1, digest)
+    held.evaluated(1, 4)
+    assert held.holds(1, digest) and not held.holds(2, digest)
+    held.forget(1)
+    assert not held.holds(1, digest)
+
+
+def test_the_strategy_config_comes_from_the_run_config():
+    from common.config import RunConfig
+    from server.strategy import ClinicFedProx, make_strategy
+
+    run = RunConfig.from_mapping({"aggregation": "fedprox", "proximal-mu": 0.3, "min-sites": 3, "recon-head": False,
+                                  "wire-dtype": "float16", "max-update-norm": 2.0})
+    settings = StrategyConfig.from_run_config(run, SPEC, HASH)
+    assert (settings.min_sites, settings.proximal_mu, settings.wire_dtype, settings.max_update_norm, settings.fid_dim) \
+        == (3, 0.3, "float16", 2.0, None)
+    strategy = make_strategy(settings)
+    assert isinstance(strategy, ClinicFedProx) and strategy.proximal_mu == 0.3 and strategy.min_train_nodes == 3
+    assert strategy.validator.max_update_norm == 2.0 and strategy.held.wire_dtype == "float16"
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        StrategyConfig(spec=SPEC, backbone_hash=HASH, label_names=["injury"], min_sites=1, aggregation="mean")
 
 
 # ------------------------------------------------------------------ the global model is sent once

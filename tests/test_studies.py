@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # five quick studies, dozens of in-process federations (make test)
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ["federation-vs-local", "privacy-utility", "heterogeneity", "hyperparameter-search", "local-training"]
 

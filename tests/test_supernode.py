@@ -38,15 +38,22 @@ def _reply(run_id: int, to: str) -> SimpleNamespace:
                                                     group_id="", message_type="train"))
 
 
-def test_the_reply_to_the_pulled_message_is_sent_before_the_next_pull(monkeypatch):
+def test_the_reply_to_the_pulled_message_is_sent_before_the_next_pull():
+    from flwr.supernode import start_client_internal as flower
+
     store = ReplyStore([_reply(1, "stale")])  # left by a run the centre stopped
     received = SimpleNamespace(metadata=SimpleNamespace(message_id="fresh"))
-    monkeypatch.setattr(supernode, "_flower_pull", lambda **kwargs: kwargs["receive"]() and 2)  # its receive only
-    assert supernode._pull_and_store_message(receive=lambda: (received, None)) == 2
+    in_step = supernode.RepliesInStep()
+    pull = in_step.pull_and_store_message(lambda **kwargs: kwargs["receive"]() and 2)  # Flower's pull: its receive only
+    assert pull(receive=lambda: (received, None)) == 2
+    push = in_step.push_messages(flower._push_messages)  # Flower's own push around the replacement
     sent = []
-    # the app answers the fresh message a moment after the SuperNode started pushing
-    threading.Timer(0.2, lambda: store.replies.append(_reply(2, "fresh"))).start()
-    supernode._push_messages(state=store, object_store=store, push_object=None,
-                             send=lambda message, tree, runtime: sent.append(message.metadata.reply_to_message_id)
-                             or (set(), ""))
+
+    def send(message, tree, runtime):  # noqa: ANN001, ANN202
+        sent.append(message.metadata.reply_to_message_id)
+        if sent == ["stale"]:  # the app answers the fresh message while the SuperNode pushes the stale reply
+            store.replies.append(_reply(2, "fresh"))
+        return set(), ""
+
+    push(state=store, object_store=store, push_object=None, send=send)
     assert sent == ["stale", "fresh"], "Flower's own push returns after the stale reply alone"

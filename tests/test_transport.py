@@ -4,31 +4,48 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 
+import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from server.transport import PromptGrid
 from tests.conftest import reply
 
 
-class SlowSites:
-    """A Grid whose sites answer ``delays[node]`` seconds after the push (None: never)."""
+class ManualClock:
+    """A clock the test controls: time passes only when PromptGrid waits between pulls."""
 
-    def __init__(self, delays: dict[int, float | None]) -> None:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waits: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+
+
+class SlowSites:
+    """A Grid whose sites answer ``delays[node]`` seconds after the push (None: never), on ``clock``."""
+
+    def __init__(self, delays: dict[int, float | None], clock: ManualClock | None = None) -> None:
         self.delays = delays
+        self.clock = clock or ManualClock()
         self.pushed_at: dict[str, tuple[int, float]] = {}
         self.pull_times: list[float] = []
+        self.found_at: dict[int, float] = {}  # node -> the time of the pull that found its reply
 
     def push_messages(self, messages):
         ids = []
         for node in messages:
-            self.pushed_at[f"q{node}"] = (node, time.monotonic())
+            self.pushed_at[f"q{node}"] = (node, self.clock())
             ids.append(f"q{node}")
         return ids
 
     def pull_messages(self, message_ids):
-        now = time.monotonic()
+        now = self.clock()
         self.pull_times.append(now)
         out = []
         for message_id in message_ids:
@@ -38,23 +55,30 @@ class SlowSites:
                 answer = reply(RecordDict({"site": ConfigRecord({"status": "ok"})}), node)
                 answer.metadata.__dict__["_reply_to_message_id"] = message_id
                 out.append(answer)
+                self.found_at[node] = now
         return out
+
+    def grid(self, **kwargs) -> PromptGrid:
+        return PromptGrid(self, clock=self.clock, wait=self.clock.wait, **kwargs)
 
 
 def test_every_reply_is_collected_soon_after_it_arrives():
+    """Flower's deployment grid pulls every 3 s (this phase would cost 3 s), its simulation grid
+    every 0.1 s. PromptGrid's pull that finds a reply comes within a tenth of the time waited (at
+    least 10 ms, at most 0.5 s) after it came, and pulls are not wasted: they space out as the
+    wait grows."""
     sites = SlowSites({1: 0.0, 2: 0.05, 3: 0.4})
-    grid = PromptGrid(sites)
-    started = time.monotonic()
-    replies = grid.send_and_receive([1, 2, 3], timeout=30)
-    waited = time.monotonic() - started
+    replies = sites.grid().send_and_receive([1, 2, 3], timeout=30)
     assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3]
-    # Flower's deployment grid pulls every 3 s (this phase would cost 3 s), its simulation grid
-    # every 0.1 s. Here the pull that found the last reply came within a tenth of the time waited,
-    # and pulls were not wasted: about 25 for 0.4 s.
-    assert waited < 0.4 * 1.1 + 0.1
+    for node, came in ((1, 0.0), (2, 0.05), (3, 0.4)):
+        assert came <= sites.found_at[node] <= came + max(0.01, 0.1 * sites.found_at[node]) + 1e-9, node
     assert len(sites.pull_times) <= 40
-    gaps = [b - a for a, b in zip(sites.pull_times, sites.pull_times[1:])]
-    assert all(later >= earlier * 0.9 for earlier, later in zip(gaps, gaps[1:]))  # intervals only grow
+    gaps = sites.clock.waits
+    assert gaps[0] == 0.01 and all(later >= earlier for earlier, later in zip(gaps, gaps[1:])), "intervals only grow"
+    # At 30 s the interval is capped at 0.5 s: a site that takes minutes costs two pulls a second.
+    slow = SlowSites({1: 30.0})
+    slow.grid().send_and_receive([1], timeout=60)
+    assert max(slow.clock.waits) == 0.5 and slow.found_at[1] <= 30.5
 
 
 def test_each_reply_is_handed_over_as_it_comes_while_other_sites_work():
@@ -67,18 +91,17 @@ def test_each_reply_is_handed_over_as_it_comes_while_other_sites_work():
         handed.append(reply.metadata.src_node_id)
         sites.delays[2] = 0.0
 
-    replies = PromptGrid(sites).send_and_receive([1, 2], timeout=5, each=each)
+    replies = sites.grid().send_and_receive([1, 2], timeout=5, each=each)
     assert handed == [1, 2] and sorted(r.metadata.src_node_id for r in replies) == [1, 2]
 
 
 def test_a_site_that_never_answers_costs_the_timeout_and_the_others_are_kept():
     sites = SlowSites({1: 0.0, 2: None})
-    grid = PromptGrid(sites, longest_interval=0.05)
-    started = time.monotonic()
-    replies = grid.send_and_receive([1, 2], timeout=0.3)
+    replies = sites.grid(longest_interval=0.05).send_and_receive([1, 2], timeout=0.3)
     assert [r.metadata.src_node_id for r in replies] == [1]
-    assert 0.3 <= time.monotonic() - started < 1.0
-    assert max(b - a for a, b in zip(sites.pull_times, sites.pull_times[1:])) < 0.05 + 0.03  # capped interval
+    assert sites.clock() == pytest.approx(0.3) and sites.pull_times[-1] == pytest.approx(0.3), \
+        "the last pull is at the timeout, not after it"
+    assert max(sites.clock.waits) <= 0.05, "the interval is capped"
 
 
 def test_replies_arrays_are_fetched_with_short_retries_from_flowers_deployment_grid(monkeypatch):
@@ -86,22 +109,25 @@ def test_replies_arrays_are_fetched_with_short_retries_from_flowers_deployment_g
     send_and_receive) Flower's own overall time limit."""
     from flwr.superlink.grid import http_grid
 
+    from common.flower_patches import HTTP_GRID_OBJECT_PULLS, flower_function
     from server.transport import OBJECT_FIRST_RETRY_S, OBJECT_LONGEST_RETRY_S, shorten_object_retries
 
     calls = []
 
-    def flower_pull_objects(object_ids, pull_object_fn, **kwargs):  # stands for Flower's pull_objects
-        calls.append(kwargs)
+    def flower_pull_objects(object_ids, pull_object_fn, *, max_concurrent_pulls=1, max_time=None,
+                            max_tries_per_object=None, initial_backoff=1.0, backoff_cap=10.0):  # Flower's parameters
+        calls.append({"max_time": max_time, "max_tries_per_object": max_tries_per_object,
+                      "initial_backoff": initial_backoff, "backoff_cap": backoff_cap})
         return {object_id: pull_object_fn(object_id) for object_id in object_ids}
 
     monkeypatch.setattr(http_grid, "pull_objects", flower_pull_objects)
     shorten_object_retries()
     shorten_object_retries()  # idempotent: one layer, not two
-    patched = http_grid.pull_objects
-    assert patched.flower_pull_objects is flower_pull_objects
-    assert patched(["a"], lambda object_id: b"content") == {"a": b"content"}
-    assert calls == [{"initial_backoff": OBJECT_FIRST_RETRY_S, "backoff_cap": OBJECT_LONGEST_RETRY_S,
-                      "max_tries_per_object": None}]
+    assert flower_function(HTTP_GRID_OBJECT_PULLS, "pull_objects") is flower_pull_objects
+    assert http_grid.pull_objects.__wrapped__ is flower_pull_objects
+    assert http_grid.pull_objects(["a"], lambda object_id: b"content") == {"a": b"content"}
+    assert calls == [{"max_time": None, "max_tries_per_object": None, "initial_backoff": OBJECT_FIRST_RETRY_S,
+                      "backoff_cap": OBJECT_LONGEST_RETRY_S}]
 
 
 def test_a_site_that_announces_a_reply_but_never_uploads_it_ends_at_the_round_timeout(monkeypatch):
@@ -185,23 +211,19 @@ def test_a_push_wakes_the_simulation_dispatcher(monkeypatch):
 
 
 def test_the_simulation_runtime_takes_the_prompt_dispatcher(monkeypatch):
+    import sys
+
     from flwr.server.superlink.fleet.vce import vce_api
 
     import server.transport as transport
+    from common.flower_patches import SIMULATION_DISPATCH
 
-    original = vce_api.add_messages_to_queue, vce_api.put_message_into_state
-    try:
-        assert transport.prompt_simulation_dispatch()  # the runtime's module is loaded here
-        assert vce_api.add_messages_to_queue is transport._add_messages_to_queue
-        assert vce_api.put_message_into_state is transport._put_message_into_state
-        # The runtime looks both loops up by these module-level names when it starts their threads
-        # (Flower 1.42): a release that binds them otherwise would silently keep the 0.1 s clock.
-        assert {"add_messages_to_queue", "put_message_into_state"} <= set(vce_api.run_api.__code__.co_names)
-    finally:
-        vce_api.add_messages_to_queue, vce_api.put_message_into_state = original
-    import sys
-
-    monkeypatch.delitem(sys.modules, transport.SIMULATION_RUNTIME)
+    for name in ("add_messages_to_queue", "put_message_into_state"):  # restored after the test
+        monkeypatch.setattr(vce_api, name, getattr(vce_api, name))
+    assert transport.prompt_simulation_dispatch()  # the runtime's module is loaded here
+    assert vce_api.add_messages_to_queue is transport._add_messages_to_queue
+    assert vce_api.put_message_into_state is transport._put_message_into_state
+    monkeypatch.delitem(sys.modules, SIMULATION_DISPATCH.module)
     assert not transport.prompt_simulation_dispatch()  # a deployment's ServerApp: nothing to change
 
 

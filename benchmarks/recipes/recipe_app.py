@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from common.config import DataConfig, ModelConfig, TrainConfig, simulated_site_path
+from common.config import DataConfig, ModelConfig, SharedConfig, TrainConfig, simulated_site_path
 from common.data.site import load_site
 from common.exchange import payload_bytes, trainable_state
 from common.inference import SiteInputs, fit_feature_norm, pick_device, prepare_inputs
@@ -39,8 +38,9 @@ server = ServerApp()
 
 def _configs(run_config) -> tuple[ModelConfig, DataConfig, TrainConfig]:
     size, steps, heads = int(run_config["image-size"]), int(run_config["seq-len"]), bool(run_config["heads"])
-    return (ModelConfig(image_size=size, seq_len=steps, severity_head=heads, recon_head=heads),
-            DataConfig(image_size=size, seq_len=steps), TrainConfig(local_epochs=int(run_config["local-epochs"])))
+    shared = SharedConfig(image_size=size, seq_len=steps)
+    return (ModelConfig(shared, severity_head=heads, recon_head=heads),
+            DataConfig(shared), TrainConfig(shared, local_epochs=int(run_config["local-epochs"])))
 
 
 @lru_cache(maxsize=64)

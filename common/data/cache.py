@@ -25,7 +25,7 @@ from common.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "1"  # bump when the pixel pipeline changes
+CACHE_VERSION = "2"  # bump when the pixel pipeline changes (2: pydicom's VOI LUT Function, SIGMOID included)
 
 
 @dataclass

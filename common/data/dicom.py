@@ -192,23 +192,13 @@ def read_pixels(path: Path) -> np.ndarray:
 
 def _grey_levels(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     """One frame's stored values -> [0, 1], in the order pydicom documents: the modality LUT
-    (rescale slope/intercept or a Modality LUT Sequence) first, then the VOI transform on its
-    output. pydicom prefers a VOI LUT Sequence over the window when both are present, and so do
-    we. A VOI LUT is indexed by integer modality values, so it gets integers (pydicom warns, and
-    may index wrongly, when it gets floats)."""
+    (rescale slope/intercept or a Modality LUT Sequence) first, then pydicom's VOI transform on its
+    output, as pydicom chooses it (a VOI LUT Sequence before a window; the window with its VOI LUT
+    Function: LINEAR, LINEAR_EXACT or SIGMOID), mapped from its output range to [0, 1]. Without a
+    VOI transform pydicom can apply, the 0.5-99.5 percentile range of the modality values is used."""
     modality = apply_modality_lut(stored, ds)
-    if "VOILUTSequence" in ds:
-        lut_input = modality if np.issubdtype(modality.dtype, np.integer) else np.rint(modality).astype(np.int64)
-        output = apply_voi_lut(lut_input, ds, index=0).astype(np.float64)
-        # The LUT's own largest entry is its white (many 16-bit LUTs only use 12 bits).
-        peak = float(np.max(_lut_data(ds.VOILUTSequence[0])))
-        values = np.clip(output / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(output)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        values = modality.astype(np.float64)
-        center, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
-        # DICOM PS3.3 C.11.2.1.2 linear window, mapped to [0, 1].
-        values = np.clip((values - (center - 0.5)) / (width - 1.0 if width > 1 else 1.0) + 0.5, 0.0, 1.0)
-    else:
+    values = _voi_lut(modality, ds) if _has_voi_lut(ds) else _window(modality, ds)
+    if values is None:
         values = modality.astype(np.float64)
         lo, hi = np.percentile(values, [0.5, 99.5])
         values = np.clip((values - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(values)
@@ -217,17 +207,42 @@ def _grey_levels(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     return values
 
 
-def _lut_data(item: pydicom.Dataset) -> np.ndarray:
-    """The entries of a VOI LUT item, as pydicom reads them (US/SS/OW LUT Data)."""
-    data = item.LUTData
-    if isinstance(data, bytes):
-        bits = int(item.LUTDescriptor[2])
-        return np.frombuffer(data, dtype=np.uint8 if bits <= 8 else "<u2")
-    return np.asarray(data)
+def _has_voi_lut(ds: pydicom.Dataset) -> bool:
+    """pydicom's own test for a VOI LUT Sequence it applies (before any window)."""
+    items = ds.get("VOILUTSequence")
+    return bool(items) and all(items[0].get(tag) is not None for tag in ("LUTDescriptor", "LUTData"))
 
 
-def _first(value: object) -> float:
-    return float(value[0]) if isinstance(value, pydicom.multival.MultiValue) else float(value)
+def _voi_lut(modality: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """The VOI LUT's output over its largest entry, its white (many 16-bit LUTs only use 12 bits).
+    A LUT is indexed by integer modality values, so it gets integers (pydicom warns, and may index
+    wrongly, when it gets floats)."""
+    lut_input = modality if np.issubdtype(modality.dtype, np.integer) else np.rint(modality).astype(np.int64)
+    output = apply_voi_lut(lut_input, ds).astype(np.float64)
+    descriptor = ds.VOILUTSequence[0].LUTDescriptor  # entries (0 means 65536), first input value, bits
+    entries, first_input = int(descriptor[0]) or 2 ** 16, int(descriptor[1])
+    peak = float(apply_voi_lut(np.arange(first_input, first_input + entries), ds).max())
+    return np.clip(output / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(output)
+
+
+def _window(modality: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
+    """pydicom's window (DICOM PS3.3 C.11.2.1.2) mapped to [0, 1], or None without a usable one.
+    pydicom maps the window onto the modality values' full range (set by the bit depth, the sign
+    and the rescale); that range's ends are what the window makes of -inf and +inf."""
+    if ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:
+        return None
+    try:
+        # SIGMOID: exp overflows to inf far below the centre, and inf gives the right limit (black).
+        with np.errstate(over="ignore"):
+            black, white = apply_voi_lut(np.array([-np.inf, np.inf]), ds)
+            output = apply_voi_lut(modality, ds)
+    except (ValueError, AttributeError):
+        # A width its VOI LUT Function does not allow, a function DICOM does not define, or no Bits
+        # Stored / Pixel Representation to size the output range (float pixel data).
+        return None
+    if white == black:  # a rescale slope of 0: every value is the same
+        return None
+    return np.clip((output - black) / (white - black), 0.0, 1.0)
 
 
 def resize_square(images: np.ndarray, size: int) -> np.ndarray:

@@ -3,9 +3,14 @@ header text) and a message for the site's own screen and logs."""
 
 from __future__ import annotations
 
+from common.reason_codes import ReasonCodeError
 
-class DataError(Exception):
-    """The site's data cannot be used at all (missing folder, no labels, ...)."""
+
+class DataError(ReasonCodeError):
+    """The site's data cannot be used at all (missing folder, no labels, ...). Each instance
+    carries the code of the check that failed (``missing-labels``, ``no-usable-studies``, ...)."""
+
+    code = "data-error"
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)

@@ -106,18 +106,52 @@ def assemble(found: Discovery, site_dir: Path, config: DataConfig, progress: boo
              cache_dir: Path | None = None, split: bool = True, require_usable: bool = True) -> SiteData:
     """Read the discovered studies (through the preprocess cache) into aligned arrays. With
     ``require_usable`` False a site with no usable study gives empty arrays and its quarantine."""
-    # Without a cache folder nothing is hashed: the key costs a full read of every file.
-    cache = PreprocessCache(cache_dir, site_dir, f"{found.layout}|{config.image_size}|{config.seq_len}|"
-                                                 f"{config.series_description}|{config.mrnet_plane}"
-                            ) if cache_dir is not None else None
+    cache = _preprocess_cache(found, site_dir, config, cache_dir)
+    results = _read_studies(found.sources, site_dir, cache, progress)
     profile = SiteProfile(found.layout)
-    quarantine: Quarantine = list(found.quarantine)
-    kept: list[tuple[StudySource, np.ndarray, np.ndarray | None]] = []
-    skipped: list[tuple[str, str]] = []
+    kept, skipped, quarantine = _usable_studies(found, results, site_dir, config, profile)
+    if cache is not None:
+        profile.cache_hits, profile.cache_misses = cache.hits, cache.misses
+    if not kept and require_usable:
+        raise DataError("no-usable-studies", f"none of the {len(found.sources)} studies in {site_dir} could "
+                                             f"be used ({len(quarantine)} quarantine entries; run clinicfl-client "
+                                             f"check-data for the reasons)")
+    return _site_data(kept, found.label_names, config, split, skipped, quarantine, profile)
+
+
+@dataclass(frozen=True)
+class _UsableStudy:
+    source: StudySource
+    images: np.ndarray  # (images, H, W) of the study, before padding to seq-len
+    biomech: np.ndarray | None  # (images, F) resampled to the images, not yet standardised
+
+
+def _preprocess_cache(found: Discovery, site_dir: Path, config: DataConfig,
+                      cache_dir: Path | None) -> PreprocessCache | None:
+    """The cache for this layout and preprocessing; None without a cache folder, where nothing is
+    hashed: the key costs a full read of every file."""
+    if cache_dir is None:
+        return None
+    return PreprocessCache(cache_dir, site_dir, f"{found.layout}|{config.image_size}|{config.seq_len}|"
+                                                f"{config.series_description}|{config.mrnet_plane}")
+
+
+def _read_studies(sources: list[StudySource], site_dir: Path, cache: PreprocessCache | None,
+                  progress: bool) -> list[StudyResult]:
     with cache.locked() if cache is not None else nullcontext():
-        results = [_read_study(source, site_dir, cache)
-                   for source in tqdm(found.sources, desc=f"reading {site_dir.name}", unit="study",
-                                      disable=None if progress else True, leave=False)]
+        return [_read_study(source, site_dir, cache)
+                for source in tqdm(sources, desc=f"reading {site_dir.name}", unit="study",
+                                   disable=None if progress else True, leave=False)]
+
+
+def _usable_studies(found: Discovery, results: list[StudyResult], site_dir: Path, config: DataConfig,
+                    profile: SiteProfile) -> tuple[list[_UsableStudy], list[tuple[str, str]], Quarantine]:
+    """(the usable studies, with their biomechanical series when the run has them; the skipped
+    ones with their reason codes; the quarantine, in reading order). Counts the usable studies'
+    series, files, modalities, image sizes and info into ``profile``."""
+    quarantine: Quarantine = list(found.quarantine)
+    kept: list[_UsableStudy] = []
+    skipped: list[tuple[str, str]] = []
     for source, result in zip(found.sources, results):
         quarantine += result.quarantine
         try:
@@ -132,30 +166,27 @@ def assemble(found: Discovery, site_dir: Path, config: DataConfig, progress: boo
             skipped.append((source.label.study, exc.code))
             quarantine.append((source.where, exc.code))
             continue
-        kept.append((source, result.images.images, series))
-        profile.series += result.images.series
-        profile.files += result.images.files
-        profile.modalities[result.images.modality] += 1
-        profile.image_sizes.update(result.images.sizes)
-        for name, value in source.info:
-            profile.info.setdefault(name, Counter())[value] += 1
-    if cache is not None:
-        profile.cache_hits, profile.cache_misses = cache.hits, cache.misses
-    if not kept and require_usable:
-        raise DataError("no-usable-studies", f"none of the {len(found.sources)} studies in {site_dir} could "
-                                             f"be used ({len(quarantine)} quarantine entries; run clinicfl-client "
-                                             f"check-data for the reasons)")
+        kept.append(_UsableStudy(source, result.images.images, series))
+        _count_in_profile(profile, source, result)
+    return kept, skipped, quarantine
 
-    records = [source.label for source, _, _ in kept]
-    n, t, s = len(kept), config.seq_len, config.image_size
-    images = np.zeros((n, t, s, s), dtype=np.float32)
-    mask = np.zeros((n, t), dtype=bool)
-    biomech = np.zeros((n, t, config.biomech_features), dtype=np.float32) if config.biomech_features else None
-    for row, (_, array, series) in enumerate(kept):
-        images[row, : len(array)] = array
-        mask[row, : len(array)] = True
-        if biomech is not None:
-            biomech[row, : len(array)] = series
+
+def _count_in_profile(profile: SiteProfile, source: StudySource, result: StudyResult) -> None:
+    profile.series += result.images.series
+    profile.files += result.images.files
+    profile.modalities[result.images.modality] += 1
+    profile.image_sizes.update(result.images.sizes)
+    for name, value in source.info:
+        profile.info.setdefault(name, Counter())[value] += 1
+
+
+def _site_data(kept: list[_UsableStudy], label_names: list[str], config: DataConfig, split: bool,
+               skipped: list[tuple[str, str]], quarantine: Quarantine, profile: SiteProfile) -> SiteData:
+    """The usable studies as aligned arrays, split into train and test (everything is test
+    without ``split``); biomechanical series standardised with the training side's statistics."""
+    records = [study.source.label for study in kept]
+    n = len(kept)
+    images, mask, biomech = _padded(kept, config)
     is_test = assign_split(records, config.test_fraction, config.seed) if split else np.ones(n, dtype=bool)
     if biomech is not None and split:
         biomech = standardise(biomech, mask, np.flatnonzero(~is_test))
@@ -163,17 +194,32 @@ def assemble(found: Discovery, site_dir: Path, config: DataConfig, progress: boo
         studies=[r.study for r in records],
         images=images,
         mask=mask,
-        labels=np.array([r.labels for r in records], dtype=np.float32).reshape(n, len(found.label_names)),
+        labels=np.array([r.labels for r in records], dtype=np.float32).reshape(n, len(label_names)),
         targets=np.array([math.nan if r.target is None else r.target for r in records], dtype=np.float32),
         is_test=is_test,
-        label_names=found.label_names,
+        label_names=label_names,
         skipped=skipped,
         groups=[r.patient or r.study for r in records],
         quarantine=quarantine,
         biomech=biomech,
         profile=profile,
-        source_files=[source.files[0] if source.files else None for source, _, _ in kept],
+        source_files=[study.source.files[0] if study.source.files else None for study in kept],
     )
+
+
+def _padded(kept: list[_UsableStudy], config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(images (N, T, H, W), mask (N, T), biomech (N, T, F) or None): each study's images and
+    series first, zeros after its last image."""
+    n, t, s = len(kept), config.seq_len, config.image_size
+    images = np.zeros((n, t, s, s), dtype=np.float32)
+    mask = np.zeros((n, t), dtype=bool)
+    biomech = np.zeros((n, t, config.biomech_features), dtype=np.float32) if config.biomech_features else None
+    for row, study in enumerate(kept):
+        images[row, : len(study.images)] = study.images
+        mask[row, : len(study.images)] = True
+        if biomech is not None:
+            biomech[row, : len(study.images)] = study.biomech
+    return images, mask, biomech
 
 
 def _read_study(source: StudySource, site_dir: Path, cache: PreprocessCache | None) -> StudyResult:

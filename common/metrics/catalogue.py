@@ -173,70 +173,104 @@ def image_count_range(n_studies: int, image_sample: int, images_per_study: int) 
 
 
 def compute_catalogue(stats: EvaluationStats, label_names: list[str], fid_extractor: str = "") -> dict[str, MetricValue]:
-    """Every evaluation figure of the catalogue from (summed) statistics."""
-    out: dict[str, MetricValue] = {}
-    cls_stats = stats.classification
-    if cls_stats.n == 0:
-        for name in ("loss", "accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "kappa", "ece"):
-            out[name] = not_available("no test studies")
-    else:
-        out["loss"] = MetricValue(_finite(cls_stats.loss_sum / (cls_stats.n * len(label_names))))
-        for name, values in per_label_figures(cls_stats).items():
-            per_label = {label: _finite(v) for label, v in zip(label_names, values)}
-            finite = [v for v in per_label.values() if v is not None]
-            if finite:
-                out[name] = MetricValue(float(np.mean(finite)), per_label=per_label if len(label_names) > 1 else None,
-                                        note="macro mean over labels" if len(label_names) > 1 else None)
-            else:
-                out[name] = not_available(_why_undefined(name))
-        if out["auc"].value is not None:
-            bounds = [pooled_auc(cls_stats.histograms, j).bound for j in range(len(label_names))]
-            bound = max(b for b in bounds if np.isfinite(b))
-            resolutions = ", ".join(str(b) for b in sorted(cls_stats.histograms))
-            out["auc"].error_bound = bound
-            out["auc"].note = "; ".join(filter(None, [
-                out["auc"].note, f"histogram AUC, within {bound:.4f} of the exact pooled AUC "
-                                 f"(score pairs sharing a bin; bins per site: {resolutions})"]))
-        errors = [e for e in (expected_calibration_error(cls_stats.histograms, j) for j in range(len(label_names)))
-                  if e is not None]
-        out["ece"] = MetricValue(float(np.mean(errors)), note="expected calibration error of the raw probabilities, "
-                                 "binned at the sites' histogram resolutions (bin centre as confidence)"
-                                 ) if errors else not_available("no test studies")
-    values, basis, reasons = error_figures(stats.errors)
-    for name, value in values.items():
-        out[name] = MetricValue(_finite(value), note=basis) if name not in reasons else not_available(reasons[name])
-    if stats.images is None:
-        for name in ("psnr", "ssim", "fid"):
-            out[name] = not_available("reconstruction head disabled")
-    elif stats.images.n_images == 0:
-        for name in ("psnr", "ssim", "fid"):
-            out[name] = not_available("no test images")
-    else:
-        img = stats.images
-        out["psnr"] = MetricValue(safe_mean(img.psnr_sum, img.n_images), note="input vs reconstruction, data range 1")
-        out["ssim"] = MetricValue(safe_mean(img.ssim_sum, img.n_images),
-                                  note="Wang et al. 2004: Gaussian 11x11, sigma 1.5, data range 1")
-        if not img.with_fid:
-            out["fid"] = not_available(FID_NOT_THIS_ROUND)
-        elif min(img.real.n, img.fake.n) < 2:
-            out["fid"] = not_available("fewer than 2 images")
-        else:
-            try:
-                fid = _finite(frechet_distance(img.real, img.fake))
-            except (ValueError, np.linalg.LinAlgError) as exc:  # degenerate covariances
-                fid = None
-                out["fid"] = not_available(f"the Frechet distance could not be computed ({type(exc).__name__})")
-            if fid is not None or "fid" not in out:
-                out["fid"] = MetricValue(fid, note=f"real vs reconstructed; extractor: {fid_extractor} "
-                                                   "(values comparable only within one extractor)")
-    scores = stats.inception.scores()
-    if stats.inception.n == 0:
-        out["is"] = not_available("no test studies")
-    else:
-        per_label = {label: _finite(v) for label, v in zip(label_names, scores)}
-        out["is"] = MetricValue(float(np.nanmean(scores)), per_label=per_label if len(label_names) > 1 else None,
-                                note="predicted injury distribution [1-p, p]; range 1..2 per label")
+    """Every evaluation figure of the catalogue from (summed) statistics: classification, error,
+    image and inception-score figures, in that order. The server adds the efficiency and privacy
+    figures (server/evaluation.py, server/runs.py)."""
+    return {**_classification_figures(stats.classification, label_names), **_error_metric_figures(stats.errors),
+            **_image_figures(stats.images, fid_extractor), "is": _inception_score(stats.inception, label_names)}
+
+
+_CLASSIFICATION_FIGURES = ("loss", "accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "kappa", "ece")
+
+
+def _classification_figures(stats: ClassificationStats, label_names: list[str]) -> dict[str, MetricValue]:
+    """Loss, the per-label figures from confusion counts and histograms (macro means), and ECE."""
+    if stats.n == 0:
+        return {name: not_available("no test studies") for name in _CLASSIFICATION_FIGURES}
+    out = {"loss": MetricValue(_finite(stats.loss_sum / (stats.n * len(label_names))))}
+    out.update(_per_label_means(stats, label_names))
+    if out["auc"].value is not None:
+        _note_auc_bound(out["auc"], stats, len(label_names))
+    out["ece"] = _calibration_error(stats, len(label_names))
     return out
+
+
+def _per_label_means(stats: ClassificationStats, label_names: list[str]) -> dict[str, MetricValue]:
+    """Each per-label figure as the mean over the labels where it is defined."""
+    out: dict[str, MetricValue] = {}
+    for name, values in per_label_figures(stats).items():
+        per_label = {label: _finite(v) for label, v in zip(label_names, values)}
+        finite = [v for v in per_label.values() if v is not None]
+        if finite:
+            out[name] = MetricValue(float(np.mean(finite)), per_label=per_label if len(label_names) > 1 else None,
+                                    note="macro mean over labels" if len(label_names) > 1 else None)
+        else:
+            out[name] = not_available(_why_undefined(name))
+    return out
+
+
+def _note_auc_bound(auc: MetricValue, stats: ClassificationStats, num_labels: int) -> None:
+    """How far the histogram AUC can be from the exact pooled AUC (score pairs sharing a bin)."""
+    bounds = [pooled_auc(stats.histograms, j).bound for j in range(num_labels)]
+    bound = max(b for b in bounds if np.isfinite(b))
+    resolutions = ", ".join(str(b) for b in sorted(stats.histograms))
+    auc.error_bound = bound
+    auc.note = "; ".join(filter(None, [
+        auc.note, f"histogram AUC, within {bound:.4f} of the exact pooled AUC "
+                  f"(score pairs sharing a bin; bins per site: {resolutions})"]))
+
+
+def _calibration_error(stats: ClassificationStats, num_labels: int) -> MetricValue:
+    errors = [e for e in (expected_calibration_error(stats.histograms, j) for j in range(num_labels)) if e is not None]
+    if not errors:
+        return not_available("no test studies")
+    return MetricValue(float(np.mean(errors)), note="expected calibration error of the raw probabilities, "
+                       "binned at the sites' histogram resolutions (bin centre as confidence)")
+
+
+def _error_metric_figures(stats: ErrorStats) -> dict[str, MetricValue]:
+    """MAE, MSE, RMSE and MAPE, of the severity head where there are targets, else of the probability."""
+    values, basis, reasons = error_figures(stats)
+    return {name: MetricValue(_finite(value), note=basis) if name not in reasons else not_available(reasons[name])
+            for name, value in values.items()}
+
+
+_RECONSTRUCTION_FIGURES = ("psnr", "ssim", "fid")
+
+
+def _image_figures(images: ImageStats | None, fid_extractor: str) -> dict[str, MetricValue]:
+    """PSNR and SSIM of the reconstructions, and FID between real and reconstructed images."""
+    if images is None:
+        return {name: not_available("reconstruction head disabled") for name in _RECONSTRUCTION_FIGURES}
+    if images.n_images == 0:
+        return {name: not_available("no test images") for name in _RECONSTRUCTION_FIGURES}
+    return {"psnr": MetricValue(safe_mean(images.psnr_sum, images.n_images),
+                                note="input vs reconstruction, data range 1"),
+            "ssim": MetricValue(safe_mean(images.ssim_sum, images.n_images),
+                                note="Wang et al. 2004: Gaussian 11x11, sigma 1.5, data range 1"),
+            "fid": _frechet_inception_distance(images, fid_extractor)}
+
+
+def _frechet_inception_distance(images: ImageStats, fid_extractor: str) -> MetricValue:
+    if not images.with_fid:
+        return not_available(FID_NOT_THIS_ROUND)
+    if min(images.real.n, images.fake.n) < 2:
+        return not_available("fewer than 2 images")
+    try:
+        fid = _finite(frechet_distance(images.real, images.fake))
+    except (ValueError, np.linalg.LinAlgError) as exc:  # degenerate covariances
+        return not_available(f"the Frechet distance could not be computed ({type(exc).__name__})")
+    return MetricValue(fid, note=f"real vs reconstructed; extractor: {fid_extractor} "
+                                 "(values comparable only within one extractor)")
+
+
+def _inception_score(inception: InceptionStats, label_names: list[str]) -> MetricValue:
+    if inception.n == 0:
+        return not_available("no test studies")
+    scores = inception.scores()
+    per_label = {label: _finite(v) for label, v in zip(label_names, scores)}
+    return MetricValue(float(np.nanmean(scores)), per_label=per_label if len(label_names) > 1 else None,
+                       note="predicted injury distribution [1-p, p]; range 1..2 per label")
 
 
 def _why_undefined(name: str) -> str:

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from common.config import RunConfig, SiteConfig
+from common.config import RunConfig
 from common.data.site import SiteData, load_site
-from common.exchange import load_array_record, trainable_state
+from common.exchange import trainable_state
 from common.inference import SiteInputs, fit_feature_norm, pick_device, predict, prepare_inputs
-from common.runlog import json_safe
-from common.model import InjuryNet, build_model
+from common.rundir import RunDirectory, json_safe
+from common.model import build_model
 from common.training import train_local
 from simulations.inprocess import app_components, run_inprocess
 from simulations.synthetic import SyntheticSpec, generate_clinics
@@ -197,44 +197,35 @@ class ArmResult:
 
 def federated(clinics: Clinics, overrides: dict[str, Any], scorer: Scorer, run_root: Path,
               curve: bool = False) -> ArmResult:
-    """The real ServerApp and ClientApp, in process; the best round by the server's validation loss."""
-    from common.runlog import read_metrics
-
-    run_dir = run_inprocess(clinics.root / "sites", run_root, len(clinics.sites),
-                            {**overrides, "server-val-path": str(clinics.server_val),
-                             "best-metric": "server-val-auc"})
-    state = json.loads((run_dir / "state.json").read_text())
-    records = read_metrics(run_dir)
-    best_round, best_state = best_checkpoint(run_dir)
+    """The real ServerApp and ClientApp, in process; the best round by the server's validation AUC."""
+    run = RunDirectory(run_inprocess(clinics.root / "sites", run_root, len(clinics.sites),
+                                     {**overrides, "server-val-path": str(clinics.server_val),
+                                      "best-metric": "server-val-auc"}))
+    records = run.read_metrics()
+    best_round, best_state = best_checkpoint(run)
     best = scorer.score(best_state)
-    final = scorer.score(_checkpoint(run_dir, records[-1]["round"]))
+    final = scorer.score(run.load_checkpoint(records[-1]["round"])["trainable"])
     points = []
     if curve:
         for record in records:
-            score = scorer.score(_checkpoint(run_dir, record["round"]))
+            score = scorer.score(run.load_checkpoint(record["round"])["trainable"])
             points.append({"round": record["round"], "test_auc": score["auc"], "test_loss": score["loss"],
                            "val_loss": (record.get("server_validation") or {}).get("loss", {}).get("value")})
-    result = ArmResult(best, final, int(best_round), points, str(run_dir))
+    result = ArmResult(best, final, int(best_round), points, str(run.path))
     result.final["epsilon"] = (records[-1]["catalogue"].get("epsilon") or {}).get("value")
     multipliers = [p.get("noise-multiplier") for r in records for p in (r.get("privacy") or {}).values()]
     result.final["noise_multiplier"] = max((m for m in multipliers if m is not None), default=None)
-    result.final["state"] = state.get("state")
+    result.final["state"] = run.state().get("state")
     return result
 
 
-def best_checkpoint(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:
-    """The run's best round (its own best-metric, from state.json) and its trainable state."""
-    from common.runlog import read_metrics
-
-    state = json.loads((run_dir / "state.json").read_text())
-    best_round = (state.get("best") or {}).get("round", read_metrics(run_dir)[-1]["round"])
-    return int(best_round), _checkpoint(run_dir, int(best_round))
-
-
-def _checkpoint(run_dir: Path, server_round: int) -> dict[str, torch.Tensor]:
-    payload = torch.load(run_dir / "checkpoints" / f"round-{server_round:03d}.pt", map_location="cpu",
-                         weights_only=True)
-    return payload["trainable"]
+def best_checkpoint(run: RunDirectory) -> tuple[int, dict[str, torch.Tensor]]:
+    """The run's best round (by its own best-metric, as its state says) and its trainable state;
+    the last round when no round had the figure."""
+    best_round = (run.state().get("best") or {}).get("round")
+    if best_round is None:
+        best_round = run.read_metrics()[-1]["round"]
+    return int(best_round), run.load_checkpoint(int(best_round))["trainable"]
 
 
 def trained_blocks(scorer: Scorer, sites: list[PreparedSite], config: RunConfig, curve: bool = False) -> ArmResult:

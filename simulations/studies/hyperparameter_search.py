@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.runlog import read_metrics  # noqa: E402
+from common.rundir import RunDirectory  # noqa: E402
 from simulations.inprocess import run_inprocess  # noqa: E402
 from simulations.ssa import random_search, sparrow_search  # noqa: E402
 from simulations.studies.harness import (QUICK, Scorer, StudyOutput, StudySize, best_checkpoint, fmt,  # noqa: E402
@@ -72,18 +72,18 @@ def run(quick: bool = False, seeds: int | None = None, progress=print) -> tuple[
             def objective(point: np.ndarray) -> float:
                 values = decode(point)
                 progress(f"{NAME}: seed {seed} {method} evaluation {len(evaluations) + 1}/{budget}: {values}")
-                run_dir = run_inprocess(clinics.root / "sites", out.runs, size.sites,
-                                        {**base, **values, "server-val-path": str(clinics.server_val)})
-                records = read_metrics(run_dir)
+                run = RunDirectory(run_inprocess(clinics.root / "sites", out.runs, size.sites,
+                                                 {**base, **values, "server-val-path": str(clinics.server_val)}))
+                records = run.read_metrics()
                 aucs = [((r.get("server_validation") or {}).get("auc") or {}).get("value") for r in records[1:]]
                 best = max((a for a in aucs if a is not None), default=float("nan"))
-                evaluations.append({"values": values, "val_auc": best, "run_dir": str(run_dir)})
+                evaluations.append({"values": values, "val_auc": best, "run_dir": str(run.path)})
                 return -best if math.isfinite(best) else math.inf
 
             trace = search(objective, lower, upper, budget, seed=seed)
             winner = max(evaluations, key=lambda e: e["val_auc"] if math.isfinite(e["val_auc"]) else -1)
             scorer = Scorer(clinics, run_config({**base, **winner["values"], "server-val-path": str(clinics.server_val)}))
-            holdout = scorer.holdout_auc(best_checkpoint(Path(winner["run_dir"]))[1])
+            holdout = scorer.holdout_auc(best_checkpoint(RunDirectory(Path(winner["run_dir"])))[1])
             searches[method].append({"seed": seed, "best_after": [-v for v in trace.best_after],
                                      "winner": winner["values"], "winner_val_auc": winner["val_auc"],
                                      "winner_holdout_auc": holdout, "evaluations": evaluations})

@@ -1,6 +1,7 @@
-"""The real-process deployment the deployment tests drive: a TLS SuperLink with SuperNode
-authentication and one site daemon per hospital, each with its own key, port, state folder and
-synthetic site, all through the two CLIs (clinicfl-server, clinicfl-client)."""
+"""The real-process deployment that tests/test_deployment.py, tests/test_approval.py and
+benchmarks/deployment_round.py drive: a TLS SuperLink with SuperNode authentication and one site
+daemon per hospital, each with its own key, port, state folder and synthetic site, all through the
+two CLIs (clinicfl-server, clinicfl-client) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from common.processes import free_port
+from common.processes import free_port, signal_group, start_in_group
 from common.runlog import read_metrics
-from server.runs import ENDED_STATES, read_run_state
+from common.rundir import ENDED_STATES, RunDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ARGS = ["--image-size", "32", "--seq-len", "4"]
@@ -49,13 +50,12 @@ class Deployment:
         return result
 
     def start_site(self, name: str, key: str | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-        log = (self.root / f"{name}.daemon.log").open("ab")
-        process = subprocess.Popen(
+        process = start_in_group(
             [sys.executable, "-m", "client.cli", "start", "--superlink", f"127.0.0.1:{self.port}",
              "--data-path", str(self.data[name]), "--site-name", name, "--state-dir", str(self.state_dir(name)),
              "--ca-cert", str(self.centre / "certs/ca.crt"), "--key", str(self.centre / "sites" / f"{key or name}.key"),
              "--port", str(self.supernode_port(name)), *DATA_ARGS, *extra],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.root / f"{name}.daemon.log", self.env, cwd=ROOT)
         self.daemons[name] = process
         return process
 
@@ -67,10 +67,7 @@ class Deployment:
         process = self.daemons.pop(name)
         groups = _group_pids(process.pid) | {process.pid}  # the SuperNode runs in its own process group
         for group in groups:
-            try:
-                os.killpg(group, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            signal_group(group, signal.SIGKILL)
         process.wait(timeout=30)
 
     def stop_all(self) -> None:
@@ -103,7 +100,7 @@ class Deployment:
     def diagnosis(self, lines: int = 25) -> str:
         parts = []
         for run_dir in sorted(self.centre.glob("runs/*")):
-            parts.append(f"{run_dir.name}: {read_run_state(run_dir) or 'no state.json'}; "
+            parts.append(f"{run_dir.name}: {RunDirectory(run_dir).state() or 'no state.json'}; "
                          f"rounds recorded {[r['round'] for r in read_metrics(run_dir)]}")
             try:  # the ServerApp's own output, as the SuperLink keeps it
                 result = self.server("logs", run_dir.name.rsplit("-run", 1)[-1], check=False, timeout=60)
@@ -130,7 +127,7 @@ class Deployment:
 
     def state(self, run_id: int) -> dict:
         try:
-            return read_run_state(self.run_dir(run_id))
+            return RunDirectory(self.run_dir(run_id)).state()
         except StopIteration:
             return {}
 
@@ -171,14 +168,3 @@ def _wait(condition, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.5)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/stat")
-    return status.exists() and status.read_text().split()[2] != "Z"
-
-
