@@ -7,6 +7,7 @@ answered with a reason code (``site`` record), never with paths or header text.
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from typing import Callable
 
@@ -21,15 +22,17 @@ from client.sitelog import console, site_logging
 from client.secure_aggregation import is_secure, secure_aggregation_mod, update_for_masking
 from client.session import SiteSession, open_session
 from common.training import train_local
-from common.inference import evaluate_local
+from common.inference import evaluate_local, subgroup_stats, validation_stats
+from common.metrics import subgroup_stats as subgroup_record
 from common.config import ConfigError, RunConfig, SiteConfig
 from client.budget import check_budget_id
 from common.exchange import ARRAYS_KEY, EVALUATE_FIRST_KEY, EVALUATION_KEY, FID_KEY, GLOBAL_DIGEST_KEY, \
     GLOBAL_NOT_HELD, METRICS_KEY, POLICY_KEY, SITE_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, UPDATE_NAMES_KEY, \
-    UpdateError, arrays_digest, load_array_record, to_array_record, trainable_state
+    GATE_APPROVED_KEY, SUBGROUPS_KEY, VALIDATION_KEY, UpdateError, arrays_digest, load_array_record, to_array_record, trainable_state
 from common.model import check_backbone_hash, trainable_parameter_count
 from common.policy import PolicyRefused, SitePolicy
 from common.reason_codes import ReasonCodeError
+from sitegate.approvals import APPROVED_BUNDLE_ENV
 
 log = logging.getLogger(__name__)
 # The audit mod is outermost: it sees each reply exactly as Flower sends it (drills included,
@@ -56,7 +59,7 @@ def _train(session: SiteSession, msg: Message, context: Context, policy: SitePol
     evaluation = _evaluation(session, msg, policy) if evaluate_first else None
     content = _train_from_global(session, msg, context, policy)
     if evaluation is not None:
-        content[EVALUATION_KEY] = evaluation
+        content[EVALUATION_KEY], content[VALIDATION_KEY], content[SUBGROUPS_KEY] = evaluation
     return content
 
 
@@ -138,18 +141,29 @@ def proximal_mu(msg: Message) -> float:
 
 
 def _evaluate(session: SiteSession, msg: Message, context: Context, policy: SitePolicy) -> RecordDict:
-    return RecordDict({METRICS_KEY: _evaluation(session, msg, policy), SITE_KEY: _site_status(session, STATUS_OK)})
+    test, validation, subgroups = _evaluation(session, msg, policy)
+    return RecordDict({METRICS_KEY: test, VALIDATION_KEY: validation, SUBGROUPS_KEY: subgroups,
+                       SITE_KEY: _site_status(session, STATUS_OK)})
 
 
-def _evaluation(session: SiteSession, msg: Message, policy: SitePolicy) -> MetricRecord:
-    """The site's evaluation statistics of the model loaded in the session, at no finer a histogram
-    resolution than the site's policy allows."""
+def _evaluation(session: SiteSession, msg: Message,
+                policy: SitePolicy) -> tuple[MetricRecord, MetricRecord, MetricRecord]:
+    """(the test split's statistics, the validation split's classification statistics, the test
+    split's statistics by subgroup) of the model loaded in the session, each at no finer a
+    histogram resolution than the site's policy allows for that split's size; subgroups only
+    where the policy's min-reported-count allows."""
     with_fid = msg.content["config"].get(FID_KEY, True)  # a centre without fid-every asks every round
     if not isinstance(with_fid, bool):
         raise ConfigError(f"{FID_KEY} must be true or false, got {with_fid!r}")
-    stats = evaluate_local(session.model, session.inputs, session.data.test_index, session.device,
-                           session.config.eval, session.fid, with_fid, policy.min_studies_per_bin)
-    return MetricRecord({"num-examples": stats.n, **stats.to_record()})
+    config, data = session.config.eval, session.data
+    test = evaluate_local(session.model, session.inputs, data.test_index, session.device, config, session.fid,
+                          with_fid, policy.min_studies_per_bin)
+    validation = validation_stats(session.model, session.inputs, data.val_index, session.device, config,
+                                  policy.min_studies_per_bin)
+    groups = subgroup_stats(session.model, session.inputs, data.subgroups, data.test_index, session.device, config,
+                            policy.min_studies_per_bin, policy.min_reported_count)
+    return (MetricRecord({"num-examples": test.n, **test.to_record()}), MetricRecord(validation.to_record()),
+            MetricRecord(subgroup_record.to_record(groups, policy.min_reported_count)))
 
 
 class GlobalModelNotHeld(UpdateError):
@@ -179,8 +193,12 @@ def global_model(msg: Message, context: Context) -> ArrayRecord:
 
 
 def _site_status(session: SiteSession, status: str) -> ConfigRecord:
-    return ConfigRecord({"status": status, "site-name": session.site.site_name,
-                         "backbone-hash": session.backbone_hash})
+    record = ConfigRecord({"status": status, "site-name": session.site.site_name,
+                           "backbone-hash": session.backbone_hash})
+    approved = os.environ.get(APPROVED_BUNDLE_ENV, "")
+    if approved:  # run by the site's gate (sitegate), which checked this bundle against its approvals
+        record[GATE_APPROVED_KEY] = approved
+    return record
 
 
 Handler = Callable[[SiteSession, Message, Context, SitePolicy], RecordDict]

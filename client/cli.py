@@ -45,7 +45,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]  # this install's app folder 
 def _data_config(args: argparse.Namespace) -> DataConfig:
     shared = SharedConfig(image_size=args.image_size, seq_len=args.seq_len, biomech_features=args.biomech_features)
     return DataConfig(shared, series_description=args.series_description, test_fraction=args.test_fraction,
-                      mrnet_plane=args.mrnet_plane, mrnet_labels=args.mrnet_labels)
+                      val_fraction=args.val_fraction, mrnet_plane=args.mrnet_plane, mrnet_labels=args.mrnet_labels)
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
@@ -106,7 +106,8 @@ def cmd_start(args: argparse.Namespace) -> int:
               f"(run clinicfl-client check-data {site.data_path})", file=sys.stderr)
         return 2
     quarantined = sum(q["count"] for q in summary["quarantine"])
-    print(f"data ok: {summary['studies']} studies ({summary['train_studies']} train / {summary['test_studies']} test), "
+    print(f"data ok: {summary['studies']} studies ({summary['train_studies']} train / {summary['val_studies']} val / "
+          f"{summary['test_studies']} test), "
           f"{quarantined} quarantine entries", flush=True)
     print(f"site policy: {site.policy_path or 'the defaults (no --policy)'}"
           + ("" if summary["train_studies"] >= policy.min_training_studies else
@@ -287,7 +288,8 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("usable studies", str(summary["studies"]))
-    table.add_row("train / test studies", f"{summary['train_studies']} / {summary['test_studies']}")
+    table.add_row("train / val / test studies",
+                  f"{summary['train_studies']} / {summary['val_studies']} / {summary['test_studies']}")
     table.add_row("patients", str(summary["patients"]))
     table.add_row("series found", str(summary["series"]))
     table.add_row("image files read / images used", f"{summary['image_files']} / {summary['images_used']}")
@@ -398,6 +400,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-labels", type=int, default=None, help="expected label count (default: the site's)")
     parser.add_argument("--series-description", default=defaults.series_description)
     parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
+    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
     parser.add_argument("--biomech-features", type=int, default=defaults.biomech_features)
     parser.add_argument("--mrnet-plane", default=defaults.mrnet_plane)
     parser.add_argument("--mrnet-labels", default=defaults.mrnet_labels)

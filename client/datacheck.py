@@ -35,7 +35,8 @@ def summarise(site: SiteData, name: str) -> dict[str, Any]:
     for j, label in enumerate(site.label_names):
         positives = site.labels[:, j] > 0.5
         labels[label] = {split: {"positive": int(positives[idx].sum()), "negative": int((~positives[idx]).sum())}
-                         for split, idx in (("train", site.train_index), ("test", site.test_index))}
+                         for split, idx in (("train", site.train_index), ("val", site.val_index),
+                                            ("test", site.test_index))}
     by_reason: dict[str, list[str]] = {}
     for path, code in site.quarantine:
         by_reason.setdefault(code, []).append(path)
@@ -45,6 +46,7 @@ def summarise(site: SiteData, name: str) -> dict[str, Any]:
         "layout": profile.layout,
         "studies": len(site.studies),
         "train_studies": int(len(site.train_index)),
+        "val_studies": int(len(site.val_index)),
         "test_studies": int(len(site.test_index)),
         "patients": len(set(site.groups)),
         "series": profile.series,

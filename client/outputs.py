@@ -118,7 +118,7 @@ def _header_lines(run: PredictionRun) -> list[str]:
              f"standardisation statistics: {run.meta.get('statistics')}"]
     for label, d in run.decisions.items():
         name, c = printable_ascii(label, 64), d.calibration
-        ece = (f"; ECE on the pooled evaluation statistics {d.ece_before:.4f} before, {d.ece_after:.4f} after"
+        ece = (f"; ECE on the pooled validation statistics {d.ece_before:.4f} before, {d.ece_after:.4f} after"
                if d.ece_before is not None and d.ece_after is not None else "")
         lines.append(f"{name}: calibration {printable_ascii(c.method, 32)} (a={c.a:.4g}, b={c.b:.4g}; "
                      f"{printable_ascii(c.note, 200)}){ece}")
@@ -157,6 +157,25 @@ def write_quarantine(run: PredictionRun, out: Path) -> Path:
     return path
 
 
+def model_card_html(summary: dict[str, Any] | None) -> str:
+    """The export's model card in brief (``server/model_card.py`` ``card_summary``): what the model
+    is for, how well it did on the federation's test splits, under what privacy. Every value comes
+    from the centre and is escaped."""
+    esc = html.escape
+    if not summary:
+        return ("<section id='model-card'><h2>Model card</h2><p>This export carries no model card: ask the "
+                "coordinating centre for one exported with clinicfl-server export.</p></section>")
+    rows = [("Intended use", summary.get("intended-use")), ("Out of scope", summary.get("out-of-scope")),
+            ("Test AUC (95% CI)", summary.get("auc")), ("Sensitivity", summary.get("sensitivity")),
+            ("Specificity", summary.get("specificity")), ("Round chosen", summary.get("selection")),
+            ("Privacy", summary.get("privacy"))]
+    cells = "".join(f"<tr><th>{esc(name)}</th><td>{esc(str(value))}</td></tr>" for name, value in rows)
+    limits = "".join(f"<li>{esc(str(item))}</li>" for item in summary.get("limitations") or [])
+    return (f"<section id='model-card'><h2>Model card: {esc(str(summary.get('title', '')))}</h2>"
+            f"<table>{cells}</table><h3>Limitations</h3><ul>{limits}</ul>"
+            "<p>The whole card is beside the export at the centre (<code>*.model-card.md</code>).</p></section>")
+
+
 def write_html(run: PredictionRun, out: Path) -> Path:
     esc = html.escape
     with_dicom = any(s.dicom for s in run.studies)
@@ -184,6 +203,8 @@ padding:4px 8px}}.pos{{color:#b00;font-weight:bold}}.neg{{color:#060}}</style></
 <p>{len(run.studies)} studies scored on {esc(run.device)} at {run.studies_per_second:.2f} studies/s;
 {len(run.quarantine)} quarantine entries. Research use: not a diagnosis.</p>
 <ul>{header}</ul>
+{model_card_html(run.meta.get("model-card"))}
+<h2>Studies</h2>
 <table id="predictions"><thead><tr><th>study</th><th>images</th>{label_headers}<th>severity</th>
 <th>most attended image</th><th>explanation</th>{dicom_header}</tr></thead>
 <tbody>{''.join(rows)}</tbody></table>

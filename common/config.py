@@ -51,9 +51,9 @@ class Tracking(StrEnum):
     TENSORBOARD = "tensorboard"
 
 
-class BestMetric(StrEnum):  # common/runlog.py SELECTION_METRICS
-    LOSS = "loss"
-    AUC = "auc"
+class BestMetric(StrEnum):  # common/runlog.py SELECTION_METRICS; never a test figure
+    VAL_LOSS = "val-loss"
+    VAL_AUC = "val-auc"
     SERVER_VAL_LOSS = "server-val-loss"
     SERVER_VAL_AUC = "server-val-auc"
 
@@ -169,7 +169,7 @@ class SharedConfig(Section):
     biomech_features: int = setting(0, "Columns of each study's biomech/<study>.csv, fed beside its images "
                                        "(0 = images only); see docs/data.md.")
     seed: int = setting(0, "Seeds the head's initialisation (and the backbone's with backbone-weights = none), each "
-                           "site's train/test split and its local training.")
+                           "site's train/validation/test split and its local training.")
 
     def check(self) -> None:
         if self.image_size < 32:
@@ -262,6 +262,13 @@ class DataConfig(ReadsShared):
                                            "(case-insensitive; empty: the series with the most images).")
     test_fraction: float = setting(0.25, "Fraction of each site's patients held out for testing, unless labels.csv "
                                          "has a split column; in (0, 1).")
+    # 0.1, rounded down, at least one patient: a 16-study site (13-15 patients) gives one patient
+    # to validation and keeps the 10 training studies the site policy's default asks for.
+    val_fraction: float = setting(0.1, "Fraction of each site's patients held out for validation (what chooses "
+                                       "the round, stops early, calibrates and sets the threshold; rounded down, "
+                                       "at least one), unless labels.csv's split column names val studies (a "
+                                       "column of train and test only: taken from its training patients); in "
+                                       "(0, 1), test-fraction + val-fraction below 1.")
     mrnet_plane: MrnetPlane = setting(MrnetPlane.SAGITTAL, "MRNet layout: the plane whose volume forms the "
                                                            "sequence.")
     mrnet_labels: str = setting("abnormal,acl,meniscus", "MRNet layout: the tasks, comma-separated, in label order "
@@ -270,6 +277,9 @@ class DataConfig(ReadsShared):
     def check(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError("test-fraction must be in (0, 1)")
+        if not 0.0 < self.val_fraction < 1.0 or self.test_fraction + self.val_fraction >= 1.0:
+            raise ConfigError("val-fraction must be in (0, 1) and test-fraction + val-fraction below 1 (the rest "
+                              "trains)")
         tasks = [t.strip() for t in self.mrnet_labels.split(",") if t.strip()]
         if not tasks or any(t not in MRNET_TASKS for t in tasks) or len(set(tasks)) != len(tasks):
             raise ConfigError(f"mrnet-labels must be distinct names from {', '.join(MRNET_TASKS)}, "
@@ -335,7 +345,7 @@ class EvalConfig(Section):
                                 "on a small test split almost disclose each study's score and label; see "
                                 "docs/privacy.md.")
     target_sensitivity: float = setting(0.9, "export: the operating threshold reaches this sensitivity on the "
-                                             "exported round's pooled statistics.")
+                                             "exported round's pooled validation statistics.")
 
     def fid_round(self, server_round: int, num_rounds: int) -> bool:
         """Whether the evaluation of ``server_round`` computes FID (round 0, every fid-every, the last)."""
@@ -436,9 +446,11 @@ class FederationConfig(Section):
                                                                       "byte of each value (about 16% fewer bytes in "
                                                                       "a few ms); none sends Flower's plain numpy "
                                                                       "arrays.")
-    best_metric: BestMetric = setting(BestMetric.LOSS, "The best global model (export's default): the round with the "
-                                                       "best pooled test loss or AUC, or the centre's own validation "
-                                                       "loss or AUC (server-val-path).")
+    best_metric: BestMetric = setting(BestMetric.VAL_LOSS, "The best global model (export's default, and what "
+                                                           "patience watches): the round with the best loss or AUC "
+                                                           "of the sites' pooled validation splits, or of the "
+                                                           "centre's own validation clinic (server-val-path). Test "
+                                                           "figures never choose.")
     patience: int = setting(0, "End the run after this many rounds without improvement of best-metric (0 = never).")
     tracking: Tracking = setting(Tracking.NONE, "Experiment tracking at the centre (server/tracking.py): mlflow "
                                                 "(extra .[mlflow]) or tensorboard (event files in the run directory, "

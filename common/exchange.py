@@ -37,6 +37,15 @@ FID_KEY = "fid"
 # round's training in one message. The reply holds the evaluation statistics under EVALUATION_KEY.
 EVALUATE_FIRST_KEY = "evaluate-first"
 EVALUATION_KEY = "evaluation"
+# Every evaluation reply (of an evaluation message or with evaluate-first) also holds the site's
+# validation split's classification statistics (counts, histograms, loss sum) in a MetricRecord
+# of this name: what the centre chooses the round, stops early, calibrates and sets the threshold
+# by. The test statistics only report.
+VALIDATION_KEY = "validation"
+# MetricRecord: the test split by subgroup (common/metrics/subgroup_stats.py), beside the test statistics
+SUBGROUPS_KEY = "subgroups"
+# In the site record: the app bundle sha256 the site's gate approved before running this reply's code
+GATE_APPROVED_KEY = "gate-approved-sha256"
 GLOBAL_NOT_HELD = "global-model-not-held"  # the site's reason code when it does not hold that model
 # Secure aggregation: the site record lists the names of the masked arrays, in their order.
 UPDATE_NAMES_KEY = "update-names"

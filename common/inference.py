@@ -27,6 +27,7 @@ from common.data.site import SiteData
 from common.metrics.catalogue import EvaluationStats
 from common.metrics.classification import ClassificationStats, histogram_bins
 from common.metrics.errors import ErrorStats
+from common.metrics.subgroup_stats import site_subgroup_stats
 from common.metrics.features import FidFeatureExtractor
 from common.metrics.images import GaussianMoments, ImageStats, InceptionStats, psnr, ssim
 from common.model import InjuryNet, InjuryOutput, check_mask, frozen_backbone_hash, upsample_reconstruction
@@ -312,8 +313,6 @@ def evaluate_local(model: InjuryNet, data: SiteInputs, test_index: np.ndarray, d
     index = torch.as_tensor(test_index)
     pred = predict(model, data, test_index, device)
     labels = data.labels[index]
-    loss_sum = F.binary_cross_entropy(pred.probs.clamp(1e-7, 1 - 1e-7).double(), labels.double(),
-                                      reduction="sum").item()
     targets = data.targets[index].numpy() if data.targets is not None else np.full(len(index), np.nan)
     severity = pred.severity.numpy() if pred.severity is not None else None
     images = None
@@ -329,9 +328,41 @@ def evaluate_local(model: InjuryNet, data: SiteInputs, test_index: np.ndarray, d
         images = ImageStats(len(real), float(psnr(fake, real).sum()), float(ssim(fake, real).sum()), real_moments,
                             fake_moments)
     return EvaluationStats(
-        ClassificationStats.from_predictions(pred.probs.numpy(), labels.numpy(), loss_sum, config.threshold,
-                                          histogram_bins(len(test_index), config.eval_bins, min_studies_per_bin)),
+        _classification_stats(pred.probs, labels, config, min_studies_per_bin),
         ErrorStats.from_predictions(pred.probs.numpy(), labels.numpy(), severity, targets),
         images,
         InceptionStats.from_probabilities(pred.probs.numpy()),
     )
+
+
+def validation_stats(model: InjuryNet, data: SiteInputs, val_index: np.ndarray, device: torch.device,
+                     config: EvalConfig, min_studies_per_bin: int = 1) -> ClassificationStats:
+    """Sufficient statistics of the site's validation split: confusion counts, score histograms at
+    the same policy-capped resolution rule as the test split's, and the loss sum. The centre
+    chooses the round, stops early, calibrates and sets the threshold on their pooled sums."""
+    if len(val_index) == 0:
+        return ClassificationStats.empty(data.labels.shape[1])
+    pred = predict(model, data, val_index, device)
+    return _classification_stats(pred.probs, data.labels[torch.as_tensor(val_index)], config, min_studies_per_bin)
+
+
+def subgroup_stats(model: InjuryNet, data: SiteInputs, subgroups: list[dict[str, str]], test_index: np.ndarray,
+                   device: torch.device, config: EvalConfig, min_studies_per_bin: int,
+                   min_count: int) -> dict[tuple[str, str], ClassificationStats]:
+    """The test split's statistics per subgroup the site may report (common/metrics/subgroup_stats.py):
+    ``subgroups`` holds each study's categories (``SiteData.subgroups``), ``min_count`` the site
+    policy's min-reported-count."""
+    if len(test_index) == 0 or not subgroups:
+        return {}
+    pred = predict(model, data, test_index, device)
+    return site_subgroup_stats(pred.probs.numpy(), data.labels[torch.as_tensor(test_index)].numpy(),
+                               [subgroups[i] for i in test_index], config.threshold, config.eval_bins,
+                               min_studies_per_bin, min_count)
+
+
+def _classification_stats(probs: Tensor, labels: Tensor, config: EvalConfig,
+                          min_studies_per_bin: int) -> ClassificationStats:
+    """Counts, histograms (``histogram_bins`` of the split's size, capped by the site's k) and BCE sum."""
+    loss_sum = F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7).double(), labels.double(), reduction="sum").item()
+    return ClassificationStats.from_predictions(probs.numpy(), labels.numpy(), loss_sum, config.threshold,
+                                                histogram_bins(len(probs), config.eval_bins, min_studies_per_bin))

@@ -57,6 +57,9 @@ class SitePolicy:
     # k: at most one histogram bin per k test studies, however the centre asks (0: as the centre asks,
     # for a site that wants exact figures, e.g. a simulation whose sites the centre owns)
     min_studies_per_bin: int = 1
+    # The smallest count of studies the site lets the centre publish (model cards print 1..k-1 as "<k"),
+    # and the fewest studies a subgroup figure is computed over (smaller subgroups are never sent).
+    min_reported_count: int = 10
     min_image_metrics_sample: int = 16  # PSNR/SSIM/FID over at least this many test images (0 in the config = all)
     max_fid_dim: int = 64  # FID feature width: the moments grow with its square
     # Resources

@@ -2,7 +2,7 @@
 
     RUN_DIR/
       config.json                the run config, backbone hash, budget id, and the run it resumes
-      checkpoints/round-003.pt   trainable parameters + config + backbone hash (+ pooled histograms)
+      checkpoints/round-003.pt   trainable parameters + config + backbone hash (+ pooled test and validation histograms)
       metrics.jsonl              one JSON record per round (global and per-site figures)
       metrics.csv                the same figures in long form: round, scope, metric, value
       state.json                 running / paused / finished / stopped / failed, the last finished round
@@ -34,6 +34,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from common.files import atomic_torch_save, atomic_write_bytes
+from common.provenance import provenance
+from common.metrics.catalogue import CI_KEY, interval_of
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ EXPORT_DIR = "export"
 
 CONTROL_STATES = ("running", "paused", "stop")
 ENDED_STATES = ("finished", "stopped", "failed")
-CSV_HEADER = "round,scope,metric,value,aggregation,reason\r\n"
+CSV_HEADER = f"round,scope,metric,value,aggregation,reason,{CI_KEY}_low,{CI_KEY}_high\r\n"
 
 
 class RunDirectory:
@@ -62,22 +64,24 @@ class RunDirectory:
 
     @classmethod
     def create(cls, path: Path, config: dict[str, Any], backbone_hash: str, budget_id: str,
-               resumed_from: str | None = None) -> "RunDirectory":
+               resumed_from: str | None = None, app_hash: str = "") -> "RunDirectory":
+        """``app_hash``: the sha256 of the app bundle the run runs (Flower's fab hash; empty in an
+        in-process federation). The code's commit and library versions are recorded with it."""
         run = cls(path)
         (run.path / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         run._meta = {"config": config, "backbone-hash": backbone_hash, "budget-id": budget_id,
-                     "resumed-from": resumed_from}
+                     "resumed-from": resumed_from, "app-bundle-sha256": app_hash, "provenance": provenance()}
         atomic_write_bytes(run.path / CONFIG_FILE, json.dumps(run._meta, indent=2).encode())
         return run
 
     @classmethod
     def create_under(cls, root: Path, run_id: int | str, config: dict[str, Any], backbone_hash: str,
-                     budget_id: str = "", resumed_from: str | None = None) -> "RunDirectory":
+                     budget_id: str = "", resumed_from: str | None = None, app_hash: str = "") -> "RunDirectory":
         """A new run directory in ``root`` named by its start time and Flower run id (the centre
         finds a run's directory by the ``-run<id>`` ending)."""
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
         return cls.create(root.expanduser().resolve() / name, config, backbone_hash, budget_id or str(run_id),
-                          resumed_from)
+                          resumed_from, app_hash)
 
     @classmethod
     def open(cls, path: Path) -> "RunDirectory":
@@ -112,19 +116,20 @@ class RunDirectory:
         return self.path / CHECKPOINT_DIR / f"round-{server_round:03d}.pt"
 
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord,
-                        histograms: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
-        """Trainable parameters, config and backbone hash; with ``histograms``, the round's pooled
-        score histograms (resolution -> positives, negatives per label), which the export's
-        probability calibration is fitted on."""
+                        histograms: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                        validation_histograms: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+        """Trainable parameters, config and backbone hash; the round's pooled score histograms
+        (resolution -> positives, negatives per label) of the sites' test splits (``histograms``,
+        whose figures the export reports) and of their validation splits (which the export's
+        calibration and operating threshold are fitted on)."""
         path = self.checkpoint_path(server_round)
         payload = {
             "round": server_round,
             "trainable": {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()},
             "config": self.config(),
             "backbone-hash": self.meta().get("backbone-hash"),
-            "pooled-histograms": {int(bins): (torch.from_numpy(np.asarray(pos, np.int64)),
-                                              torch.from_numpy(np.asarray(neg, np.int64)))
-                                  for bins, (pos, neg) in (histograms or {}).items()},
+            "pooled-histograms": _histogram_tensors(histograms),
+            "pooled-validation-histograms": _histogram_tensors(validation_histograms),
         }
         atomic_torch_save(payload, path)
         return path
@@ -275,24 +280,37 @@ class RunDirectory:
 
 def csv_rows(record: dict[str, Any]) -> str:
     """One round record's rows of metrics.csv, in long form: round, scope (global, a site,
-    server-validation), metric, value, aggregation, reason."""
+    validation, server-validation), metric, value, aggregation, reason, and the bounds of the value's
+    confidence interval (empty where there is none)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     sources = [("global", record.get("catalogue") or {})]
+    if record.get("validation"):
+        sources.append(("validation", record["validation"]))
     if record.get("server_validation"):
         sources.append(("server-validation", record["server_validation"]))
     for scope, catalogue in sources:
         for name, entry in catalogue.items():
             writer.writerow([record["round"], scope, name, _csv_value(entry.get("value")),
-                             entry.get("aggregation", ""), entry.get("reason", "")])
+                             entry.get("aggregation", ""), entry.get("reason", ""), *_csv_bounds(interval_of(entry))])
             if scope == "global":
                 for site, value in (entry.get("per_site") or {}).items():
-                    writer.writerow([record["round"], site, name, _csv_value(value), "site", ""])
+                    writer.writerow([record["round"], site, name, _csv_value(value), "site", "",
+                                     *_csv_bounds(interval_of(entry, site=site))])
     return buffer.getvalue()
+
+
+def _histogram_tensors(histograms: dict[int, tuple[np.ndarray, np.ndarray]] | None) -> dict:
+    return {int(bins): (torch.from_numpy(np.asarray(pos, np.int64)), torch.from_numpy(np.asarray(neg, np.int64)))
+            for bins, (pos, neg) in (histograms or {}).items()}
 
 
 def _csv_value(value: Any) -> str:
     return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else repr(value)
+
+
+def _csv_bounds(bounds: tuple[float, float] | None) -> list[str]:
+    return ["", ""] if bounds is None else [_csv_value(bound) for bound in bounds]
 
 
 def json_safe(value: Any) -> Any:

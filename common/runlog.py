@@ -28,8 +28,9 @@ def round_line(record: dict[str, Any], num_rounds: int | None = None) -> str:
     train = record.get("train") or {}
     evaluated = record.get("evaluation") or {}
     parts = [f"round {record['round']}" + (f"/{num_rounds}" if num_rounds else ""),
-             f"AUC {fmt(_value(record, 'auc'))}", f"loss {fmt(_value(record, 'loss'))}",
+             f"test AUC {fmt(_value(record, 'auc'))} loss {fmt(_value(record, 'loss'))} "
              f"acc {fmt(_value(record, 'accuracy'))}",
+             f"val loss {fmt(selection_value(record, 'val-loss'))} AUC {fmt(selection_value(record, 'val-auc'))}",
              f"sites trained {len(train)} evaluated {len(evaluated)}"]
     if record.get("rejected"):
         parts.append(f"rejected {len(record['rejected'])}")
@@ -45,11 +46,20 @@ def round_line(record: dict[str, Any], num_rounds: int | None = None) -> str:
     return "  ".join(parts)
 
 
-# Best-round criteria: (where the value is, lower is better). "Pooled" figures come from the sums
-# of the sites' evaluation statistics; "server-val" from the centre's own validation set.
-SELECTION_METRICS = {"loss": ("catalogue", "loss", True), "auc": ("catalogue", "auc", False),
+# Best-round criteria: (where the value is, lower is better). "val" figures come from the sums of
+# the sites' validation statistics; "server-val" from the centre's own validation clinic. Never a
+# test figure: those are reported for the chosen round, and a round chosen by them would make
+# them a biased estimate.
+SELECTION_METRICS = {"val-loss": ("validation", "loss", True), "val-auc": ("validation", "auc", False),
                      "server-val-loss": ("server_validation", "loss", True),
                      "server-val-auc": ("server_validation", "auc", False)}
+
+
+def describe_selection(metric: str) -> str:
+    """What a best-metric measures, in words: "the sites' pooled validation loss"."""
+    section, name, _ = SELECTION_METRICS[metric]
+    where = "the sites' pooled validation" if section == "validation" else "the centre's validation clinic's"
+    return f"{where} {name.upper() if name == 'auc' else name}"
 
 
 def selection_value(record: dict[str, Any], metric: str) -> float | None:

@@ -50,7 +50,7 @@ def main(grid: Grid, context: Context) -> None:
         last, arrays, budget_id = _resume_point(previous, backbone_hash)
         first_round = last + 1
     run = RunDirectory.create_under(Path(fed.run_dir), context.run_id, config.to_mapping(), backbone_hash, budget_id,
-                                    str(previous) if previous else None)
+                                    str(previous) if previous else None, app_hash=grid.run.fab_hash)
     print(f"clinicfl: run directory {run.path}", flush=True)
     if previous is not None:
         records = run.adopt(RunDirectory(previous), first_round - 1)

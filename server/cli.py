@@ -9,7 +9,7 @@
     clinicfl-server status [RUN | RUN_DIR]                         runs, or one run's per-round table
     clinicfl-server logs RUN | stop RUN | pause RUN | continue RUN
     clinicfl-server resume RUN [--rounds N]                        continue RUN from its last finished round
-    clinicfl-server export RUN [--round N] [--out FILE]            the global model, self-contained
+    clinicfl-server export RUN [--round N] [--out FILE] [--use F]  the global model and its model card
     clinicfl-server report RUN | RUN_DIR                           PNG plots
     clinicfl-server shutdown                                       stop the SuperLink
 
@@ -261,9 +261,18 @@ def cmd_continue(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from server.export import export_model
+    from server.model_card import IntendedUse, card_paths
 
-    path = export_model(_run_dir(args, args.run), args.round, Path(args.out) if args.out else None)
-    print(path)
+    try:
+        use = IntendedUse.load(Path(args.use) if args.use else None)
+    except ValueError as exc:
+        raise CentreError(str(exc)) from None
+    path = export_model(_run_dir(args, args.run), args.round, Path(args.out) if args.out else None, use)
+    print(path)  # stdout: the model file only, for scripts
+    print("model card: " + "  ".join(str(card) for card in card_paths(path)), file=sys.stderr)
+    if not use.provided:
+        print("the model card's intended use is a placeholder: write it in a TOML file and export again with "
+              "--use FILE (docs/predict.md, 'Model card')", file=sys.stderr)
     return 0
 
 
@@ -334,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", help="run id or run directory")
     p.add_argument("--round", type=int, help="default: the best finished round (run config best-metric)")
     p.add_argument("--out")
+    p.add_argument("--use", help="TOML file: intended-use, out-of-scope, intended-users, contact (the model card's "
+                                 "intended use; a placeholder without it)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("report", help="write PNG plots of a run")
     p.add_argument("run", help="run id or run directory")

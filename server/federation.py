@@ -8,8 +8,9 @@ so round r-1 is recorded once round r's replies are in, and the last round is sc
 With DP, secure aggregation or sampled sites a round is two exchanges, training then evaluation.
 
 Between rounds the run honours the centre's control flag (pause / continue / stop), keeps the
-best round by the configured criterion (``best-metric``), stops early after ``patience`` rounds
-without improvement, and logs every round to the experiment tracker. Every early end is recorded
+best round by the configured criterion (``best-metric``: the sites' pooled validation statistics
+or the centre's validation clinic, never a test figure), stops early after ``patience`` rounds
+without improvement of it, and logs every round to the experiment tracker. Every early end is recorded
 with its reason in ``state.json`` and the round's record.
 """
 
@@ -200,14 +201,16 @@ class FederatedRun:
         """Checkpoint, record, track and report one round; returns why the run ends after it."""
         started = time.perf_counter()
         pooled = self.strategy.pooled.get(server_round)
+        validation = self.strategy.pooled_validation.get(server_round)
         checkpoint = self.run.save_checkpoint(server_round, arrays,
-                                              pooled.classification.histograms if pooled is not None else None)
+                                              pooled.classification.histograms if pooled is not None else None,
+                                              validation.histograms if validation is not None else None)
         report = self.strategy.report(server_round)
-        validation = self.central.evaluate(arrays, self.fid_round(server_round)) if self.central else None
+        central = self.central.evaluate(arrays, self.fid_round(server_round)) if self.central else None
         # The round ends here. Its bookkeeping below (metrics files, state, tracker, console) is
         # timed into the next round: every second of the run is in exactly one round's seconds.
         ended = time.perf_counter()
-        record = round_record(report, ended - self.started, checkpoint, self.efficiency, validation,
+        record = round_record(report, ended - self.started, checkpoint, self.efficiency, central,
                               dict(self.strategy.epsilon) if self.config.privacy.dp_enabled else None)
         self.started = ended
         self.phases["checkpoint_and_validation"] = ended - started

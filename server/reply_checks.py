@@ -17,14 +17,17 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 
-from common.exchange import ARRAYS_KEY, METRICS_KEY, POLICY_KEY, STATUS_OK, ParamSpec, UpdateError, check_arrays, \
-    site_record
+from common.exchange import ARRAYS_KEY, METRICS_KEY, POLICY_KEY, STATUS_OK, SUBGROUPS_KEY, VALIDATION_KEY, ParamSpec, \
+    UpdateError, check_arrays, site_record
 from common.metrics.catalogue import EvaluationStats
+from common.metrics import subgroup_stats
+from common.metrics.classification import ClassificationStats
 from server.identities import SiteIdentities
 
 DP_KEYS = ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-max-grad-norm", "dp-sample-rate", "dp-steps")
 TRAIN_KEYS = {"num-examples", "train-loss", "train-seconds"}
 MAX_EXAMPLES = 10_000_000  # studies at one site: a larger weight is forged or corrupt
+VALIDATION_FIELDS = frozenset(ClassificationStats.empty(1).to_record())  # a validation record's keys, no others
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,33 @@ class ReplyValidator:
             return None, self.layout.parse(dict(msg.content[key]), self.fid_expected(server_round))
         except (KeyError, ValueError, TypeError) as exc:
             return f"malformed evaluation statistics: {exc}", None
+
+    def validation_stats(self, msg: Message) -> tuple[str | None, ClassificationStats | None]:
+        """(why not, or None; the statistics) of the validation split, read from the reply's
+        ``validation`` record: checked as the test split's classification statistics are (counts
+        that add up to n, histograms that hold exactly the positives and negatives, a bounded loss)."""
+        if VALIDATION_KEY not in msg.content.metric_records:
+            return "reply lacks the validation statistics", None
+        record = dict(msg.content[VALIDATION_KEY])
+        unexpected = sorted(set(record) - VALIDATION_FIELDS)
+        if unexpected:
+            return f"malformed validation statistics: unexpected {', '.join(unexpected[:5])}", None
+        try:
+            return None, ClassificationStats.from_record(record, self.layout.num_labels)
+        except (KeyError, ValueError, TypeError) as exc:
+            return f"malformed validation statistics: {exc}", None
+
+    def subgroup_stats(self, msg: Message) -> tuple[str | None, tuple[int | None, dict]]:
+        """(why not, or None; (the site's min-reported-count, its subgroups' statistics)) from the
+        reply's ``subgroups`` record: kinds and categories from the fixed vocabulary only, each
+        subgroup no smaller than the site's own minimum, statistics checked as the test split's.
+        A reply without the record reports no subgroups (None, {})."""
+        if SUBGROUPS_KEY not in msg.content.metric_records:
+            return None, (None, {})
+        try:
+            return None, subgroup_stats.from_record(dict(msg.content[SUBGROUPS_KEY]), self.layout.num_labels)
+        except (KeyError, ValueError, TypeError) as exc:
+            return f"malformed subgroup statistics: {exc}", (None, {})
 
 
 def _train_metrics_problem(metrics: MetricRecord | None) -> str | None:

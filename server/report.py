@@ -19,7 +19,8 @@ from common.inference import predict  # noqa: E402
 from server.evaluation import CentralValidation  # noqa: E402
 from common.rundir import RunDirectory  # noqa: E402
 from rich.console import Console  # noqa: E402
-from server.runs import chosen_round  # noqa: E402
+from common.metrics.catalogue import interval_of  # noqa: E402
+from server.runs import CI_LABEL, chosen_round, with_interval  # noqa: E402
 
 CURVES = ["auc", "accuracy", "sensitivity", "specificity", "f1", "kappa", "mae", "rmse", "psnr", "ssim", "fid", "is"]
 
@@ -75,6 +76,9 @@ def _curves(records: list[dict[str, Any]], path: Path) -> str:
 
         plot([((r.get("catalogue") or {}).get(name) or {}).get("value") for r in records], "o-", lw=2.5,
              color="black", label="global")
+        band_rounds, lows, highs = interval_band(records, name)
+        if band_rounds:
+            ax.fill_between(band_rounds, lows, highs, color="black", alpha=0.15, lw=0, label=f"global {CI_LABEL}")
         sites = sorted({s for r in records for s in (((r.get("catalogue") or {}).get(name) or {}).get("per_site") or {})})
         for site in sites:
             plot([(((r.get("catalogue") or {}).get(name) or {}).get("per_site") or {}).get(site) for r in records],
@@ -87,10 +91,20 @@ def _curves(records: list[dict[str, Any]], path: Path) -> str:
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes.ravel()[0].legend(fontsize=8)
-    fig.suptitle("Global model per round (pooled over sites); thin lines: each site")
+    fig.suptitle(f"Global model per round (pooled over sites), shaded: its {CI_LABEL}; thin lines: each site")
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return str(path)
+
+
+def interval_band(records: list[dict[str, Any]], name: str) -> tuple[list[int], list[float], list[float]]:
+    """(rounds, lower bounds, upper bounds) of the global figure's confidence interval, over the
+    rounds that have one; a round without one breaks the band (NaN)."""
+    bands = [interval_of((r.get("catalogue") or {}).get(name)) for r in records]
+    if all(bounds is None for bounds in bands):
+        return [], [], []
+    return ([r["round"] for r in records], [np.nan if b is None else b[0] for b in bands],
+            [np.nan if b is None else b[1] for b in bands])
 
 
 def _roc(record: dict[str, Any], path: Path) -> str:
@@ -101,7 +115,9 @@ def _roc(record: dict[str, Any], path: Path) -> str:
     auc = ((record.get("catalogue") or {}).get("auc") or {})
     for label, curve in roc.items():
         value = (auc.get("per_label") or {}).get(label, auc.get("value"))
-        ax.plot(curve["fpr"], curve["tpr"], lw=2, label=f"{label} (AUC {value:.3f})" if value is not None else label)
+        bounds = interval_of(auc, label=label) if auc.get("per_label") else interval_of(auc)
+        ax.plot(curve["fpr"], curve["tpr"], lw=2,
+                label=f"{label} (AUC {with_interval(value, bounds)})" if value is not None else label)
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")

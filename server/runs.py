@@ -14,8 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from common.rundir import ENDED_STATES, RunDirectory
-from common.runlog import select_best
-from common.metrics.catalogue import MetricValue
+from common.config import BestMetric
+from common.runlog import SELECTION_METRICS, select_best
+from common.metrics.catalogue import MetricValue, interval_of
+from common.metrics.intervals import LEVEL
 from server.strategy import RoundReport
 
 
@@ -28,8 +30,12 @@ def record_stop(run: RunDirectory, detail: str) -> None:
 
 
 def best_round(run: RunDirectory) -> dict[str, Any] | None:
-    """The best finished round by the run's own best-metric: {"round", "metric", "value"}."""
-    metric = run.config().get("best-metric", "loss")
+    """The best finished round by the run's own best-metric: {"round", "metric", "value"}. None
+    when no finished round has the figure, or for a run whose best-metric chose by a test figure
+    (no longer offered: such a choice would bias the test figures it reports)."""
+    metric = run.config().get("best-metric", BestMetric.VAL_LOSS.value)
+    if metric not in SELECTION_METRICS:
+        return None
     finished = set(run.finished_rounds())
     found = select_best([r for r in run.read_metrics() if r["round"] in finished], metric)
     return None if found is None else {"round": found[0], "metric": metric, "value": found[1]}
@@ -90,15 +96,32 @@ CLASSIFICATION_COLUMNS = [("AUC", "auc"), ("acc", "accuracy"), ("sens", "sensiti
                           ("prec", "precision"), ("F1", "f1"), ("kappa", "kappa")]
 OTHER_COLUMNS = [("MAE", "mae"), ("RMSE", "rmse"), ("MAPE", "mape"), ("PSNR", "psnr"), ("SSIM", "ssim"),
                  ("FID", "fid"), ("IS", "is"), ("eps", "epsilon")]
+INTERVAL_COLUMNS = ("auc", "sensitivity", "specificity")  # shown as "value [low, high]"
+CI_LABEL = f"{round(LEVEL * 100)}% CI"
 
 
 def _value(record: dict[str, Any], name: str) -> Any:
     return ((record.get("catalogue") or {}).get(name) or {}).get("value")
 
 
+def with_interval(value: Any, bounds: tuple[float, float] | None, digits: int = 3) -> str:
+    """"0.934 [0.88, 0.97]": the value, then its confidence interval to 2 decimals (an interval
+    of a few hundred studies is rarely narrower than 0.01); the value alone where there is none."""
+    text = _fmt(value, digits)
+    return text if bounds is None or text == "n/a" else f"{text} [{bounds[0]:.2f}, {bounds[1]:.2f}]"
+
+
+def _classification_cell(record: dict[str, Any], name: str) -> str:
+    entry = (record.get("catalogue") or {}).get(name)
+    if name in INTERVAL_COLUMNS:
+        return with_interval((entry or {}).get("value"), interval_of(entry))
+    return _fmt((entry or {}).get("value"))
+
+
 def rounds_tables(records: list[dict[str, Any]]) -> list[Table]:
-    """Two tables that each fit an 80-column terminal: classification, then errors/images/cost."""
-    first = Table(title="global model, pooled over sites: classification")
+    """Two tables: classification (AUC, sensitivity and specificity with their confidence
+    intervals; in a narrow terminal an interval wraps under its value), then errors/images/cost."""
+    first = Table(title=f"global model, pooled over sites: classification (AUC, sens, spec: value [{CI_LABEL}])")
     for column in ["round", "sites", "rej", "train loss", "test loss", *[h for h, _ in CLASSIFICATION_COLUMNS]]:
         first.add_column(column, justify="right")
     second = Table(title="errors, image quality, cost")
@@ -109,7 +132,7 @@ def rounds_tables(records: list[dict[str, Any]]) -> list[Table]:
         weights = sum(t["num-examples"] for t in train.values())
         train_loss = sum(t["loss"] * t["num-examples"] for t in train.values()) / weights if weights else None
         first.add_row(str(r["round"]), str(len(train)), str(len(r.get("rejected") or [])), _fmt(train_loss),
-                      _fmt(_value(r, "loss")), *[_fmt(_value(r, name)) for _, name in CLASSIFICATION_COLUMNS])
+                      _fmt(_value(r, "loss")), *[_classification_cell(r, name) for _, name in CLASSIFICATION_COLUMNS])
         traffic = (_value(r, "bytes_sent") or 0) + (_value(r, "bytes_received") or 0)
         second.add_row(str(r["round"]), *[_fmt(_value(r, name), 1 if name in ("psnr", "fid") else 3)
                                           for _, name in OTHER_COLUMNS],
@@ -136,7 +159,8 @@ def print_rounds(records: list[dict[str, Any]], console: Console) -> None:
     if last.get("server_validation"):
         sv = last["server_validation"]
         console.print("server validation set, round {}: AUC {}  acc {}  F1 {}  PSNR {}  SSIM {}".format(
-            last["round"], *(_fmt((sv.get(k) or {}).get("value")) for k in ("auc", "accuracy", "f1", "psnr", "ssim"))))
+            last["round"], with_interval((sv.get("auc") or {}).get("value"), interval_of(sv.get("auc"))),
+            *(_fmt((sv.get(k) or {}).get("value")) for k in ("accuracy", "f1", "psnr", "ssim"))))
     for rejected in last.get("rejected") or []:
         console.print(f"round {last['round']}: {rejected['phase']} reply from {rejected['site']} rejected: "
                       f"{rejected['reason']}")

@@ -25,8 +25,9 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from common.exchange import ARRAYS_KEY, EVALUATE_FIRST_KEY, EVALUATION_KEY, FID_KEY, GLOBAL_DIGEST_KEY, \
     GLOBAL_NOT_HELD, METRICS_KEY, STATUS_BUDGET_EXHAUSTED, payload_bytes, site_record
-from common.metrics.catalogue import EvaluationStats, MetricValue, compute_catalogue
+from common.metrics.catalogue import EvaluationStats, MetricValue, compute_catalogue, validation_catalogue
 from common.metrics.classification import ClassificationStats, roc_curve_from_histograms
+from common.metrics.subgroup_stats import pooled_summaries
 from server.held_models import HeldModels
 from server.identities import SiteIdentities
 from server.reply_checks import DP_KEYS, EvaluationLayout, ReplyValidator, is_scalar
@@ -46,6 +47,8 @@ class RoundReport:
     evaluation: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> loss, accuracy, auc, n
     global_eval: dict[str, float] = field(default_factory=dict)  # headline figures (loss, accuracy, auc, n)
     catalogue: dict[str, dict] = field(default_factory=dict)  # every metric: value, aggregation, per site
+    # the sites' pooled validation figures (loss, AUC, ...): what chooses the round and calibrates
+    validation: dict[str, dict] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)  # {site, phase, reason}
     mismatches: list[dict[str, str]] = field(default_factory=list)  # {site, phase, reason}: identity claims
     aggregated: bool = False
@@ -55,6 +58,8 @@ class RoundReport:
     exhausted: dict[str, float] = field(default_factory=dict)  # site -> epsilon spent; it did not train
     stopped: str | None = None  # why the run ended after this round, when it ended early
     secure_aggregation: dict = field(default_factory=dict)  # SecAgg+: sites, shares, dropped, error bound
+    # "kind: category" -> pooled test studies, positives, sites, AUC with its interval (sites' subgroups)
+    subgroups: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def count_traffic(self, site: str, sent: int, received: int) -> None:
@@ -96,7 +101,9 @@ class ClinicFedAvg(FedAvg):
                              settings.images_per_study),
             wire_dtype=settings.wire_dtype, max_update_norm=settings.max_update_norm)
         self.reports: dict[int, RoundReport] = {}
-        self.pooled: dict[int, EvaluationStats] = {}  # round -> summed evaluation statistics (best round, calibration)
+        self.pooled: dict[int, EvaluationStats] = {}  # round -> summed test statistics (reported only)
+        # round -> summed validation statistics (best round, early stopping, calibration, threshold)
+        self.pooled_validation: dict[int, ClassificationStats] = {}
         self.epsilon: dict[str, float] = {}  # last cumulative epsilon reported by each site
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[override]
@@ -223,11 +230,16 @@ class ClinicFedAvg(FedAvg):
     # ---------------------------------------------------------------- evaluation
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
                            within_training: bool = False) -> MetricRecord | None:
-        """Sum every valid site's statistics and compute the whole catalogue from the sums.
-        ``within_training``: the replies are round server_round + 1's training replies, whose
-        ``evaluation`` record holds the statistics (their bytes are counted by aggregate_train)."""
+        """Sum every valid site's statistics and compute the whole catalogue from the sums, and the
+        validation figures from the sums of the sites' validation statistics (a reply counts for
+        both or for neither). ``within_training``: the replies are round server_round + 1's training
+        replies, whose ``evaluation`` record holds the test statistics (their bytes are counted by
+        aggregate_train)."""
         report = self.report(server_round)
         total = self.validator.layout.empty(self.validator.fid_expected(server_round))
+        validation = ClassificationStats.empty(self.validator.layout.num_labels)
+        subgroups: dict[tuple[str, str], ClassificationStats] = {}
+        subgroup_sites: dict[tuple[str, str], set[str]] = {}
         per_site: dict[str, dict[str, MetricValue]] = {}
         key = EVALUATION_KEY if within_training else METRICS_KEY
         for msg in replies:
@@ -242,6 +254,10 @@ class ClinicFedAvg(FedAvg):
                     if site in report.evaluation:
                         raise ValueError("a second evaluation reply from the same site in one round")
                     problem, stats = self.validator.evaluation_stats(msg, server_round, key)
+                if problem is None:
+                    problem, site_validation = self.validator.validation_stats(msg)
+                if problem is None:
+                    problem, (min_count, site_groups) = self.validator.subgroup_stats(msg)
             except Exception as exc:  # noqa: BLE001 - no reply may end the run
                 problem = f"malformed reply ({type(exc).__name__}: {str(exc)[:120]})"
             if problem:
@@ -250,17 +266,38 @@ class ClinicFedAvg(FedAvg):
             if not within_training:
                 self.held.evaluated(node, server_round)  # the site keeps the model it evaluated
             total = total + stats
+            validation = validation + site_validation
+            for group, group_stats in site_groups.items():
+                subgroups[group] = subgroups[group] + group_stats if group in subgroups else group_stats
+                subgroup_sites.setdefault(group, set()).add(site)
+            # What a model card may say of the site's splits (it suppresses counts below min-reported-count).
+            counts = {"positives": int(stats.classification.tp[0] + stats.classification.fn[0]), "val-n": int(site_validation.n),
+                      "val-positives": int(site_validation.tp[0] + site_validation.fn[0])}
+            if min_count is not None:
+                counts["min-reported-count"] = min_count
             # Small sites still count in the global figures; their own figures are not shown.
             if stats.n >= self.settings.min_site_cases:
                 per_site[site] = compute_catalogue(stats, self.settings.label_names, self.settings.fid_extractor)
-                report.evaluation[site] = {**headline_of(per_site[site]), "n": stats.n}
+                report.evaluation[site] = {**headline_of(per_site[site]), "n": stats.n, **counts}
             else:
-                report.evaluation[site] = {"suppressed": f"fewer than {self.settings.min_site_cases} test studies"}
+                report.evaluation[site] = {"suppressed": f"fewer than {self.settings.min_site_cases} test studies",
+                                           **({"min-reported-count": min_count} if min_count is not None else {})}
+        self.pooled_validation[server_round] = validation
+        report.subgroups = pooled_summaries(subgroups, subgroup_sites, self.settings.label_names)
+        report.validation = {name: value.to_json(name) for name, value in
+                             validation_catalogue(validation, self.settings.label_names).items()}
         if total.n == 0:
             return None
         catalogue = compute_catalogue(total, self.settings.label_names, self.settings.fid_extractor)
         for name, value in catalogue.items():
             value.per_site = {site: values[name].value for site, values in per_site.items()}
+            # Each site's interval from its own statistics, as its value.
+            value.per_site_interval = {site: values[name].interval for site, values in per_site.items()}
+            # Why a site has none, where its reason is not the pooled figure's own (e.g. MSE's).
+            value.per_site_interval_reason = {
+                site: values[name].interval_reason for site, values in per_site.items()
+                if values[name].value is not None and values[name].interval is None
+                and values[name].interval_reason not in (None, value.interval_reason)}
         report.catalogue = {name: value.to_json(name) for name, value in catalogue.items()}
         report.roc = roc_curves(total.classification, self.settings.label_names)
         report.global_eval = {**headline_of(catalogue), "n": total.n}

@@ -22,11 +22,12 @@ from rich.console import Console
 from tqdm import tqdm
 
 from common.config import ConfigError
+from common.metrics.catalogue import CI_KEY, interval_of
 from common.policy import PolicyError, SitePolicy
 from common.processes import console_logging, parse_assignments
 from common.rundir import CHECKPOINT_DIR, CSV_FILE, METRICS_FILE, SUMMARY_FILE, RunDirectory
-from common.runlog import round_line
-from server.runs import print_status, wide_console
+from common.runlog import SELECTION_METRICS, describe_selection, round_line
+from server.runs import print_status, wide_console, with_interval
 from simulations.runner import PROJECT_ROOT, SimulationError, run_simulation
 from simulations.synthetic import SyntheticSpec, generate_clinics
 
@@ -107,15 +108,36 @@ def _run_and_report(data_root: Path, run_root: Path, num_sites: int, overrides: 
                "detail": state.get("detail"), "wall_seconds": round(time.perf_counter() - started, 1),
                "auc_round0": first["auc"]["value"], "auc_final": last["auc"]["value"],
                "best": {**best, "auc": best_record["catalogue"]["auc"]["value"]},
-               "final": {name: entry.get("value") for name, entry in last.items()}}
+               "final": {name: entry.get("value") for name, entry in last.items()},
+               # Each figure's confidence interval [low, high], where it has one (docs/metrics.md).
+               f"final_{CI_KEY}": _intervals(last), f"best_{CI_KEY}": _intervals(best_record["catalogue"])}
     run.write_summary(summary)
-    console.print(f"AUC {summary['auc_round0']:.3f} (round 0) -> {summary['auc_final']:.3f} "
-                  f"(round {summary['rounds']}); best round {best.get('round', '-')} by {best.get('metric', '-')} "
-                  f"(AUC {summary['best']['auc']:.3f}); {summary['wall_seconds']} s")
+    console.print(f"AUC {_fmt_auc(first)} (round 0) -> {_fmt_auc(last)} (round {summary['rounds']}); best round "
+                  f"{best.get('round', '-')} by {best.get('metric', '-')} (AUC {_fmt_auc(best_record['catalogue'])}); "
+                  f"{summary['wall_seconds']} s")
+    console.print(_chosen_round_line(best, records[-1]["round"]))
     console.print(f"run directory: {run.path}")
     console.print(f"  {METRICS_FILE}, {CSV_FILE}, {CHECKPOINT_DIR}/, {SUMMARY_FILE}, simulation.log"
                   + (", report/*.png" if plots else ""))
     return 0
+
+
+def _intervals(catalogue: dict) -> dict[str, list[float]]:
+    """name -> [low, high] of every figure of a round's catalogue that has a confidence interval."""
+    return {name: list(bounds) for name, entry in catalogue.items() if (bounds := interval_of(entry)) is not None}
+
+
+def _fmt_auc(catalogue: dict) -> str:
+    return with_interval(catalogue["auc"].get("value"), interval_of(catalogue["auc"]))
+
+
+def _chosen_round_line(best: dict, last_round: int) -> str:
+    """Which round the run chose and by which validation figure: its test figures are reported,
+    never used to choose."""
+    if best.get("metric") not in SELECTION_METRICS:
+        return f"no round chosen (no round has its best-metric figure): the export takes the last round, {last_round}"
+    return (f"round {best['round']} chosen by {best['metric']}, {describe_selection(best['metric'])} "
+            f"{best['value']:.4f}; the test figures above are reported for it, never used to choose")
 
 
 def _show_as_the_centre(run: RunDirectory, plots: bool) -> None:

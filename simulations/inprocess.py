@@ -8,6 +8,10 @@ own ``Context`` (its state persists across rounds, as a SuperNode keeps it), and
 back the same way. A ClientApp that raises is answered with Flower's error reply, as the real
 runtime answers it. The run config is the app's defaults with the overrides fused on top, as
 ``flwr run --run-config`` fuses them.
+
+``reply_filter`` is a fault-injection seam for tests and drills: a function applied to every
+reply after it has crossed the wire and before the ServerApp sees it (it may change the reply's
+content or return another message), as a site that sends something else would.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import random
 import re
 import time
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -37,6 +41,7 @@ from common.processes import absolute_paths
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SERVER_NODE_ID = 0
 _RUN_DIR_LINE = re.compile(r"clinicfl: run directory (\S.*)$", re.MULTILINE)
+ReplyFilter = Callable[[Message], Message]  # a reply as the site sent it -> the reply the ServerApp gets
 
 
 def app_components(project: Path = PROJECT_ROOT) -> tuple[Any, Any, dict[str, Any]]:
@@ -52,8 +57,10 @@ def _load(reference: str) -> Any:
 
 
 class InProcessGrid(Grid):
-    def __init__(self, client_app: Any, run_config: dict[str, Any], num_nodes: int, run_id: int) -> None:
+    def __init__(self, client_app: Any, run_config: dict[str, Any], num_nodes: int, run_id: int,
+                 reply_filter: ReplyFilter | None = None) -> None:
         self.client_app = client_app
+        self.reply_filter = reply_filter  # fault injection: applied to each reply before the ServerApp sees it
         self._run = Run.create_empty(run_id)
         # Node ids are random 63-bit numbers, as a SuperLink assigns them; partition i is node i.
         rng = random.Random(run_id)
@@ -114,7 +121,8 @@ class InProcessGrid(Grid):
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         back = message_to_proto(reply).SerializeToString()
         self.bytes_received += len(back)
-        return message_from_proto(ProtoMessage.FromString(back))
+        arrived = message_from_proto(ProtoMessage.FromString(back))
+        return self.reply_filter(arrived) if self.reply_filter is not None else arrived
 
 
 @contextlib.contextmanager
@@ -130,9 +138,10 @@ def _task_identity(run_id: int):
 
 
 def run_inprocess(data_root: Path, run_root: Path, num_sites: int, overrides: dict[str, Any] | None = None,
-                  quiet: bool = True) -> Path:
+                  quiet: bool = True, reply_filter: ReplyFilter | None = None) -> Path:
     """A whole federated run over the site folders under ``data_root``; returns its run directory.
-    ``quiet`` keeps the ServerApp's per-round lines off the console (they are in the run dir)."""
+    ``quiet`` keeps the ServerApp's per-round lines off the console (they are in the run dir);
+    ``reply_filter`` changes each site's reply before the ServerApp sees it (module docstring)."""
     server_app, client_app, defaults = app_components()
     values = absolute_paths({"data-root": str(data_root), "run-dir": str(run_root), **(overrides or {})})
     unknown = sorted(set(values) - set(defaults))
@@ -140,7 +149,7 @@ def run_inprocess(data_root: Path, run_root: Path, num_sites: int, overrides: di
         raise ValueError(f"unknown run-config key(s): {', '.join(unknown)}")
     run_config = {**defaults, **values}
     run_id = random.Random(time.time_ns()).randrange(1, 2 ** 63)
-    grid = InProcessGrid(client_app, run_config, num_sites, run_id)
+    grid = InProcessGrid(client_app, run_config, num_sites, run_id, reply_filter)
     context = Context(run_id=run_id, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
                       run_config=run_config)
     output = io.StringIO()

@@ -11,9 +11,10 @@ so tests can prove they never leave a site. Generation is deterministic for a se
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,12 @@ class SyntheticSpec:
 
 
 UNIT = 100.0  # intensity unit of the phantom, in rescaled (modality) values
+# Each site's scanner maker and model; a site runs a main magnet and an older one at 1.5 T, which
+# every third study uses. They name subgroups (common/data/subgroups.py), nothing in the pixels.
+VENDORS = (("SIEMENS", "MAGNETOM Vida", 3.0), ("GE MEDICAL SYSTEMS", "SIGNA Artist", 1.5),
+           ("Philips Medical Systems", "Ingenia", 3.0), ("Canon Medical Systems", "Vantage Orian", 1.5))
+SECOND_MAGNET_TESLA = 1.5
+DATASET_FILE = "dataset.json"  # written beside the site folders: what generated them
 
 
 def site_prevalences(spec: SyntheticSpec) -> np.ndarray:
@@ -77,6 +84,9 @@ def site_sizes(spec: SyntheticSpec) -> np.ndarray:
 def generate_clinics(out_dir: Path, spec: SyntheticSpec, progress: bool = True) -> list[Path]:
     """Write ``out_dir/site-XX`` for every site; returns the site folders. Existing sites are replaced."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # What made these folders, for the model card's "synthetic data" caveat and for reproducing them.
+    (out_dir / DATASET_FILE).write_text(json.dumps({"generator": "clinicfl-sim generate", "synthetic": True,
+                                                    "spec": asdict(spec)}, indent=2))
     prevalences = site_prevalences(spec)
     sizes = site_sizes(spec)
     sites = []
@@ -97,6 +107,7 @@ def _write_site(site_dir: Path, k: int, prevalence: float, n: int, spec: Synthet
         "noise": spec.noise * (1.0 + 0.5 * spec.scanner_shift * (rng.random() - 0.5)),
         "slope": [1.0, 0.5, 2.0][k % 3],
         "intercept": [0.0, -100.0, 50.0][k % 3],
+        "vendor": VENDORS[k % len(VENDORS)],
     }
     n_injured = int(round(prevalence * n))
     injured = np.zeros(n, dtype=bool)
@@ -221,6 +232,10 @@ def _write_study(study_dir: Path, rng: np.random.Generator, spec: SyntheticSpec,
         "StudyInstanceUID": study_uid,
         "FrameOfReferenceUID": generate_uid(entropy_srcs=[study_uid, "for"]),
         "AccessionNumber": f"{FAKE_PHI_MARKER}ACC{k + 1:02d}{i:05d}",
+        "Manufacturer": scanner["vendor"][0],
+        "ManufacturerModelName": scanner["vendor"][1],
+        "MagneticFieldStrength": scanner["vendor"][2] if i % 3 != 2 else SECOND_MAGNET_TESLA,
+        "BodyPartExamined": "KNEE",
     }
     # Scanners store slices in either direction; file names never follow anatomy.
     descending = bool(rng.random() < 0.5)

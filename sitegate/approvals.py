@@ -25,6 +25,9 @@ from pathlib import Path
 
 HASH = re.compile(r"[0-9a-f]{64}")
 ADMIN_ENV = "CLINICFL_APPROVALS_ADMIN"
+# Set by the gate's task process (one per message) to the bundle hash it checked before running
+# the app: the app reports to the centre that this site's gate approved the bundle (model card).
+APPROVED_BUNDLE_ENV = "CLINICFL_GATE_APPROVED_SHA256"
 FILE_MODE = 0o644  # the daemon's account reads it; only the owner writes
 FOLDER_MODE = 0o755
 

@@ -39,7 +39,7 @@ from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVers
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 
-from sitegate.approvals import ApprovalsError, approvals_warnings, approved_hashes
+from sitegate.approvals import APPROVED_BUNDLE_ENV, ApprovalsError, approvals_warnings, approved_hashes
 from sitegate.bundle import remove_leftovers, remove_unpacked, unpack_bundle
 
 REFUSAL = "app-not-approved"
@@ -218,6 +218,7 @@ def task(address: str, token: str, approvals: Path, install_root: Path) -> None:
             return
         # Exactly the bytes just hashed, in a folder of this task's own: no installed copy is trusted.
         app_dir = unpack_bundle(fab.content, install_root)
+        os.environ[APPROVED_BUNDLE_ENV] = digest  # this task process runs this one bundle only
         sys.dont_write_bytecode = True  # no .pyc beside a copy that is removed when the task ends
         marks.append(("unpack", time.perf_counter()))
         load = get_load_client_app_fn(default_app_ref="", app_path=str(app_dir), multi_app=True)

@@ -33,7 +33,9 @@ SITES = ["site-01", "site-02"]
 def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("approval")
     dep = Deployment(root)
-    spec = SyntheticSpec(sites=len(SITES), studies_per_site=12, image_size=32, slices_per_study=4, seed=31)
+    # 16 studies: each site keeps the 10 training studies the default site policy asks for beside its
+    # validation and test patients.
+    spec = SyntheticSpec(sites=len(SITES), studies_per_site=16, image_size=32, slices_per_study=4, seed=31)
     for name, path in zip(SITES, generate_clinics(root / "data", spec, progress=False)):
         dep.data[name] = path
     dep.server("certs", "--host", "localhost", *[a for n in SITES for a in ("--site", n)])

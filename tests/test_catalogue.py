@@ -82,6 +82,7 @@ def _federated(pooled, fid_dim=FID_DIM, small_site: bool = False, with_images: b
         if stats.images is not None and not sent_fid[i]:
             stats.images.real = stats.images.fake = None
         content = RecordDict({"metrics": MetricRecord({"num-examples": stats.n, **stats.to_record()}),
+                              "validation": MetricRecord(stats.classification.to_record()),
                               "site": ConfigRecord({"status": "ok", "site-name": f"site-{i}", "backbone-hash": HASH})})
         replies.append(reply(content, i + 1, "evaluate"))
     strategy.aggregate_evaluate(1, replies)

@@ -30,12 +30,13 @@ def test_site_loads_into_aligned_arrays(tiny_clinics, tiny_data_config):
 
 def test_split_keeps_each_patient_on_one_side(tiny_clinics, tiny_data_config):
     records, _ = read_labels(tiny_clinics[0])
-    is_test = assign_split(records, 0.3, seed=0)
-    sides: dict[str, set[bool]] = {}
-    for record, test in zip(records, is_test):
-        sides.setdefault(record.patient, set()).add(bool(test))
+    split = assign_split(records, 0.3, 0.2, seed=0)
+    sides: dict[str, set[str]] = {}
+    for record, side in zip(records, split):
+        sides.setdefault(record.patient, set()).add(str(side))
     assert all(len(s) == 1 for s in sides.values())
-    assert np.array_equal(is_test, assign_split(records, 0.3, seed=0)), "deterministic"
+    assert set(split) == {"train", "val", "test"}
+    assert np.array_equal(split, assign_split(records, 0.3, 0.2, seed=0)), "deterministic"
 
 
 def test_explicit_split_and_multi_label_columns(site, tiny_data_config):
@@ -110,7 +111,10 @@ def test_check_data_cli_summarises_a_good_site(tiny_clinics):
     rows = _table_rows(result.stdout)
     data = load_site(tiny_clinics[0], DataConfig(SharedConfig(image_size=32, seq_len=4)), 1, progress=False)
     assert rows["usable studies"] == str(len(data.studies)) == "16"
-    assert rows["train / test studies"] == f"{len(data.train_index)} / {len(data.test_index)}"
+    assert rows["train / val / test studies"] == \
+        f"{len(data.train_index)} / {len(data.val_index)} / {len(data.test_index)}"
+    assert len(data.val_index) > 0 and rows["injury (val): positive / negative"] == \
+        f"{int(data.labels[data.val_index, 0].sum())} / {int((1 - data.labels[data.val_index, 0]).sum())}"
     assert rows["patients"] == str(len(set(data.groups)))
     assert "ZZFAKE" not in result.stdout + result.stderr, "no header values on screen"
 

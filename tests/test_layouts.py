@@ -210,10 +210,13 @@ def test_check_data_json_summarises_counts_and_distributions(mura, tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["usable"] and summary["layout"] == "mura"
-    assert summary["studies"] == 3 and summary["train_studies"] == 2 and summary["test_studies"] == 1
+    # MURA's valid split is the test split; one of its two training patients becomes validation.
+    assert summary["studies"] == 3 and (summary["train_studies"], summary["val_studies"], summary["test_studies"]) \
+        == (1, 1, 1)
     assert summary["image_files"] == 9 and summary["images_used"] == 8
-    assert summary["labels"]["abnormal"] == {"train": {"positive": 1, "negative": 1},
-                                             "test": {"positive": 1, "negative": 0}}
+    labels = summary["labels"]["abnormal"]
+    assert labels["test"] == {"positive": 1, "negative": 0}
+    assert {k: labels["train"][k] + labels["val"][k] for k in ("positive", "negative")} == {"positive": 1, "negative": 1}
     assert summary["modalities"] == {"XR": 3} and summary["image_sizes"]["64x48"] == 5
     assert summary["metadata"]["body-part"] == {"wrist": 2, "elbow": 1}
     assert {q["reason"]: q["count"] for q in summary["quarantine"]} == {

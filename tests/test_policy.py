@@ -134,7 +134,8 @@ def test_the_centre_shows_the_refusal_per_site_with_the_key():
 
 def test_automatic_delta_is_capped_by_the_policy_and_k_coarsens_the_histograms(site, tmp_path):
     """Limits the site applies however the centre asks: the automatic delta (dp-target-delta = 0)
-    stays under max-delta, and a 2048-bin request gives one bin per k test studies at most."""
+    stays under max-delta, and a 2048-bin request gives one bin per k test studies at most, and
+    one bin per k validation studies in the validation statistics."""
     open_session.cache_clear()
     policy = _policy_file(tmp_path / "admin", "max-delta = 1e-7\nmin-studies-per-bin = 2\n")
     run = {**RUN, "dp-enabled": True, "eval-bins": 2048}
@@ -145,6 +146,8 @@ def test_automatic_delta_is_capped_by_the_policy_and_k_coarsens_the_histograms(s
     metrics = evaluated.content["metrics"]
     n_test = metrics["n"]
     assert metrics["bins"] <= max(n_test // 2, 4) and metrics["bins"] < 2048
+    validation = evaluated.content["validation"]
+    assert validation["n"] > 0 and validation["bins"] <= max(validation["n"] // 2, 4) and validation["bins"] < 2048
 
 
 def test_secure_aggregation_required_means_every_train_message_uses_it(site, tmp_path):

@@ -109,20 +109,23 @@ def test_config_files_keep_every_value_exactly(tmp_path):
 
 
 def _record(rnd: int, loss: float, auc: float) -> dict:
-    return {"round": rnd, "catalogue": {"loss": {"value": loss}, "auc": {"value": auc}}}
+    """A round whose pooled validation figures are ``loss`` and ``auc``; its test figures rank the
+    rounds the other way round, so a choice by test figures would pick another round."""
+    return {"round": rnd, "validation": {"loss": {"value": loss}, "auc": {"value": auc}},
+            "catalogue": {"loss": {"value": 1 - loss}, "auc": {"value": 1 - auc}}}
 
 
-def test_best_round_by_pooled_loss_or_auc_and_export_defaults_to_it(tmp_path):
+def test_best_round_by_pooled_validation_loss_or_auc_and_export_defaults_to_it(tmp_path):
     from common.runlog import select_best
     from server.runs import best_round, chosen_round
 
     records = [_record(0, 0.70, 0.50), _record(1, 0.30, 0.90), _record(2, 0.45, 0.95), _record(3, 0.60, 0.93)]
-    assert select_best(records, "loss") == (1, 0.30) and select_best(records, "auc") == (2, 0.95)
-    run = RunDirectory.create(tmp_path / "r", {"best-metric": "loss"}, "frozen:abc", budget_id="1")
+    assert select_best(records, "val-loss") == (1, 0.30) and select_best(records, "val-auc") == (2, 0.95)
+    run = RunDirectory.create(tmp_path / "r", {"best-metric": "val-loss"}, "frozen:abc", budget_id="1")
     for record in records:
         run.save_checkpoint(record["round"], ArrayRecord({"w": Array(np.full(3, float(record["round"]), np.float32))}))
         run.append_metrics(record)
-    assert best_round(run) == {"round": 1, "metric": "loss", "value": 0.30}
+    assert best_round(run) == {"round": 1, "metric": "val-loss", "value": 0.30}
     assert chosen_round(run) == 1 and chosen_round(run, 3) == 3
     run.checkpoint_path(1).write_bytes(b"torn")  # the best is only best if it can be loaded
     assert chosen_round(run) == 2
@@ -142,7 +145,7 @@ def test_status_prints_the_state_the_best_round_and_each_rounds_sites(tmp_path):
 
     with pytest.raises(ValueError, match="not a clinicfl run directory"):
         RunDirectory.open(tmp_path)
-    run = RunDirectory.create(tmp_path / "20260101-000000-run7", {"best-metric": "loss"}, "frozen:abc", budget_id="")
+    run = RunDirectory.create(tmp_path / "20260101-000000-run7", {"best-metric": "val-loss"}, "frozen:abc", budget_id="")
     assert run.budget_id() == "7", "a run without a budget id charges its own run id"
     for record in (_record(0, 0.70, 0.50), _record(1, 0.30, 0.90)):
         record.update(train={"s1": {"loss": 0.5, "num-examples": 10}}, evaluation={"s1": {}, "s2": {}})
@@ -155,9 +158,41 @@ def test_status_prints_the_state_the_best_round_and_each_rounds_sites(tmp_path):
     print_status(RunDirectory.open(run.path), Console(file=out, width=200))
     lines = out.getvalue().splitlines()
     assert lines[0] == "20260101-000000-run7: running, last finished round 1"
-    assert lines[1].startswith("best round 1 by loss (0.3000); last round 2;"), "the best finished round"
+    assert lines[1].startswith("best round 1 by val-loss (0.3000); last round 2;"), "the best finished round"
     assert "sites per round" in out.getvalue()
     assert lines[-1] == "round 2: train reply filed under s2: [node 9] answered for s2", "a site's words as written"
+
+
+def test_the_tables_the_csv_and_the_curves_carry_the_confidence_intervals():
+    import csv
+    import io
+
+    from rich.console import Console
+
+    from common.rundir import CSV_HEADER, csv_rows
+    from server.report import interval_band
+    from server.runs import print_rounds
+
+    auc = {"value": 0.934, "ci95": [0.881, 0.972], "per_site": {"s1": 0.9, "s2": 0.95},
+           "per_site_ci95": {"s1": [0.8, 0.97], "s2": None}}
+    records = [{"round": 0, "catalogue": {"auc": {"value": 0.5}}},  # a round without intervals
+               {"round": 1, "catalogue": {"auc": auc, "sensitivity": {"value": 0.8, "ci95": [0.7, 0.88]},
+                                          "f1": {"value": 0.7}}}]
+    out = io.StringIO()
+    print_rounds(records, Console(file=out, width=200))
+    assert "0.934 [0.88, 0.97]" in out.getvalue() and "0.800 [0.70, 0.88]" in out.getvalue()
+    assert "0.500" in out.getvalue() and "0.500 [" not in out.getvalue(), "no interval: the value alone"
+    assert "0.700" in out.getvalue() and "0.700 [" not in out.getvalue(), "F1 is shown without an interval"
+
+    table = io.StringIO(CSV_HEADER + csv_rows(records[1]))
+    rows = {(row["scope"], row["metric"]): row for row in csv.DictReader(table)}
+    assert (rows["global", "auc"]["ci95_low"], rows["global", "auc"]["ci95_high"]) == ("0.881", "0.972")
+    assert (rows["s1", "auc"]["ci95_low"], rows["s1", "auc"]["ci95_high"]) == ("0.8", "0.97")
+    assert rows["s2", "auc"]["ci95_low"] == rows["global", "f1"]["ci95_high"] == ""
+
+    rounds, lows, highs = interval_band(records, "auc")
+    assert rounds == [0, 1] and np.isnan(lows[0]) and (lows[1], highs[1]) == (0.881, 0.972)
+    assert interval_band(records, "f1") == ([], [], []), "no band where no round has an interval"
 
 
 def test_patience_ends_the_run_after_rounds_without_improvement():
@@ -165,14 +200,14 @@ def test_patience_ends_the_run_after_rounds_without_improvement():
     from server.federation import FederatedRun
 
     run = FederatedRun.__new__(FederatedRun)  # only the selection state is needed here
-    run.fed = RunConfig.from_mapping({"patience": 2, "best-metric": "loss"}).federation
+    run.fed = RunConfig.from_mapping({"patience": 2, "best-metric": "val-loss"}).federation
     run.records = [_record(0, 0.7, 0.5), _record(1, 0.3, 0.9)]
     assert run.early_stop_reason(1) is None
     run.records.append(_record(2, 0.35, 0.92))
     assert run.early_stop_reason(2) is None, "one round without improvement"
     run.records.append(_record(3, 0.50, 0.93))
     reason = run.early_stop_reason(3)
-    assert reason == "early stop: loss has not improved for 2 rounds (patience 2; best round 1)"
+    assert reason == "early stop: val-loss has not improved for 2 rounds (patience 2; best round 1)"
     run.fed = RunConfig.from_mapping({"patience": 0}).federation
     assert run.early_stop_reason(3) is None, "patience 0: never"
 
@@ -227,7 +262,7 @@ class _ScriptedSites:
         from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
         from tests.conftest import reply
-        from tests.test_strategy import HASH, _good_eval_record, _train_content
+        from tests.test_strategy import HASH, _good_eval_record, _good_validation_record, _train_content
 
         messages = list(messages)
         (kind,) = {("T+E" if m.content["config"].get("evaluate-first") else "T") if m.metadata.message_type == "train"
@@ -241,10 +276,12 @@ class _ScriptedSites:
             if kind == "E":
                 content = RecordDict({"metrics": MetricRecord(_good_eval_record()), "site": ConfigRecord(
                     {"status": "ok", "site-name": f"s{node}", "backbone-hash": HASH})})
+                content["validation"] = MetricRecord(_good_validation_record())
             else:
                 content = _train_content(0.1 * len(self.exchanges), 10, site=f"s{node}")
                 if kind == "T+E":
                     content["evaluation"] = MetricRecord(_good_eval_record())
+                    content["validation"] = MetricRecord(_good_validation_record())
             replies.append(reply(content, node, m.metadata.message_type))
         return replies
 
@@ -290,7 +327,7 @@ def test_a_stop_or_an_early_stop_between_combined_rounds_ends_after_a_scored_rou
     state, run_state, records, exchanges = _scripted_run(tmp_path / "patience", {"patience": 1})
     assert exchanges == ["T+E", "T+E"] and [r["round"] for r in records] == [0, 1]
     assert state == "stopped" and run_state["last-round"] == 1
-    assert run_state["detail"].startswith("early stop: loss has not improved for 1 rounds")
+    assert run_state["detail"].startswith("early stop: val-loss has not improved for 1 rounds")
     assert "round 2's training" in run_state["detail"]
     assert RunDirectory(tmp_path / "patience" / "run").last_finished_round() == 1
 

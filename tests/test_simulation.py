@@ -128,7 +128,7 @@ def test_each_round_records_the_whole_catalogue(finished_run):
         assert (central["fid"]["value"] is not None) == (record["round"] in (0, ROUNDS))
     assert read_metrics(run_dir)[-1]["catalogue"]["train_seconds"]["per_site"]["site-02"] > 0
     rows = (run_dir / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "round,scope,metric,value,aggregation,reason"
+    assert rows[0] == "round,scope,metric,value,aggregation,reason,ci95_low,ci95_high"
     assert any(row.startswith("2,site-01,auc,") for row in rows)
     assert any(row.startswith("2,server-validation,ssim,") for row in rows)
 

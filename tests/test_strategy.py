@@ -291,8 +291,18 @@ def _good_eval_record(n: int = 6) -> dict:
     return {"num-examples": n, **stats.to_record()}
 
 
-def _eval_reply(record: dict, node: int, site: str) -> object:
+def _good_validation_record(n: int = 4) -> dict:
+    """A site's validation statistics: classification counts, histograms and loss sum only."""
+    probs = np.linspace(0.1, 0.9, n)
+    labels = (np.arange(n) % 2).astype(float)
+    return ClassificationStats.from_predictions(probs[:, None], labels[:, None], 1.5, bins=4).to_record()
+
+
+def _eval_reply(record: dict, node: int, site: str, validation: dict | None = None) -> object:
+    """An evaluation reply with the test statistics ``record`` and the validation statistics
+    ``validation`` (default: ``_good_validation_record()``)."""
     return reply(RecordDict({"metrics": MetricRecord(record),
+                             "validation": MetricRecord(validation or _good_validation_record()),
                              "site": ConfigRecord({"status": "ok", "site-name": site, "backbone-hash": HASH})}),
                  node, message_type="evaluate")
 
@@ -569,6 +579,7 @@ def test_a_train_message_that_scores_first_carries_the_model_and_its_reply_is_po
         content = _train_content(float(node), 10, site=site)
         if evaluation is not None:
             content["evaluation"] = MetricRecord(evaluation)
+            content["validation"] = MetricRecord(_good_validation_record())
         return reply(content, node)
 
     replies = [combined(1, "a", _good_eval_record()), combined(2, "b", None)]
@@ -581,6 +592,37 @@ def test_a_train_message_that_scores_first_carries_the_model_and_its_reply_is_po
         "a site whose scores are missing still trained"
     assert first.traffic["a"]["sent"] == payload_bytes(train[1]) and first.traffic["a"]["received"] == 0
     assert second.traffic["a"] == {"sent": 0, "received": payload_bytes(replies[0])}
+
+
+def test_validation_statistics_are_pooled_apart_from_the_test_statistics_and_checked_alike():
+    """Each evaluation reply carries its validation split's statistics in a record of their own:
+    they are pooled into the round's validation figures (what chooses the round), and a reply
+    whose validation statistics are missing, inconsistent or carry more than classification
+    statistics counts for neither pool."""
+    from common.metrics.classification import summarize
+
+    strategy = _strategy()
+    no_validation = reply(RecordDict({"metrics": MetricRecord(_good_eval_record()), "site": ConfigRecord(
+        {"status": "ok", "site-name": "silent", "backbone-hash": HASH})}), 5, message_type="evaluate")
+    strategy.aggregate_evaluate(1, [
+        _eval_reply(_good_eval_record(), 1, "a"),
+        _eval_reply(_good_eval_record(), 2, "b", validation=_good_validation_record(8)),
+        _eval_reply(_good_eval_record(), 3, "forged", validation={**_good_validation_record(), "tp": [3]}),
+        _eval_reply(_good_eval_record(), 4, "extra", validation={**_good_validation_record(), "err": [1.0]}),
+        no_validation])
+    report = strategy.reports[1]
+    reasons = {r["site"]: r["reason"] for r in report.rejected}
+    assert set(report.evaluation) == {"a", "b"} and set(reasons) == {"forged", "extra", "silent"}
+    assert reasons["forged"] == "malformed validation statistics: confusion counts do not add up to n"
+    assert reasons["extra"] == "malformed validation statistics: unexpected err"
+    assert reasons["silent"] == "reply lacks the validation statistics"
+    assert strategy.pooled[1].n == 12, "a reply whose validation statistics fail adds no test statistics either"
+    expected = ClassificationStats.from_record(_good_validation_record(), 1) + \
+        ClassificationStats.from_record(_good_validation_record(8), 1)
+    assert strategy.pooled_validation[1].n == 12 and strategy.pooled_validation[1].histograms.keys() == {4}
+    assert report.validation["loss"]["value"] == pytest.approx(expected.loss_sum / 12)
+    assert report.validation["auc"]["value"] == pytest.approx(summarize(expected)["auc"])
+    assert report.validation["loss"]["value"] != report.catalogue["loss"]["value"], "the test figures are apart"
 
 
 # ------------------------------------------------------------------ lossless compression on the wire

@@ -25,7 +25,7 @@ from common.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "2"  # bump when the pixel pipeline changes (2: pydicom's VOI LUT Function, SIGMOID included)
+CACHE_VERSION = "3"  # bump when what is stored changes (2: pydicom's VOI LUT Function; 3: subgroups)
 
 
 @dataclass
@@ -65,7 +65,8 @@ class PreprocessCache:
                 images = None
                 if meta["error"] is None:
                     images = StudyImages(stored["images"].astype(np.float32), meta["modality"], meta["series"],
-                                         meta["files"], list(meta["sizes"]))
+                                         meta["files"], list(meta["sizes"]),
+                                         tuple(tuple(pair) for pair in meta["subgroups"]))
         except Exception as exc:  # a torn or foreign file is a miss, never trusted
             log.warning("preprocess cache entry %s unreadable (%s); reading the study again", path.name,
                         type(exc).__name__)
@@ -85,6 +86,7 @@ class PreprocessCache:
             "series": images.series if images else 0,
             "files": images.files if images else 0,
             "sizes": images.sizes if images else [],
+            "subgroups": [list(pair) for pair in images.subgroups] if images else [],
         }
         buffer = io.BytesIO()
         np.savez(buffer, images=images.images if images else np.zeros(0, np.float32), meta=np.array(json.dumps(meta)))

@@ -21,6 +21,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from common.data.errors import StudyError
 from common.data.listing import list_files
 from common.data.study import StudyImages
+from common.data.subgroups import header_subgroups
 
 
 DICOM_SUFFIXES = {".dcm"}  # matched case-insensitively (.DCM from many PACS exports)
@@ -36,6 +37,7 @@ class SliceHeader:
     orientation: tuple[float, ...] | None = None
     modality: str = ""
     size: str = ""  # "RowsxColumns" before resizing
+    subgroups: tuple[tuple[str, str], ...] = ()  # (kind, category) from common/data/subgroups.py; stays at the site
 
 
 class FileProblem(Exception):
@@ -74,6 +76,7 @@ def read_header(path: Path) -> SliceHeader:
         orientation=_orientation(ds),
         modality=str(ds.get("Modality", "") or "unknown"),
         size=f"{ds.get('Rows', '?')}x{ds.get('Columns', '?')}",
+        subgroups=header_subgroups(ds),
     )
 
 
@@ -301,4 +304,4 @@ def load_dicom_study(study_dir: Path, image_size: int, seq_len: int, series_desc
         raise StudyError("inconsistent-geometry", f"images of one series have shapes {sorted(shapes)}")
     return StudyImages(resize_square(np.stack(frames), image_size), modality=ordered[0].modality,
                        series=len({h.series_uid for h in headers}), files=read,
-                       sizes=[f"{f.shape[0]}x{f.shape[1]}" for f in frames])
+                       sizes=[f"{f.shape[0]}x{f.shape[1]}" for f in frames], subgroups=ordered[0].subgroups)

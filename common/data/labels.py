@@ -12,13 +12,14 @@ from common.data.study import StudyLabel
 
 LABELS_FILE = "labels.csv"
 STUDIES_DIR = "studies"
+SPLITS = ("train", "val", "test")  # the values of labels.csv's split column
 
 
 def read_labels(site_dir: Path) -> tuple[list[StudyLabel], list[str]]:
     """Parse labels.csv; every problem is a one-line DataError naming the row.
 
     Columns: ``study`` (the folder name), ``label`` (0/1) or several ``label_<name>`` columns
-    (multi-label), and optional ``split`` (train/test), ``patient`` and ``target`` (severity)."""
+    (multi-label), and optional ``split`` (train/val/test), ``patient`` and ``target`` (severity)."""
     if not site_dir.is_dir():
         raise DataError("missing-site-dir", f"site directory {site_dir} does not exist")
     path = site_dir / LABELS_FILE
@@ -51,8 +52,8 @@ def read_labels(site_dir: Path) -> tuple[list[StudyLabel], list[str]]:
                 raise DataError("bad-labels", f"{path}:{line}: {column} must be 0 or 1, got {row.get(column)!r}")
             labels.append(float(row[column]))
         split = row.get("split") or None
-        if split not in (None, "train", "test"):
-            raise DataError("bad-labels", f"{path}:{line}: split must be train or test, got {split!r}")
+        if split not in (None, *SPLITS):
+            raise DataError("bad-labels", f"{path}:{line}: split must be train, val or test, got {split!r}")
         target = None
         if row.get("target"):
             try:  # a decimal comma, as semicolon- and tab-separated exports write it

@@ -2,8 +2,8 @@
 
 The layout (``layouts.py``: labels.csv + DICOM, MURA, MRNet) finds labelled studies; here each
 study is read through the preprocessing cache, optional biomechanical series are joined, and
-the train/test split is made. Without an explicit split, a deterministic split keeps all studies
-of a patient (or each study, when there is no patient key) on one side.
+the train/validation/test split is made. Without an explicit split, a deterministic split keeps
+all studies of a patient (or each study, when there is no patient key) on one side.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from common.data.cache import PreprocessCache, StudyResult
 from common.data.errors import DataError, StudyError
 from common.data.layouts import discover, discover_unlabelled
 from common.data.study import Discovery, Quarantine, StudyLabel, StudySource
+from common.data.subgroups import study_subgroups
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +60,62 @@ class SiteData:
     biomech: np.ndarray | None = None  # (N, T, F) site-standardised, zero on padding
     profile: SiteProfile | None = None
     source_files: list[Path | None] = field(default_factory=list)  # first input file of each study (DICOM reference)
+    # (N,) bool: the validation split, which chooses the round and calibrates; never trained on.
+    # None: no validation split (studies to score).
+    is_val: np.ndarray | None = None
+    # (kind -> category) per study: scanner maker, field strength, body part (common/data/subgroups.py)
+    subgroups: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def train_index(self) -> np.ndarray:
-        return np.flatnonzero(~self.is_test)
+        held_out = self.is_test if self.is_val is None else self.is_test | self.is_val
+        return np.flatnonzero(~held_out)
+
+    @property
+    def val_index(self) -> np.ndarray:
+        return np.flatnonzero(self.is_val) if self.is_val is not None else np.zeros(0, dtype=np.int64)
 
     @property
     def test_index(self) -> np.ndarray:
         return np.flatnonzero(self.is_test)
 
 
-def assign_split(records: list[StudyLabel], test_fraction: float, seed: int) -> np.ndarray:
-    """is_test per record: the ``split`` column when given, else a seeded split by patient group."""
-    if all(r.split is not None for r in records):
-        return np.array([r.split == "test" for r in records])
-    groups = sorted({r.patient or r.study for r in records})
+def _group(record: StudyLabel) -> str:
+    return record.patient or record.study
+
+
+def assign_split(records: list[StudyLabel], test_fraction: float, val_fraction: float, seed: int) -> np.ndarray:
+    """Each record's split, "train", "val" or "test", every study of a patient (or each study,
+    without a patient key) on one side. labels.csv's split column decides where it names every
+    study: as it is when it names val studies; when it names only train and test, val-fraction of
+    the site's patients are drawn (seeded) from the patients it puts only in train. Without the
+    column, a seeded draw of patients: test-fraction to test, then val-fraction to val (the test
+    draw does not depend on val-fraction); at least one patient always trains."""
+    groups = sorted({_group(r) for r in records})
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(groups))
+    if all(r.split is not None for r in records):
+        split = np.array([r.split for r in records], dtype=str)
+        if (split == "val").any():
+            return split
+        elsewhere = {_group(r) for r in records if r.split != "train"}
+        candidates = [g for g in sorted({_group(r) for r in records if r.split == "train"}) if g not in elsewhere]
+        drawn = rng.permutation(len(candidates))[:_validation_groups(val_fraction, len(groups), len(candidates))]
+        val_groups = {candidates[i] for i in drawn}
+        return np.array(["val" if _group(r) in val_groups else r.split for r in records], dtype=str)
+    order = [groups[i] for i in rng.permutation(len(groups))]
     n_test = min(len(groups) - 1, max(1, round(test_fraction * len(groups)))) if len(groups) > 1 else 0
-    test_groups = {groups[i] for i in order[:n_test]}
-    return np.array([(r.patient or r.study) in test_groups for r in records])
+    n_val = _validation_groups(val_fraction, len(groups), len(groups) - n_test)
+    test_groups, val_groups = set(order[:n_test]), set(order[n_test:n_test + n_val])
+    return np.array(["test" if _group(r) in test_groups else "val" if _group(r) in val_groups else "train"
+                     for r in records], dtype=str)
+
+
+def _validation_groups(fraction: float, groups: int, available: int) -> int:
+    """How many of the ``available`` patient groups become validation: ``fraction`` of all the
+    site's ``groups``, rounded down but at least one, and never every available one (one stays for
+    training). Rounded down because the validation comes out of training: a 16-study site keeps the
+    10 training studies the site policy's default min-training-studies asks for."""
+    return min(available - 1, max(1, math.floor(fraction * groups))) if available > 1 else 0
 
 
 def load_site(site_dir: Path, config: DataConfig, num_labels: int | None, progress: bool = True, layout: str = "auto",
@@ -124,6 +161,7 @@ class _UsableStudy:
     source: StudySource
     images: np.ndarray  # (images, H, W) of the study, before padding to seq-len
     biomech: np.ndarray | None  # (images, F) resampled to the images, not yet standardised
+    subgroups: dict[str, str]  # kind -> category, from the chosen series' header and the layout
 
 
 def _preprocess_cache(found: Discovery, site_dir: Path, config: DataConfig,
@@ -166,7 +204,8 @@ def _usable_studies(found: Discovery, results: list[StudyResult], site_dir: Path
             skipped.append((source.label.study, exc.code))
             quarantine.append((source.where, exc.code))
             continue
-        kept.append(_UsableStudy(source, result.images.images, series))
+        kept.append(_UsableStudy(source, result.images.images, series,
+                                 study_subgroups(result.images.subgroups, source.info)))
         _count_in_profile(profile, source, result)
     return kept, skipped, quarantine
 
@@ -182,21 +221,23 @@ def _count_in_profile(profile: SiteProfile, source: StudySource, result: StudyRe
 
 def _site_data(kept: list[_UsableStudy], label_names: list[str], config: DataConfig, split: bool,
                skipped: list[tuple[str, str]], quarantine: Quarantine, profile: SiteProfile) -> SiteData:
-    """The usable studies as aligned arrays, split into train and test (everything is test
-    without ``split``); biomechanical series standardised with the training side's statistics."""
+    """The usable studies as aligned arrays, split into train, validation and test (everything is
+    test without ``split``); biomechanical series standardised with the training side's statistics."""
     records = [study.source.label for study in kept]
     n = len(kept)
     images, mask, biomech = _padded(kept, config)
-    is_test = assign_split(records, config.test_fraction, config.seed) if split else np.ones(n, dtype=bool)
+    sides = (assign_split(records, config.test_fraction, config.val_fraction, config.seed) if split
+             else np.full(n, "test"))
     if biomech is not None and split:
-        biomech = standardise(biomech, mask, np.flatnonzero(~is_test))
+        biomech = standardise(biomech, mask, np.flatnonzero(sides == "train"))
     return SiteData(
         studies=[r.study for r in records],
         images=images,
         mask=mask,
         labels=np.array([r.labels for r in records], dtype=np.float32).reshape(n, len(label_names)),
         targets=np.array([math.nan if r.target is None else r.target for r in records], dtype=np.float32),
-        is_test=is_test,
+        is_test=sides == "test",
+        is_val=sides == "val" if split else None,
         label_names=label_names,
         skipped=skipped,
         groups=[r.patient or r.study for r in records],
@@ -204,6 +245,7 @@ def _site_data(kept: list[_UsableStudy], label_names: list[str], config: DataCon
         biomech=biomech,
         profile=profile,
         source_files=[study.source.files[0] if study.source.files else None for study in kept],
+        subgroups=[study.subgroups for study in kept],
     )
 
 

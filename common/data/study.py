@@ -34,6 +34,7 @@ class StudyImages:
     series: int = 1  # image series found in the study (one is used)
     files: int = 1  # image files read
     sizes: list[str] = field(default_factory=list)  # "HxW" of each source image before resizing
+    subgroups: tuple[tuple[str, str], ...] = ()  # (kind, category) of the chosen series (common/data/subgroups.py)
 
 
 @dataclass(frozen=True)

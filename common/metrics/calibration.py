@@ -74,7 +74,8 @@ def fit_platt(histograms: Histograms, label: int = 0) -> Calibration:
     if not (math.isfinite(a) and math.isfinite(b)) or a <= 0:
         return Calibration(method="identity", note="not fitted: the fit did not give an increasing map")
     n = int(pos.sum() + neg.sum())
-    return Calibration(a, b, "platt", f"Platt scaling fitted on {n} pooled test studies ({', '.join(map(str, sorted(histograms)))} bins)")
+    return Calibration(a, b, "platt", f"Platt scaling fitted on {n} pooled validation studies "
+                                      f"({', '.join(map(str, sorted(histograms)))} bins)")
 
 
 def expected_calibration_error(histograms: Histograms, label: int = 0,

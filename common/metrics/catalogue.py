@@ -16,6 +16,7 @@ from common.metrics.calibration import expected_calibration_error
 from common.metrics.classification import ClassificationStats, per_label_figures, pooled_auc
 from common.metrics.errors import ErrorStats, error_figures
 from common.metrics.images import ImageStats, InceptionStats, frechet_distance, safe_mean
+from common.metrics.intervals import LEVEL, Interval, auc_interval, error_intervals, proportion_intervals
 
 # How a global figure is formed from the sites' statistics.
 POOLED_COUNTS = "exact: summed confusion counts"
@@ -80,6 +81,13 @@ class MetricValue:
     note: str | None = None  # basis, extractor, device ...
     per_site: dict[str, float | None] = field(default_factory=dict)
     error_bound: float | None = None  # the value is within this of the exact figure (e.g. AUC from bins)
+    # The LEVEL confidence interval (common/metrics/intervals.py), its method, or why there is none.
+    interval: tuple[float, float] | None = None
+    interval_method: str | None = None
+    interval_reason: str | None = None
+    per_label_interval: dict[str, tuple[float, float] | None] | None = None
+    per_site_interval: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    per_site_interval_reason: dict[str, str] = field(default_factory=dict)  # site -> why it has none
 
     def to_json(self, name: str) -> dict[str, Any]:
         out: dict[str, Any] = {"value": self.value, "aggregation": REGISTRY[name].aggregation}
@@ -88,7 +96,43 @@ class MetricValue:
                 out[key] = getattr(self, key)
         if self.per_site:
             out["per_site"] = self.per_site
+        if self.interval is not None:
+            out[CI_KEY] = list(self.interval)
+        if self.interval_method is not None:
+            out["ci_method"] = self.interval_method
+        if self.interval_reason is not None:
+            out["ci_reason"] = self.interval_reason
+        if self.per_label_interval is not None:
+            out[f"per_label_{CI_KEY}"] = _bounds_json(self.per_label_interval)
+        if any(bounds is not None for bounds in self.per_site_interval.values()):
+            out[f"per_site_{CI_KEY}"] = _bounds_json(self.per_site_interval)
+        if self.per_site_interval_reason:
+            out["per_site_ci_reason"] = self.per_site_interval_reason
         return out
+
+    def set_interval(self, interval: Interval) -> None:
+        self.interval, self.interval_method, self.interval_reason = interval.bounds, interval.method, interval.reason
+
+
+CI_KEY = f"ci{round(LEVEL * 100)}"  # "ci95": [low, high] in a figure's JSON
+
+
+def _bounds_json(intervals: dict[str, tuple[float, float] | None]) -> dict[str, list[float] | None]:
+    return {key: None if bounds is None else list(bounds) for key, bounds in intervals.items()}
+
+
+def interval_of(entry: dict[str, Any] | None, site: str | None = None,
+                label: str | None = None) -> tuple[float, float] | None:
+    """A figure's interval from its JSON form: its own, a site's (``site``) or a label's
+    (``label``); None where there is none."""
+    entry = entry or {}
+    if site is not None:
+        bounds = (entry.get(f"per_site_{CI_KEY}") or {}).get(site)
+    elif label is not None:
+        bounds = (entry.get(f"per_label_{CI_KEY}") or {}).get(label)
+    else:
+        bounds = entry.get(CI_KEY)
+    return (float(bounds[0]), float(bounds[1])) if isinstance(bounds, (list, tuple)) and len(bounds) == 2 else None
 
 
 def not_available(reason: str) -> MetricValue:
@@ -176,26 +220,40 @@ def compute_catalogue(stats: EvaluationStats, label_names: list[str], fid_extrac
     """Every evaluation figure of the catalogue from (summed) statistics: classification, error,
     image and inception-score figures, in that order. The server adds the efficiency and privacy
     figures (server/evaluation.py, server/runs.py)."""
-    return {**_classification_figures(stats.classification, label_names), **_error_metric_figures(stats.errors),
+    return {**_classification_figures(stats.classification, label_names),
+            **_error_metric_figures(stats.errors, len(label_names)),
             **_image_figures(stats.images, fid_extractor), "is": _inception_score(stats.inception, label_names)}
 
 
 _CLASSIFICATION_FIGURES = ("loss", "accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "kappa", "ece")
 
 
-def _classification_figures(stats: ClassificationStats, label_names: list[str]) -> dict[str, MetricValue]:
-    """Loss, the per-label figures from confusion counts and histograms (macro means), and ECE."""
+def validation_catalogue(stats: ClassificationStats, label_names: list[str]) -> dict[str, MetricValue]:
+    """The classification figures (loss, the confusion-count figures, AUC, ECE) of (summed)
+    validation statistics: what the centre chooses the round by. A site sends only classification
+    statistics of its validation split, so there are no error, image or inception figures."""
+    figures = _classification_figures(stats, label_names, split="validation")
+    if stats.n:
+        figures["loss"].note = f"mean BCE of {stats.n} validation studies"
+    return figures
+
+
+def _classification_figures(stats: ClassificationStats, label_names: list[str],
+                            split: str = "test") -> dict[str, MetricValue]:
+    """Loss, the per-label figures from confusion counts and histograms (macro means), and ECE.
+    ``split`` names the studies in the reasons a figure is not available."""
     if stats.n == 0:
-        return {name: not_available("no test studies") for name in _CLASSIFICATION_FIGURES}
+        return {name: not_available(f"no {split} studies") for name in _CLASSIFICATION_FIGURES}
     out = {"loss": MetricValue(_finite(stats.loss_sum / (stats.n * len(label_names))))}
-    out.update(_per_label_means(stats, label_names))
+    out.update(_per_label_means(stats, label_names, split))
+    _set_classification_intervals(out, stats, label_names)
     if out["auc"].value is not None:
         _note_auc_bound(out["auc"], stats, len(label_names))
-    out["ece"] = _calibration_error(stats, len(label_names))
+    out["ece"] = _calibration_error(stats, len(label_names), split)
     return out
 
 
-def _per_label_means(stats: ClassificationStats, label_names: list[str]) -> dict[str, MetricValue]:
+def _per_label_means(stats: ClassificationStats, label_names: list[str], split: str = "test") -> dict[str, MetricValue]:
     """Each per-label figure as the mean over the labels where it is defined."""
     out: dict[str, MetricValue] = {}
     for name, values in per_label_figures(stats).items():
@@ -205,8 +263,37 @@ def _per_label_means(stats: ClassificationStats, label_names: list[str]) -> dict
             out[name] = MetricValue(float(np.mean(finite)), per_label=per_label if len(label_names) > 1 else None,
                                     note="macro mean over labels" if len(label_names) > 1 else None)
         else:
-            out[name] = not_available(_why_undefined(name))
+            out[name] = not_available(_why_undefined(name, split))
     return out
+
+
+_INTERVAL_FIGURES = ("accuracy", "auc", "sensitivity", "specificity", "precision")
+MACRO_MEAN_WITHOUT_INTERVAL = ("not available: the macro mean over labels has no interval (its labels' figures come "
+                               "from the same studies, and the sites send no joint counts of labels); see per_label_"
+                               f"{CI_KEY}")
+
+
+def _set_classification_intervals(out: dict[str, MetricValue], stats: ClassificationStats,
+                                   label_names: list[str]) -> None:
+    """Each label's interval of AUC (DeLong) and of the proportions (Wilson): one label's is the
+    figure's own; with several labels they are per label, and the macro mean has none."""
+    per_label = [{"auc": auc_interval(stats.histograms, j), **proportion_intervals(stats, j)}
+                 for j in range(len(label_names))]
+    for name in _INTERVAL_FIGURES:
+        figure = out[name]
+        if figure.value is None:
+            continue
+        intervals = [label_intervals[name] for label_intervals in per_label]
+        if len(label_names) == 1:
+            figure.set_interval(intervals[0])
+            continue
+        defined = {label: interval for label, interval in zip(label_names, intervals)
+                   if (figure.per_label or {}).get(label) is not None}
+        figure.interval_method = intervals[0].method
+        figure.per_label_interval = {label: defined[label].bounds if label in defined else None
+                                     for label in label_names}
+        missing = [f"{label}: {interval.reason}" for label, interval in defined.items() if interval.bounds is None]
+        figure.interval_reason = "; ".join([MACRO_MEAN_WITHOUT_INTERVAL, *missing])
 
 
 def _note_auc_bound(auc: MetricValue, stats: ClassificationStats, num_labels: int) -> None:
@@ -220,19 +307,24 @@ def _note_auc_bound(auc: MetricValue, stats: ClassificationStats, num_labels: in
                   f"(score pairs sharing a bin; bins per site: {resolutions})"]))
 
 
-def _calibration_error(stats: ClassificationStats, num_labels: int) -> MetricValue:
+def _calibration_error(stats: ClassificationStats, num_labels: int, split: str = "test") -> MetricValue:
     errors = [e for e in (expected_calibration_error(stats.histograms, j) for j in range(num_labels)) if e is not None]
     if not errors:
-        return not_available("no test studies")
+        return not_available(f"no {split} studies")
     return MetricValue(float(np.mean(errors)), note="expected calibration error of the raw probabilities, "
                        "binned at the sites' histogram resolutions (bin centre as confidence)")
 
 
-def _error_metric_figures(stats: ErrorStats) -> dict[str, MetricValue]:
-    """MAE, MSE, RMSE and MAPE, of the severity head where there are targets, else of the probability."""
+def _error_metric_figures(stats: ErrorStats, num_labels: int) -> dict[str, MetricValue]:
+    """MAE, MSE, RMSE and MAPE, of the severity head where there are targets, else of the
+    probability, with MAE's interval (the others' need moments the sites do not send)."""
     values, basis, reasons = error_figures(stats)
-    return {name: MetricValue(_finite(value), note=basis) if name not in reasons else not_available(reasons[name])
-            for name, value in values.items()}
+    out = {name: MetricValue(_finite(value), note=basis) if name not in reasons else not_available(reasons[name])
+           for name, value in values.items()}
+    for name, interval in error_intervals(stats, num_labels).items():
+        if out[name].value is not None:
+            out[name].set_interval(interval)
+    return out
 
 
 _RECONSTRUCTION_FIGURES = ("psnr", "ssim", "fid")
@@ -273,11 +365,11 @@ def _inception_score(inception: InceptionStats, label_names: list[str]) -> Metri
                        note="predicted injury distribution [1-p, p]; range 1..2 per label")
 
 
-def _why_undefined(name: str) -> str:
+def _why_undefined(name: str, split: str = "test") -> str:
     return {
-        "auc": "test studies of one class only",
-        "sensitivity": "no positive test studies",
-        "specificity": "no negative test studies",
+        "auc": f"{split} studies of one class only",
+        "sensitivity": f"no positive {split} studies",
+        "specificity": f"no negative {split} studies",
         "precision": "no positive predictions",
         "kappa": "chance agreement is 1",
     }.get(name, "undefined for these counts")

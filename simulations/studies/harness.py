@@ -10,7 +10,10 @@
   number of local epochs. The optimiser restarts every block, as it does at a site every round.
 - **Model selection** is the same for every arm: the round (or block) with the highest AUC on the
   centre's own validation clinic (``best-metric = server-val-auc``), which no site trains or is
-  scored on, so the test figures are not biased by the selection. AUC rather than loss: under
+  scored on, so the test figures are not biased by the selection (never a test figure: checkpoints
+  are picked by ``best_checkpoint``, the run's own validation choice).
+- **Training data** is the same for every arm: each site's training split; its validation split
+  (which the federated sites send statistics of) and its test split are never trained on. AUC rather than loss: under
   label skew the federation's prevalence differs from the validation clinic's, and the loss would
   then reward a model for its prior, not for telling injured from healthy.
 - **Scoring** is exact and the same for every arm: the model's probabilities on every site's test
@@ -232,8 +235,7 @@ def trained_blocks(scorer: Scorer, sites: list[PreparedSite], config: RunConfig,
     """Centralised (several sites pooled) or local only (one site): ``num-rounds`` blocks of
     ``local-epochs`` epochs, the block with the highest validation AUC kept."""
     model = build_model(config.model)
-    inputs, is_test = _pooled(sites)
-    index = np.flatnonzero(~is_test)
+    inputs, index = _pooled(sites)
     # The features are already standardised per site: the model's own standardiser is the identity.
     model.feature_norm.mean.zero_()
     model.feature_norm.inv_std.fill_(1.0)
@@ -253,8 +255,11 @@ def trained_blocks(scorer: Scorer, sites: list[PreparedSite], config: RunConfig,
 
 
 def _pooled(sites: list[PreparedSite]) -> tuple[SiteInputs, np.ndarray]:
-    """The sites' inputs as one, each site's features standardised with its own statistics."""
-    features, masks, labels, targets, is_test = [], [], [], [], []
+    """(the sites' inputs as one, each site's features standardised with its own statistics; the
+    index of their training studies): the studies a federated site trains on, never its
+    validation or test studies."""
+    features, masks, labels, targets, train_index = [], [], [], [], []
+    offset = 0
     for site in sites:
         mask = site.inputs.mask
         features.append((site.inputs.inputs - site.mean) * site.inv_std * mask.unsqueeze(-1))
@@ -262,9 +267,10 @@ def _pooled(sites: list[PreparedSite]) -> tuple[SiteInputs, np.ndarray]:
         labels.append(site.inputs.labels)
         targets.append(site.inputs.targets if site.inputs.targets is not None else
                        torch.full((len(mask),), float("nan")))
-        is_test.append(site.data.is_test)
+        train_index.append(site.data.train_index + offset)
+        offset += len(mask)
     inputs = SiteInputs(torch.cat(features), torch.cat(masks), torch.cat(labels), True, None, torch.cat(targets))
-    return inputs, np.concatenate(is_test)
+    return inputs, np.concatenate(train_index)
 
 
 # ------------------------------------------------------------------------------ figures and files
