@@ -217,7 +217,8 @@ def _performance(record: dict[str, Any]) -> dict[str, Any]:
             per_site.setdefault(site, {})[name] = {"value": value, "ci95": intervals.get(site)}
     validation = record.get("validation") or {}
     return {"split": "test", "pooled": pooled, "per-site": per_site,
-            "validation": {name: {"value": entry.get("value"), "ci95": entry.get("ci95"), "reason": entry.get("reason")}
+            "validation": {name: {"value": entry.get("value"), "reason": entry.get("reason"),
+                                  **({"ci95": entry["ci95"]} if "ci95" in entry else {})}
                            for name, entry in validation.items() if name in ("loss", "auc")},
             "subgroups": record.get("subgroups") or {}}
 
@@ -296,6 +297,8 @@ def _fmt_metric(entry: dict[str, Any] | None) -> str:
     text = f"{entry['value']:.3f}"
     if entry.get("ci95"):
         text += f" [{entry['ci95'][0]:.3f}, {entry['ci95'][1]:.3f}]"
+    elif "ci95" in entry:  # a figure with no interval: too few studies of a class, or a variance of 0
+        text += " (no interval)"
     return text
 
 
