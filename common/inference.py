@@ -352,8 +352,8 @@ def subgroup_stats(model: InjuryNet, data: SiteInputs, subgroups: list[dict[str,
     """The test split's statistics per subgroup the site may report (common/metrics/subgroup_stats.py):
     ``subgroups`` holds each study's categories (``SiteData.subgroups``), ``min_count`` the site
     policy's min-reported-count."""
-    if len(test_index) == 0 or not subgroups:
-        return {}
+    if len(test_index) < max(min_count, 1) or not subgroups:
+        return {}  # no subgroup can reach the minimum: no second pass over the test split
     pred = predict(model, data, test_index, device)
     return site_subgroup_stats(pred.probs.numpy(), data.labels[torch.as_tensor(test_index)].numpy(),
                                [subgroups[i] for i in test_index], config.threshold, config.eval_bins,

@@ -27,7 +27,7 @@ from server.identities import SiteIdentities
 DP_KEYS = ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-max-grad-norm", "dp-sample-rate", "dp-steps")
 TRAIN_KEYS = {"num-examples", "train-loss", "train-seconds"}
 MAX_EXAMPLES = 10_000_000  # studies at one site: a larger weight is forged or corrupt
-VALIDATION_FIELDS = frozenset(ClassificationStats.empty(1).to_record())  # a validation record's keys, no others
+VALIDATION_FIELDS = ClassificationStats.RECORD_FIELDS  # a validation record's keys, no others
 
 
 @dataclass(frozen=True)

@@ -125,3 +125,9 @@ def test_a_site_keeps_each_studys_subgroups(site, tiny_data_config):
     assert len(data.subgroups) == len(data.studies)
     assert {g["manufacturer"] for g in data.subgroups} == {"Siemens"}
     assert {g["field-strength"] for g in data.subgroups} == {"3 T", "1.5 T"}
+
+
+def test_the_record_fields_the_centre_accepts_are_exactly_what_a_site_writes():
+    probs, labels = _scores(12)
+    written = ClassificationStats.from_predictions(probs, labels, 1.0, 0.5, 8).to_record()
+    assert set(written) == ClassificationStats.RECORD_FIELDS

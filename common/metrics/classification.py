@@ -17,6 +17,7 @@ cause against the exact pooled AUC, computed from the same histograms.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -121,6 +122,9 @@ class ClassificationStats:
         return pos, neg
 
     # --- wire format: flat keys whose values Flower's MetricRecord accepts (int, float, lists) ---
+    RECORD_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"n", "loss-sum", "bins", "tp", "fp", "tn", "fn", "hist-pos", "hist-neg"})  # to_record's keys, no others
+
     def to_record(self) -> dict[str, int | float | list[int]]:
         if len(self.histograms) > 1:
             raise ValueError("pooled statistics of several resolutions are not a site record")

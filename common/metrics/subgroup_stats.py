@@ -73,7 +73,7 @@ def from_record(record: dict[str, Any], num_labels: int) -> tuple[int, dict[tupl
         fields.setdefault((parts[0], parts[1]), {})[parts[2]] = value
     groups = {}
     for group, values in fields.items():
-        unexpected = set(values) - set(ClassificationStats.empty(1).to_record())
+        unexpected = set(values) - ClassificationStats.RECORD_FIELDS
         if unexpected:
             raise ValueError(f"unexpected subgroup field {sorted(unexpected)[0]!r}")
         stats = ClassificationStats.from_record(values, num_labels)
