@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from benchmarks import write_result
-from common.config import DataConfig, EvalConfig, FederationConfig, ModelConfig, PrivacyConfig, RunConfig, \
-    SharedConfig, TrainConfig
+from common.config import DataConfig, EvalConfig, FeatureNorm, FederationConfig, ModelConfig, PrivacyConfig, \
+    RunConfig, SharedConfig, TrainConfig
 from common.inference import SiteInputs, StudyBatch, StudyBatches, encode, predict
 from common.model import build_model
 from common.training import train_local
@@ -234,7 +234,9 @@ def dp_waits(model, data: SiteInputs, device: torch.device, train: TrainConfig) 
     units = [np.array([i]) for i in range(len(data.mask))]
 
     def run(n: int) -> int:
-        config = RunConfig(model.config, DataConfig(model.config.shared), replace(train, local_epochs=n), EvalConfig(),
+        # The DP step itself, without standardisation (its DP release is a one-off per run, not a step).
+        model_config = replace(model.config, feature_norm=FeatureNorm.NONE)
+        config = RunConfig(model_config, DataConfig(model.config.shared), replace(train, local_epochs=n), EvalConfig(),
                            PrivacyConfig(dp_enabled=True, dp_noise_multiplier=1.0), FederationConfig())
         budget = SitePrivacy(1e6, 1e-5, 1.0, config.privacy.dp_accountant)
         charge = reserve_round(PrivacyLedger(budget.accountant), config, budget, len(units))

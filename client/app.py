@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -29,7 +30,8 @@ from client.budget import check_budget_id
 from common.exchange import ARRAYS_KEY, EVALUATE_FIRST_KEY, EVALUATION_KEY, FID_KEY, GLOBAL_DIGEST_KEY, \
     GLOBAL_NOT_HELD, METRICS_KEY, POLICY_KEY, SITE_KEY, STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_OK, UPDATE_NAMES_KEY, \
     GATE_APPROVED_KEY, SUBGROUPS_KEY, VALIDATION_KEY, UpdateError, arrays_digest, load_array_record, to_array_record, trainable_state
-from common.model import check_backbone_hash, trainable_parameter_count
+from common.model import FEATURE_DIM, check_backbone_hash, trainable_parameter_count
+from common.private_norm import PublicNorm
 from common.policy import PolicyRefused, SitePolicy
 from common.reason_codes import ReasonCodeError
 from sitegate.approvals import APPROVED_BUNDLE_ENV
@@ -99,19 +101,13 @@ def _train_private(session: SiteSession, msg: Message, context: Context, server_
                    policy: SitePolicy) -> RecordDict:
     """DP-SGD with the site's ledger: charged under its lock (disk and context.state) before training."""
     # Opacus only where DP is on: its import costs a deployed site about 3 s on every message.
-    from client.privacy import STATE_KEY as PRIVACY_STATE_KEY
-    from client.privacy import BudgetExhausted, PrivacyLedger, SitePrivacy, keep_large_allocations_in_heap, \
-        privacy_units, reserve_round, train_private
+    from client.privacy import BudgetExhausted, keep_large_allocations_in_heap, reserve_round, train_private
 
     config = session.config
     budget_id = check_budget_id(str(msg.content["config"].get("budget-id", context.run_id)))
-    state = context.state.config_records.get(PRIVACY_STATE_KEY)
-    units = privacy_units(session.data.train_index, session.data.groups, config.privacy.dp_unit)
-    budget = SitePrivacy.resolve(config.privacy, session.site, len(units), policy.max_delta)
-    with PrivacyLedger.locked(session.site, budget_id):
-        ledger = PrivacyLedger.load(session.site, budget_id, config.privacy.dp_accountant,
-                                    str(state["ledger"]) if state is not None and "ledger" in state else None)
+    with _private_ledger(session, msg, context, policy, budget_id) as (ledger, budget, units):
         try:
+            _standardise_privately(session, msg, ledger, budget, units, charge=True)
             charge = reserve_round(ledger, config, budget, len(units))
         except BudgetExhausted as exc:
             log.warning("site %s: %s", session.site.site_name, exc)
@@ -120,9 +116,6 @@ def _train_private(session: SiteSession, msg: Message, context: Context, server_
             status["dp-epsilon"] = exc.spent
             status["dp-budget"] = exc.budget
             return RecordDict({SITE_KEY: status})
-        finally:
-            text = ledger.save(session.site, budget_id)  # a calibrated noise multiplier is kept even unspent
-            context.state[PRIVACY_STATE_KEY] = ConfigRecord({"ledger": text})
     start = _trainable_numpy(session) if is_secure(msg) else None  # secure aggregation masks the update
     keep_large_allocations_in_heap()  # for the whole process, on its first DP round only
     result = train_private(session.model, session.inputs, units, config, budget, charge, session.device,
@@ -130,6 +123,53 @@ def _train_private(session: SiteSession, msg: Message, context: Context, server_
     return _train_reply(session, msg, start, result.train.num_examples, MetricRecord({
         "num-examples": result.train.num_examples, "train-loss": result.train.loss,
         "train-seconds": result.train.seconds, **result.metrics()}))
+
+
+@contextmanager
+def _private_ledger(session: SiteSession, msg: Message, context: Context, policy: SitePolicy, budget_id: str):
+    """(the site's privacy ledger, its budget, the privacy units), under the ledger's lock; the
+    ledger is written back (disk and context.state) when the block ends, however it ends: a
+    calibrated noise multiplier or a release is kept even when the round is not trained."""
+    from client.privacy import STATE_KEY as PRIVACY_STATE_KEY
+    from client.privacy import PrivacyLedger, SitePrivacy, privacy_units
+
+    config = session.config
+    state = context.state.config_records.get(PRIVACY_STATE_KEY)
+    units = privacy_units(session.data.train_index, session.data.groups, config.privacy.dp_unit)
+    budget = SitePrivacy.resolve(config.privacy, session.site, len(units), policy.max_delta)
+    with PrivacyLedger.locked(session.site, budget_id):
+        ledger = PrivacyLedger.load(session.site, budget_id, config.privacy.dp_accountant,
+                                    str(state["ledger"]) if state is not None and "ledger" in state else None)
+        try:
+            yield ledger, budget, units
+        finally:
+            text = ledger.save(session.site, budget_id)
+            context.state[PRIVACY_STATE_KEY] = ConfigRecord({"ledger": text})
+
+
+def _standardise_privately(session: SiteSession, msg: Message, ledger, budget, units: list[np.ndarray],
+                           charge: bool) -> None:
+    """Under DP with ``feature-norm = site``: standardise with the centre's public statistics and
+    the site's DP-released mean (``client/privacy.py`` ``standardise_privately``), never with
+    statistics fitted on the training studies; kept for ``predict`` as the site's statistics."""
+    from client.privacy import standardise_privately
+
+    if session.config.model.feature_norm != "site":
+        return
+    public = PublicNorm.from_config(msg.content["config"], FEATURE_DIM)
+    if public is None:
+        raise PublicStatisticsMissing("the message carries no public feature statistics, which DP with "
+                                      "feature-norm = site needs (the centre sends them from server-val-path)")
+    released = standardise_privately(ledger, session.config, budget, session.model, session.inputs, units, public,
+                                     session.backbone_hash, charge)
+    if released is not None:
+        log.info("site %s: standardisation under DP: clip %.3g, shrink %.3f, noise multiplier %.3g",
+                 session.site.site_name, released.clip, released.shrink, released.noise_multiplier)
+    session.keep_stats()
+
+
+class PublicStatisticsMissing(ReasonCodeError):
+    code = "public-statistics-missing"
 
 
 def proximal_mu(msg: Message) -> float:
@@ -141,6 +181,10 @@ def proximal_mu(msg: Message) -> float:
 
 
 def _evaluate(session: SiteSession, msg: Message, context: Context, policy: SitePolicy) -> RecordDict:
+    if session.config.privacy.dp_enabled:  # the standardisation the training uses, never a private fit
+        budget_id = check_budget_id(str(msg.content["config"].get("budget-id", context.run_id)))
+        with _private_ledger(session, msg, context, policy, budget_id) as (ledger, budget, units):
+            _standardise_privately(session, msg, ledger, budget, units, charge=False)
     test, validation, subgroups = _evaluation(session, msg, policy)
     return RecordDict({METRICS_KEY: test, VALIDATION_KEY: validation, SUBGROUPS_KEY: subgroups,
                        SITE_KEY: _site_status(session, STATUS_OK)})

@@ -41,7 +41,9 @@ from common.training import TrainResult, per_study_loss
 from client.budget import check_budget_id
 from common.config import PrivacyConfig, RunConfig, SiteConfig, TrainConfig
 from common.files import atomic_write_bytes
-from common.opacus_import import PrivacyEngine, create_accountant, get_noise_multiplier
+from common.dp_plan import PlannedRun, composed_epsilon, release_entry
+from common.opacus_import import PrivacyEngine
+from common.private_norm import PublicNorm, ReleasedNorm, apply_public, release, release_key, unit_means
 from common.inference import SiteInputs, StudyBatches
 from common.model import InjuryNet
 
@@ -51,16 +53,6 @@ if TYPE_CHECKING:
 
 STATE_KEY = "clinicfl-privacy"
 LOCK_TIMEOUT_S = 600.0  # another run may hold the ledger while it reserves its round
-# RDP orders searched for the conversion to (epsilon, delta). Opacus' default stops at 63; with
-# little noise the best order is then the largest one (Opacus warns "Optimal order is the largest
-# alpha") and the bound is looser than it need be. Any set of orders gives a valid bound.
-RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(range(64, 513, 8))
-
-
-def epsilon_options(accountant: str) -> dict:
-    return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
-
-
 def secure_generator(device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator on ``device`` seeded from OS entropy (64 bits, ``secrets``), fresh at
     every call. Opacus' ``secure_mode`` needs torchcsprng, which has no build for this torch;
@@ -84,6 +76,7 @@ class PrivacyLedger:
     accountant: str
     history: list[list[float]] = field(default_factory=list)  # [noise multiplier, sample rate, steps]
     noise_multiplier: float | None = None  # fixed for the whole run once chosen
+    feature_norm: dict | None = None  # the DP-released standardisation (common/private_norm.py), once charged
 
     @property
     def steps(self) -> int:
@@ -94,14 +87,7 @@ class PrivacyLedger:
         multiplier and sample rate compose as one entry of their summed steps (RDP adds up per
         step; PRV composes the same mechanism that many times), so the cost of a long run's
         accounting does not grow with its rounds; the ledger keeps every round as it was charged."""
-        steps: dict[tuple[float, float], int] = {}
-        for sigma, rate, n in [*self.history, *([extra] if extra else [])]:
-            steps[(float(sigma), float(rate))] = steps.get((float(sigma), float(rate)), 0) + int(n)
-        if not steps:
-            return 0.0
-        accountant = create_accountant(self.accountant)
-        accountant.history = [(sigma, rate, n) for (sigma, rate), n in steps.items()]
-        return float(accountant.get_epsilon(delta, **epsilon_options(self.accountant)))
+        return composed_epsilon(self.accountant, [*self.history, *([extra] if extra else [])], delta)
 
     # --- persistence: disk (survives a restart) and context.state (Flower's per-run state) ---
     @staticmethod
@@ -125,7 +111,8 @@ class PrivacyLedger:
         for text in (path.read_text() if path.is_file() else None, state_json):
             if text:
                 data = json.loads(text)
-                candidates.append(cls(data["accountant"], data["history"], data.get("noise_multiplier")))
+                candidates.append(cls(data["accountant"], data["history"], data.get("noise_multiplier"),
+                                      data.get("feature_norm")))
         ledger = max(candidates, key=lambda c: (c.steps, len(c.history)))
         if ledger.accountant != accountant:
             raise ValueError(f"the privacy ledger uses the {ledger.accountant} accountant, the run asks for {accountant}")
@@ -194,12 +181,6 @@ def privacy_units(train_index: np.ndarray, groups: list[str], unit: str) -> list
     return [np.array(v) for _, v in sorted(by_group.items())]
 
 
-def sampling(n_units: int, batch_size: int) -> tuple[float, int]:
-    """(sample rate, steps per epoch) exactly as Opacus' Poisson DPDataLoader sets them."""
-    batches = math.ceil(n_units / batch_size)
-    return 1.0 / batches, batches
-
-
 @dataclass
 class PrivateRoundResult:
     train: TrainResult
@@ -226,19 +207,21 @@ class RoundCharge:
     total_steps: int  # cumulative, this round included
 
 
+def release_charge(ledger: PrivacyLedger) -> list[list[float]]:
+    """The ledger's charge for its DP-released standardisation, as history entries ([] without one)."""
+    return [release_entry(float(ledger.feature_norm["noise-multiplier"]))] if ledger.feature_norm else []
+
+
 def reserve_round(ledger: PrivacyLedger, config: RunConfig, budget: SitePrivacy, n_units: int) -> RoundCharge:
     """Charge the ledger for one round, or raise BudgetExhausted and charge nothing.
 
     Called under the ledger's lock, before any data is touched: a round that later fails has
     still been paid for, which errs on the side of the patients."""
-    train: TrainConfig = config.train
-    q, steps_per_epoch = sampling(n_units, train.batch_size)
-    round_steps = train.local_epochs * steps_per_epoch
+    plan = PlannedRun.of(config, n_units)
+    q, round_steps = plan.sample_rate, plan.round_steps
     if ledger.noise_multiplier is None:
-        ledger.noise_multiplier = config.privacy.dp_noise_multiplier or get_noise_multiplier(
-            target_epsilon=budget.target_epsilon, target_delta=budget.target_delta, sample_rate=q,
-            steps=config.federation.num_rounds * round_steps, accountant=budget.accountant,
-            **epsilon_options(budget.accountant))
+        ledger.noise_multiplier = config.privacy.dp_noise_multiplier or plan.noise_multiplier(
+            budget, release_charge(ledger))
     sigma = float(ledger.noise_multiplier)
     spent = ledger.epsilon(budget.target_delta)
     would_reach = ledger.epsilon(budget.target_delta, (sigma, q, round_steps))
@@ -373,3 +356,44 @@ def _train_steps(model: InjuryNet, private: PrivateHead, data: SiteInputs, units
                 total += losses.detach().sum()
                 seen += len(batch)
     return total, seen
+
+
+def standardise_privately(ledger: PrivacyLedger, config: RunConfig, budget: SitePrivacy, model: InjuryNet,
+                          data: SiteInputs, units: list[np.ndarray], public: PublicNorm, backbone_hash: str,
+                          charge: bool) -> ReleasedNorm | None:
+    """Set ``model``'s standardisation under DP (``feature-norm = site``): the ledger's release
+    when it holds one for these public statistics, backbone and units; else, with ``charge``,
+    release the site's mean now and charge it (BudgetExhausted, and nothing charged, when it does
+    not fit); else the public statistics alone. Called under the ledger's lock. Returns the
+    release in force, or None for the public statistics."""
+    key = release_key(public, backbone_hash, len(units))
+    if ledger.feature_norm and ledger.feature_norm.get("key") == key:
+        released = ReleasedNorm.from_json(ledger.feature_norm)
+        released.apply(model)
+        return released
+    if not charge:
+        apply_public(model, public)
+        return None
+    plan = PlannedRun.of(config, len(units))
+    spent = ledger.epsilon(budget.target_delta)
+    try:
+        sigma, sgd_sigma = plan.calibrate(budget, True, config.privacy.dp_feature_norm_noise,
+                                          config.privacy.dp_noise_multiplier)
+    except ValueError as exc:  # no noise fits the budget at all
+        raise BudgetExhausted(spent, math.inf, budget.target_epsilon) from exc
+    # The release is charged only if the first round can follow it within the budget: a release
+    # that leaves no room to train would spend the patients' budget for nothing.
+    released_entry = release_entry(sigma)
+    with_release = PrivacyLedger(ledger.accountant, [*ledger.history, released_entry])
+    would_reach = with_release.epsilon(budget.target_delta, (sgd_sigma, plan.sample_rate, plan.round_steps))
+    if would_reach > budget.target_epsilon + 1e-9:
+        raise BudgetExhausted(spent, would_reach, budget.target_epsilon)
+    means = unit_means(data.inputs, data.mask, units, public)
+    released = release(means, public, sigma, key, secure_generator("cpu"))
+    ledger.history.append(released_entry)
+    ledger.feature_norm = released.to_json()
+    if config.privacy.dp_noise_multiplier == 0:
+        ledger.noise_multiplier = None  # calibrated again, with the release charged
+    released.apply(model)
+    return released
+

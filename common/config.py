@@ -383,12 +383,18 @@ class PrivacyConfig(Section):
     dp_accountant: DpAccountant = setting(DpAccountant.RDP, "Opacus' privacy accountant.")
     dp_unit: DpUnit = setting(DpUnit.STUDY, "What DP protects: each study, or each patient (one study per patient "
                                             "per sampled unit).")
+    dp_feature_norm_noise: float = setting(0.0, "feature-norm = site under DP: the noise multiplier of the DP "
+                                                "release of the site's feature mean (charged to the same ledger); 0 = "
+                                                "the smallest that raises DP-SGD's noise by at most 5%. See "
+                                                "docs/privacy.md.")
 
     def check(self) -> None:
         if self.dp_target_epsilon <= 0 or self.dp_max_grad_norm <= 0 or self.dp_noise_multiplier < 0:
             raise ConfigError("dp-target-epsilon and dp-max-grad-norm must be > 0, dp-noise-multiplier >= 0")
         if not 0.0 <= self.dp_target_delta < 1.0:
             raise ConfigError("dp-target-delta must be in [0, 1)")
+        if self.dp_feature_norm_noise < 0:
+            raise ConfigError("dp-feature-norm-noise must be >= 0 (0: chosen automatically)")
 
 
 @dataclass(frozen=True)
@@ -552,6 +558,10 @@ class RunConfig:
         if self.privacy.dp_enabled and self.model.freeze != FreezePolicy.FROZEN:
             raise ConfigError("dp-enabled needs freeze = frozen: the backbone's BatchNorm layers cannot be trained "
                               "with per-sample gradients")
+        if self.privacy.dp_enabled and self.model.feature_norm == FeatureNorm.SITE and not self.eval.server_val_path:
+            raise ConfigError("dp-enabled with feature-norm = site needs public feature statistics: set server-val-path "
+                              "(the centre's own clinic), or feature-norm = none. Statistics fitted on a site's "
+                              "training studies would sit outside the DP guarantee (docs/privacy.md)")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":

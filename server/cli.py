@@ -276,6 +276,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan_privacy(args: argparse.Namespace) -> int:
+    from common.model import trainable_parameter_count
+    from server.privacy_plan import federation_snr, measured_band, plan_site
+
+    values: dict[str, object] = {"dp-enabled": True, "feature-norm": "site", "server-val-path": "(the centre's clinic)"}
+    for flag, key in (("epsilon", "dp-target-epsilon"), ("delta", "dp-target-delta"), ("rounds", "num-rounds"),
+                      ("local_epochs", "local-epochs"), ("batch", "batch-size")):
+        if getattr(args, flag) is not None:
+            values[key] = getattr(args, flag)
+    values.update(parse_assignments(args.set))
+    config = RunConfig.from_mapping(values)
+    units = [int(u) for u in args.units.split(",") if u.strip()]
+    if not units or min(units) < 1:
+        raise CentreError("--units takes the sites' training units, e.g. --units 100,500,2000")
+    trainable = trainable_parameter_count(config.model)
+    plans = [plan_site(config, n, trainable) for n in units]
+    table = Table(title=f"DP plan: epsilon {config.privacy.dp_target_epsilon:g} per site for the whole run, "
+                        f"{config.federation.num_rounds} rounds x {config.train.local_epochs} local epochs, batch "
+                        f"{config.train.batch_size}, {trainable:,} trainable parameters")
+    for column in ("site", "units", "delta", "sample rate", "steps", "release sigma", "DP-SGD sigma",
+                   "signal/noise per step", "signal/noise over the run"):
+        table.add_column(column, justify="right")
+    for i, p in enumerate(plans, 1):
+        table.add_row(str(i), str(p.units), f"{p.delta:.1e}", f"{p.sample_rate:.3f}", str(p.steps),
+                      "-" if p.release_noise is None else f"{p.release_noise:.2f}", f"{p.noise_multiplier:.2f}",
+                      f"{p.snr_step:.3f}", f"{p.snr_run:.2f}")
+    console = wide_console()
+    console.print(table)
+    snr = federation_snr(plans)
+    band = measured_band(snr)
+    console.print(f"federation (FedAvg of the {len(plans)} sites): signal/noise over the run {snr:.2f}")
+    console.print(f"AUC drop against no DP that the privacy-utility study measured near this ratio: {band.text}")
+    if band.failed:
+        console.print("[bold red]warning:[/] at this ratio the study's model did not learn (drop above "
+                      "0.1): more units per site, more sites, a larger epsilon or fewer trainable parameters")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from server.report import print_report  # matplotlib only when plotting
 
@@ -350,6 +388,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", help="run id or run directory")
     p.add_argument("--out", help="folder for the PNGs (default RUN_DIR/report)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("plan-privacy", help="what a DP run gives: noise and signal-to-noise per site, and the AUC "
+                                            "drop the privacy study measured at that ratio")
+    p.add_argument("--units", required=True, help="each site's training units, comma-separated, e.g. 100,500,2000")
+    p.add_argument("--epsilon", type=float, help="dp-target-epsilon for the whole run")
+    p.add_argument("--delta", type=float, help="dp-target-delta (default: 1 / (10 x units), at most 1e-5)")
+    p.add_argument("--rounds", type=int, help="num-rounds")
+    p.add_argument("--local-epochs", type=int)
+    p.add_argument("--batch", type=int, help="batch-size")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run-config key")
+    p.set_defaults(func=cmd_plan_privacy)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -19,6 +19,7 @@ from common.inference import SiteInputs, evaluate_local, fit_feature_norm, pick_
 from common.metrics.catalogue import MetricValue, compute_catalogue
 from common.metrics.features import FidFeatureExtractor
 from common.model import InjuryNet
+from common.private_norm import PublicNorm
 
 
 def _device_name(device: torch.device) -> str:
@@ -59,6 +60,12 @@ def measure_efficiency(model: InjuryNet, config: RunConfig, repeats: int = 5) ->
         "inference_ms_per_study": MetricValue(statistics.median(times),
                                               note=f"median of {repeats}, {study}, on {_device_name(device)}"),
     }
+
+
+def public_feature_norm(model: InjuryNet) -> PublicNorm:
+    """The standardisation statistics of the centre's own clinic (fitted on its images, no labels),
+    which DP sites standardise with: public to every site, so outside no site's privacy budget."""
+    return PublicNorm(model.feature_norm.mean.detach().cpu().clone(), model.feature_norm.inv_std.detach().cpu().clone())
 
 
 class CentralValidation:

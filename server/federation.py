@@ -27,7 +27,9 @@ from common.config import RunConfig
 from common.exchange import EVALUATE_FIRST_KEY, FID_KEY, STATUS_OK, site_record
 from common.rundir import RunDirectory
 from common.runlog import round_line, select_best
-from server.evaluation import CentralValidation
+from common.model import trainable_parameter_count
+from server.evaluation import CentralValidation, public_feature_norm
+from server.privacy_plan import log_planned_ratio, plans_from_replies
 from server.runs import round_record
 from server.secure_aggregation import SecAggSettings, SecureAggregation
 from server.strategy import ClinicFedAvg
@@ -52,8 +54,16 @@ class FederatedRun:
         self.records = list(records or [])  # adopted rounds of a resumed run come first
         # The hash travels with every message so a site can refuse a backbone it does not have;
         # the budget id names the privacy ledger a DP site charges (a resumed run keeps its id).
-        self.train_config = {"backbone-hash": backbone_hash, "budget-id": budget_id}
-        self.evaluate_config = {"backbone-hash": backbone_hash}
+        self.train_config: dict[str, Any] = {"backbone-hash": backbone_hash, "budget-id": budget_id}
+        self.evaluate_config: dict[str, Any] = {"backbone-hash": backbone_hash}
+        if config.privacy.dp_enabled:
+            # A DP site evaluates with the standardisation its ledger holds, and standardises with
+            # public statistics (the centre's own clinic), never with a fit on its training studies.
+            self.evaluate_config["budget-id"] = budget_id
+            if config.model.feature_norm == "site" and central is not None:
+                public = public_feature_norm(central.model).to_config()
+                self.train_config.update(public)
+                self.evaluate_config.update(public)
         self.secure = (SecureAggregation(SecAggSettings.from_config(self.fed), strategy, grid, self.fed.round_timeout)
                        if self.fed.secure_aggregation else None)
         self.started = time.perf_counter()
@@ -188,6 +198,9 @@ class FederatedRun:
         report = self.strategy.report(server_round)
         if server_round > 0 and report.exhausted and not report.train:
             report.stopped = "every site that replied has exhausted its privacy budget"
+        if server_round == 1 and report.privacy:  # a run's first DP round: what the whole run will give
+            log_planned_ratio(plans_from_replies(report.privacy, report.train, self.fed.num_rounds,
+                                                 trainable_parameter_count(self.config.model)), log)
         stopped = self.finish_round(server_round, arrays)
         if server_round == 0 and not report.evaluation:
             reasons = "; ".join(f"{r['site']}: {r['reason']}" for r in report.rejected) or "no site replied"

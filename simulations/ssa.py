@@ -35,7 +35,7 @@ class SearchTrace:
     best_after: list[float] = field(default_factory=list)  # best value after each evaluation
 
 
-def sparrow_search(objective: Objective, lower: np.ndarray, upper: np.ndarray, budget: int, seed: int,
+def sparrow_search(objective: Objective, lower: np.ndarray, upper: np.ndarray, budget: int, seed: int | list[int],
                    population: int = 10, producer_fraction: float = 0.2, vigilant_fraction: float = 0.15,
                    safety_threshold: float = 0.8) -> SearchTrace:
     """Minimise ``objective`` over the box with at most ``budget`` evaluations."""
@@ -85,7 +85,8 @@ def sparrow_search(objective: Objective, lower: np.ndarray, upper: np.ndarray, b
     return trace.result()
 
 
-def random_search(objective: Objective, lower: np.ndarray, upper: np.ndarray, budget: int, seed: int) -> SearchTrace:
+def random_search(objective: Objective, lower: np.ndarray, upper: np.ndarray, budget: int,
+                  seed: int | list[int]) -> SearchTrace:
     rng = np.random.default_rng(seed)
     lower, upper = np.asarray(lower, float), np.asarray(upper, float)
     trace = _Evaluations(objective, lower, upper, budget)

@@ -69,9 +69,11 @@ def reply(content: RecordDict | Error, node_id: int = 1, message_type: str = "tr
     return make_message(metadata, content=content)
 
 
-def site_message(run_config: dict, message_type: str = "train", server_round: int = 1, budget_id: str = "run-7"):
+def site_message(run_config: dict, message_type: str = "train", server_round: int = 1, budget_id: str = "run-7",
+                 extra_config: dict | None = None):
     """A message from the centre to a site (node 1, run 7) carrying the initial global model of
-    ``run_config``, as the ClientApp handlers receive it."""
+    ``run_config``, as the ClientApp handlers receive it (``extra_config``: more entries of its
+    config record)."""
     from flwr.app import ConfigRecord
 
     from common.config import RunConfig
@@ -81,7 +83,8 @@ def site_message(run_config: dict, message_type: str = "train", server_round: in
     model = build_model(RunConfig.from_mapping(run_config).model)
     content = RecordDict({"arrays": to_array_record(model),
                           "config": ConfigRecord({"server-round": server_round, "budget-id": budget_id,
-                                                  "backbone-hash": frozen_backbone_hash(model)})})
+                                                  "backbone-hash": frozen_backbone_hash(model),
+                                                  **(extra_config or {})})})
     metadata = Metadata(run_id=7, message_id=f"q{server_round}", src_node_id=0, dst_node_id=1,
                         reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=600.0,
                         message_type=message_type)

@@ -77,7 +77,7 @@ def test_the_proximal_term_under_dp_keeps_the_model_near_the_global_one(tiny_cli
     from client.privacy import PrivacyLedger, SitePrivacy, privacy_units, reserve_round, train_private
     from common.config import SiteConfig
 
-    run = {**RUN, "dp-enabled": True, "dp-noise-multiplier": 0.5, "dp-target-epsilon": 1e6}
+    run = {**RUN, "dp-enabled": True, "dp-noise-multiplier": 0.5, "dp-target-epsilon": 1e6, "feature-norm": "none"}
     config = RunConfig.from_mapping(run)
     data = load_site(tiny_clinics[0], config.data, 1, progress=False)
     distances = {}

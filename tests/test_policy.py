@@ -64,7 +64,7 @@ max-trainable-parameters = 200000
 
 # A run config that meets STRICT; each case below changes one key of it.
 MEETS_STRICT = {"dp-enabled": True, "dp-target-epsilon": 4.0, "dp-target-delta": 1e-6, "dp-unit": "patient",
-                "fid-dim": 8, "image-metrics-sample": 16}
+                "fid-dim": 8, "image-metrics-sample": 16, "feature-norm": "none"}
 
 
 @pytest.mark.parametrize("override, key", [
@@ -138,7 +138,7 @@ def test_automatic_delta_is_capped_by_the_policy_and_k_coarsens_the_histograms(s
     one bin per k validation studies in the validation statistics."""
     open_session.cache_clear()
     policy = _policy_file(tmp_path / "admin", "max-delta = 1e-7\nmin-studies-per-bin = 2\n")
-    run = {**RUN, "dp-enabled": True, "eval-bins": 2048}
+    run = {**RUN, "dp-enabled": True, "eval-bins": 2048, "feature-norm": "none"}
     context = _context(site, tmp_path / "state", run, **{"site-policy": str(policy)})
     out = client_app.train(_message(run), context)
     assert out.content["metrics"]["dp-delta"] == pytest.approx(1e-7)

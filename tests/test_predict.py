@@ -193,17 +193,18 @@ def test_the_same_study_in_every_lossless_transfer_syntax_gets_the_same_probabil
     root, _, model, _ = exported
     variants = ["MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm",
                 "MR_small_jp2klossless.dcm"]
-    probabilities = {}
+    # One folder of studies (studies/<name>/), one study per transfer syntax, scored in one call.
     for name in variants:
-        study = tmp_path / name.removesuffix(".dcm")
-        study.mkdir()
+        study = tmp_path / "batch" / "studies" / name.removesuffix(".dcm")
+        study.mkdir(parents=True)
         shutil.copy(get_testdata_file(name), study / name)
-        out = tmp_path / f"out-{name}"
-        result = _predict(str(model), str(study), "--out", str(out), "--stats-from", str(exported[3]), cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-        (row,) = _rows(out)
-        probabilities[name] = float(row["injury_raw_probability"])
-    reference = probabilities["MR_small.dcm"]
+    out = tmp_path / "out"
+    result = _predict(str(model), str(tmp_path / "batch"), "--out", str(out), "--stats-from", str(exported[3]),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    probabilities = {row["study"]: float(row["injury_raw_probability"]) for row in _rows(out)}
+    assert set(probabilities) == {name.removesuffix(".dcm") for name in variants}
+    reference = probabilities["MR_small"]
     assert all(abs(p - reference) <= 1e-6 for p in probabilities.values()), probabilities
 
 

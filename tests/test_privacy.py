@@ -16,7 +16,8 @@ from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import app as client_app
-from client.privacy import PrivacyLedger, SitePrivacy, privacy_units, sampling
+from client.privacy import PrivacyLedger, SitePrivacy, privacy_units
+from common.dp_plan import sampling
 from client.session import open_session
 from common.config import ConfigError, ModelConfig, RunConfig, SharedConfig
 from common.exchange import numpy_of
@@ -28,8 +29,10 @@ from simulations.inprocess import run_inprocess
 from simulations.synthetic import SyntheticSpec, generate_clinics
 from tests.conftest import reply, site_message
 
+# These tests are about DP-SGD's accounting and noise: no standardisation (the DP release of a
+# site's standardisation, and its charge, are tested in tests/test_private_norm.py).
 RUN = {"image-size": 32, "seq-len": 4, "proj-dim": 16, "gru-hidden": 8, "attn-dim": 8, "batch-size": 4,
-       "local-epochs": 1, "num-rounds": 3, "dp-enabled": True, "dp-target-epsilon": 8.0}
+       "local-epochs": 1, "num-rounds": 3, "dp-enabled": True, "dp-target-epsilon": 8.0, "feature-norm": "none"}
 
 
 def _context(site: Path, state_dir: Path, run_config: dict, **node) -> Context:
@@ -47,7 +50,7 @@ def _fresh_accountant_epsilon(history: list[tuple[float, float, int]], delta: fl
     for sigma, q, steps in history:
         for _ in range(steps):
             accountant.step(noise_multiplier=sigma, sample_rate=q)
-    from client.privacy import RDP_ORDERS
+    from common.dp_plan import RDP_ORDERS
 
     return accountant.get_epsilon(delta, alphas=RDP_ORDERS)
 
@@ -197,12 +200,15 @@ def dp_run(tmp_path_factory):
     spec = SyntheticSpec(sites=2, studies_per_site=100, image_size=48, slices_per_study=6, seed=8,
                          lesion_size=0.6, lesion_fraction=0.8)
     generate_clinics(root / "data", spec, progress=False)
+    # The centre's own clinic: the public standardisation statistics every DP site starts from.
+    (public,) = generate_clinics(root / "public", replace(spec, sites=1, studies_per_site=40, seed=9), progress=False)
     # A small head: DP-SGD's noise grows with the number of trainable parameters, and at 70 training
     # studies per site the default head (about 300k parameters) learns little at epsilon 8.
     overrides = {"num-rounds": 3, "min-sites": 2, "image-size": 48, "seq-len": 6, "local-epochs": 3,
                  "batch-size": 32, "test-fraction": 0.3, "lr": 0.003, "dp-enabled": True,
                  "dp-target-epsilon": 8.0, "recon-head": False, "proj-dim": 16, "gru-hidden": 16, "attn-dim": 16,
-                 "eval-bins": 256}  # the centre owns every site here: fine score histograms measure learning
+                 "eval-bins": 256,  # the centre owns every site here: fine score histograms measure learning
+                 "server-val-path": str(public)}
     # In process: the real ServerApp and ClientApps, every message serialised (the property here
     # is the accounting and the learning, not Flower's runtime; tests/test_simulation.py has that).
     return run_inprocess(root / "data", root / "runs", 2, overrides)
@@ -236,8 +242,10 @@ def test_server_ends_the_run_when_every_site_is_exhausted(tmp_path):
     server records who and why, and ends the run cleanly instead of looping or crashing."""
     spec = SyntheticSpec(sites=2, studies_per_site=16, image_size=32, slices_per_study=3, seed=4)
     generate_clinics(tmp_path / "data", spec, progress=False)
+    (public,) = generate_clinics(tmp_path / "public", replace(spec, sites=1, seed=5), progress=False)
     overrides = {"num-rounds": 3, "min-sites": 2, "image-size": 32, "seq-len": 3, "dp-enabled": True,
-                 "dp-noise-multiplier": 0.3, "dp-target-epsilon": 1.0, "recon-head": False}
+                 "dp-noise-multiplier": 0.3, "dp-target-epsilon": 1.0, "recon-head": False,
+                 "server-val-path": str(public)}
     run_dir = run_inprocess(tmp_path / "data", tmp_path / "runs", 2, overrides)
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [0, 1], "the run ends after the round in which all were exhausted"

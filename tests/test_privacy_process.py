@@ -21,7 +21,7 @@ from tests.conftest import site_message
 
 RUN = {"image-size": 32, "seq-len": 4, "proj-dim": 16, "gru-hidden": 8, "attn-dim": 8, "batch-size": 4,
        "local-epochs": 1, "num-rounds": 3, "dp-enabled": True, "dp-target-epsilon": 8.0,
-       "dp-noise-multiplier": 1.0}  # a given noise: no calibration, which takes seconds and is not tested here
+       "dp-noise-multiplier": 1.0, "feature-norm": "none"}  # a given noise: no calibration, which takes seconds and is not tested here
 HOOK_WARNING = "Full backward hook is firing"
 
 

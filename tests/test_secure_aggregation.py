@@ -197,7 +197,7 @@ def test_a_federated_run_with_secure_aggregation_and_dp_at_the_sites(tmp_path):
                                                       slices_per_study=3, seed=11), progress=False)
     overrides = {"num-rounds": 2, "min-sites": 3, "image-size": 32, "seq-len": 3, "recon-head": False,
                  "secure-aggregation": True, "dp-enabled": True, "dp-noise-multiplier": 0.5,
-                 "dp-target-epsilon": 1000.0, "site-policy": str(tmp_path / "site-policy.toml")}
+                 "dp-target-epsilon": 1000.0, "feature-norm": "none", "site-policy": str(tmp_path / "site-policy.toml")}
     # Little noise, so that two rounds visibly move the model: these synthetic sites accept it, and
     # require secure aggregation, which every train message must then use.
     (tmp_path / "site-policy.toml").write_text("max-epsilon = 1000.0\nrequire-secure-aggregation = true\n")

@@ -27,6 +27,8 @@ def test_quick_study_writes_a_report_that_agrees_with_its_json(name, tmp_path):
     results = json.loads((folder / "results.json").read_text())
     report = (folder / "report.md").read_text()
     assert results["study"] == name and results["seeds"] >= 3
+    assert results["command"] == f"clinicfl-sim study {name} --quick", "what reproduces it"
+    assert len(results["provenance"]["commit"]) == 40 and "torch" in results["provenance"]["versions"]
     assert report.startswith(f"# {name}")
     table_rows = [line for line in report.splitlines() if line.startswith("| ")]
     for row in results["headline"]:

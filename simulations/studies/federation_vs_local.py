@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simulations.studies.harness import (QUICK, Scorer, StudyOutput, StudySize, federated, fmt,  # noqa: E402
-                                         make_clinics, markdown_table, run_config, spread, trained_blocks)
+                                         make_clinics, markdown_table, run_config, seeded, spread, trained_blocks)
 from simulations.synthetic import SyntheticSpec  # noqa: E402
 
 NAME = "federation-vs-local"
@@ -39,7 +39,6 @@ def run(quick: bool = False, seeds: int | None = None, progress=print) -> tuple[
     seeds = seeds or size.seeds
     out = StudyOutput(NAME)
     overrides = size.run_overrides()
-    config = run_config(overrides)
     raw: dict[str, dict[str, list]] = {}
     for setting, knobs in SETTINGS.items():
         arms: dict[str, list] = {"federated": [], "centralised": [], "local": [], "local_per_site": [],
@@ -49,9 +48,11 @@ def run(quick: bool = False, seeds: int | None = None, progress=print) -> tuple[
             spec = SyntheticSpec(sites=size.sites, studies_per_site=size.studies, image_size=size.image_size,
                                  slices_per_study=size.slices, seed=100 + seed, **knobs)
             clinics = make_clinics(out.data(f"{setting}-seed{seed}"), spec)
+            run = seeded(overrides, seed)
+            config = run_config(run)
             scorer = Scorer(clinics, config)
             progress(f"{NAME}: {setting} seed {seed}: federated")
-            fed = federated(clinics, overrides, scorer, out.runs)
+            fed = federated(clinics, run, scorer, out.runs)
             progress(f"{NAME}: {setting} seed {seed}: centralised and local")
             central = trained_blocks(scorer, scorer.sites, config)
             local = [trained_blocks(scorer, [site], config) for site in scorer.sites]
@@ -64,7 +65,7 @@ def run(quick: bool = False, seeds: int | None = None, progress=print) -> tuple[
             arms["prevalence"].append([float(s.data.labels.mean()) for s in scorer.sites])
             if setting in DIAGNOSTIC:
                 progress(f"{NAME}: {setting} seed {seed}: federated, no site standardisation")
-                diagnostic = {**overrides, **DIAGNOSTIC[setting]}
+                diagnostic = {**run, **DIAGNOSTIC[setting]}
                 raw_fed = federated(clinics, diagnostic, Scorer(clinics, run_config(diagnostic)), out.runs)
                 arms["federated_no_site_norm"].append(raw_fed.best["auc"])
         raw[setting] = arms

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,14 +36,17 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from sklearn.metrics import log_loss, roc_auc_score
 
-from common.config import RunConfig
+from client.site_stats import load_stats
+from common.config import RunConfig, SiteConfig
 from common.data.site import SiteData, load_site
 from common.exchange import trainable_state
 from common.inference import SiteInputs, fit_feature_norm, pick_device, predict, prepare_inputs
+from common.provenance import provenance
 from common.rundir import RunDirectory, json_safe
-from common.model import build_model
+from common.model import build_model, frozen_backbone_hash
 from common.training import train_local
 from simulations.inprocess import app_components, run_inprocess
 from simulations.synthetic import SyntheticSpec, generate_clinics
@@ -103,6 +108,13 @@ def make_clinics(root: Path, spec: SyntheticSpec) -> Clinics:
     return Clinics(root, sites, root / "server" / "site-01", root / "holdout" / "site-01", spec)
 
 
+def seeded(overrides: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The run settings of one seed: ``seed`` seeds the model's initialisation (the random
+    backbone's too), the patients' train/validation/test split and the local shuffling, so a
+    study's seeds vary all of them along with the generated data."""
+    return {**overrides, "seed": seed}
+
+
 def run_config(overrides: dict[str, Any]) -> RunConfig:
     """The app's defaults with the study's overrides, as a run would see them."""
     defaults = app_components()[2]
@@ -127,6 +139,7 @@ class Scorer:
         self.config = config
         self.device = pick_device()
         self.model = build_model(config.model)
+        self.norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sites = [self._prepare(path, i, fit_on="train") for i, path in enumerate(clinics.sites)]
         # The validation and holdout clinics standardise with their own images, as the server's
         # validation set does (server/evaluation.py).
@@ -143,8 +156,14 @@ class Scorer:
         return PreparedSite(path.name, data, inputs, norm.mean.clone(), norm.inv_std.clone())
 
     def _use(self, site: PreparedSite) -> None:
-        self.model.feature_norm.mean.copy_(site.mean)
-        self.model.feature_norm.inv_std.copy_(site.inv_std)
+        mean, inv_std = self.norms.get(site.name, (site.mean, site.inv_std))
+        self.model.feature_norm.mean.copy_(mean)
+        self.model.feature_norm.inv_std.copy_(inv_std)
+
+    def standardised_as_run(self, norms: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Score the sites with the statistics a run's sites standardised with (under DP: the
+        public statistics and each site's DP release), not with their private fit; {} resets."""
+        self.norms = dict(norms)
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
@@ -158,6 +177,12 @@ class Scorer:
 
     def score(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Pooled test AUC and loss over every site's test split, and AUC per site."""
+        p, y, per_site = self.pooled(state)
+        return {"auc": _auc(y, p), "loss": float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])),
+                "per_site_auc": per_site, "n_test": int(len(y))}
+
+    def pooled(self, state: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """(every site's test probabilities, their labels, in site order; AUC per site)."""
         self.load(state)
         probs, labels, per_site = [], [], {}
         for site in self.sites:
@@ -166,9 +191,7 @@ class Scorer:
             probs.append(p)
             labels.append(y)
             per_site[site.name] = _auc(y, p)
-        p, y = np.concatenate(probs), np.concatenate(labels)
-        return {"auc": _auc(y, p), "loss": float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])),
-                "per_site_auc": per_site, "n_test": int(len(y))}
+        return np.concatenate(probs), np.concatenate(labels), per_site
 
     def validation(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
         """(AUC, loss) on the centre's validation clinic."""
@@ -196,17 +219,20 @@ class ArmResult:
     best_round: int
     curve: list[dict[str, float]] = field(default_factory=list)  # per round/block: val loss, test auc, loss
     run_dir: str | None = None
+    best_probs: np.ndarray | None = None  # the selected round's pooled test probabilities (for paired intervals)
+    labels: np.ndarray | None = None
 
 
 def federated(clinics: Clinics, overrides: dict[str, Any], scorer: Scorer, run_root: Path,
               curve: bool = False) -> ArmResult:
     """The real ServerApp and ClientApp, in process; the best round by the server's validation AUC."""
-    run = RunDirectory(run_inprocess(clinics.root / "sites", run_root, len(clinics.sites),
-                                     {**overrides, "server-val-path": str(clinics.server_val),
-                                      "best-metric": "server-val-auc"}))
+    overrides = {**overrides, "server-val-path": str(clinics.server_val), "best-metric": "server-val-auc"}
+    run = RunDirectory(run_inprocess(clinics.root / "sites", run_root, len(clinics.sites), overrides))
     records = run.read_metrics()
     best_round, best_state = best_checkpoint(run)
+    scorer.standardised_as_run(_site_norms(clinics, overrides, scorer))
     best = scorer.score(best_state)
+    best_probs, labels, _ = scorer.pooled(best_state)
     final = scorer.score(run.load_checkpoint(records[-1]["round"])["trainable"])
     points = []
     if curve:
@@ -214,12 +240,29 @@ def federated(clinics: Clinics, overrides: dict[str, Any], scorer: Scorer, run_r
             score = scorer.score(run.load_checkpoint(record["round"])["trainable"])
             points.append({"round": record["round"], "test_auc": score["auc"], "test_loss": score["loss"],
                            "val_loss": (record.get("server_validation") or {}).get("loss", {}).get("value")})
-    result = ArmResult(best, final, int(best_round), points, str(run.path))
+    result = ArmResult(best, final, int(best_round), points, str(run.path), best_probs, labels)
     result.final["epsilon"] = (records[-1]["catalogue"].get("epsilon") or {}).get("value")
     multipliers = [p.get("noise-multiplier") for r in records for p in (r.get("privacy") or {}).values()]
     result.final["noise_multiplier"] = max((m for m in multipliers if m is not None), default=None)
     result.final["state"] = run.state().get("state")
+    scorer.standardised_as_run({})
     return result
+
+
+def _site_norms(clinics: Clinics, overrides: dict[str, Any],
+                scorer: Scorer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Under DP with site standardisation, the statistics each site kept after the run (its DP
+    release; ``client/site_stats.py``), which the run trained and evaluated with."""
+    config = run_config(overrides)
+    if not (config.privacy.dp_enabled and config.model.feature_norm == "site"):
+        return {}
+    norms = {}
+    for path in clinics.sites:
+        state_dir = SiteConfig.from_node_config({"data-path": str(path)}, config.federation).state_dir
+        stored = load_stats(scorer.model, state_dir, frozen_backbone_hash(scorer.model), config.data)
+        if stored is not None:
+            norms[path.name] = (stored["mean"].clone(), stored["inv_std"].clone())
+    return norms
 
 
 def best_checkpoint(run: RunDirectory) -> tuple[int, dict[str, torch.Tensor]]:
@@ -273,6 +316,35 @@ def _pooled(sites: list[PreparedSite]) -> tuple[SiteInputs, np.ndarray]:
     return inputs, np.concatenate(train_index)
 
 
+# ------------------------------------------------------------------------------ intervals
+def paired_auc_difference(labels: list[np.ndarray], reference: list[np.ndarray], other: list[np.ndarray],
+                          resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """AUC(reference) - AUC(other), the mean over seeds, with a 95% paired bootstrap interval: each
+    resample draws every seed's test studies with replacement and scores both arms on the same
+    draw, so what the arms share (the studies) cancels in the difference."""
+    rng = np.random.default_rng(seed)
+    point = float(np.mean([_auc(y, a) - _auc(y, b) for y, a, b in zip(labels, reference, other)]))
+    draws = np.zeros(resamples)
+    for y, a, b in zip(labels, reference, other):
+        index = rng.integers(0, len(y), size=(resamples, len(y)))
+        draws += _auc_rows(y[index], a[index]) - _auc_rows(y[index], b[index])
+    draws /= len(labels)
+    finite = draws[np.isfinite(draws)]
+    low, high = (np.percentile(finite, [2.5, 97.5]) if len(finite) else (math.nan, math.nan))
+    return {"mean": point, "ci95": [float(low), float(high)], "method": f"paired bootstrap over test studies, "
+            f"{resamples} resamples, {len(labels)} seed(s)", "n_test": [int(len(y)) for y in labels]}
+
+
+def _auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Row-wise AUC (Mann-Whitney, ties counted half) of (resamples, n) labels and scores; NaN for
+    a row with one class only."""
+    ranks = np.apply_along_axis(rankdata, 1, scores)
+    n_pos = labels.sum(1)
+    n_neg = labels.shape[1] - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((ranks * labels).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 # ------------------------------------------------------------------------------ figures and files
 def spread(values: list[float]) -> dict[str, Any]:
     """Mean over seeds with its spread; NaN values (undefined AUC) are left out and counted."""
@@ -306,8 +378,10 @@ class StudyOutput:
         return self.folder / "data" / tag
 
     def write(self, results: dict[str, Any], report: str) -> None:
+        # What reproduces it: the commit (and whether files were modified) and the command.
         results = {**results, "study": self.name, "folder": str(self.folder),
-                   "wall_seconds": round(time.perf_counter() - self.started, 1)}
+                   "wall_seconds": round(time.perf_counter() - self.started, 1),
+                   "provenance": provenance(), "command": " ".join(["clinicfl-sim", *map(shlex.quote, sys.argv[1:])])}
         (self.folder / "results.json").write_text(json.dumps(json_safe(results), indent=2))
         (self.folder / "report.md").write_text(report)
 

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simulations.studies.harness import (QUICK, Scorer, StudyOutput, StudySize, federated, fmt,  # noqa: E402
-                                         make_clinics, markdown_table, run_config, spread)
+                                         make_clinics, markdown_table, run_config, seeded, spread)
 from simulations.synthetic import SyntheticSpec  # noqa: E402
 
 NAME = "heterogeneity"
@@ -35,7 +35,6 @@ def run(quick: bool = False, seeds: int | None = None, progress=print) -> tuple[
     seeds = seeds or size.seeds
     out = StudyOutput(NAME)
     base = size.run_overrides()
-    config = run_config(base)
     raw: dict[str, dict[float, list[float]]] = {m: {a: [] for a in alphas} for m in METHODS}
     prevalence: dict[float, list[list[float]]] = {a: [] for a in alphas}
     for alpha in alphas:
@@ -43,11 +42,12 @@ def run(quick: bool = False, seeds: int | None = None, progress=print) -> tuple[
             spec = SyntheticSpec(sites=size.sites, studies_per_site=size.studies, image_size=size.image_size,
                                  slices_per_study=size.slices, dirichlet_alpha=alpha, seed=200 + seed)
             clinics = make_clinics(out.data(f"alpha{alpha:g}-seed{seed}"), spec)
-            scorer = Scorer(clinics, config)
+            scorer = Scorer(clinics, run_config(seeded(base, seed)))
             prevalence[alpha].append([float(s.data.labels.mean()) for s in scorer.sites])
             for method, settings in METHODS.items():
                 progress(f"{NAME}: alpha {alpha:g} seed {seed}: {method}")
-                raw[method][alpha].append(federated(clinics, {**base, **settings}, scorer, out.runs).best["auc"])
+                overrides = seeded({**base, **settings}, seed)
+                raw[method][alpha].append(federated(clinics, overrides, scorer, out.runs).best["auc"])
     results = {"size": size.__dict__, "seeds": seeds, "alphas": alphas, "methods": METHODS,
                "pooled_auc": {m: {f"{a:g}": spread(v) for a, v in by_alpha.items()} for m, by_alpha in raw.items()},
                "site_prevalence": {f"{a:g}": v for a, v in prevalence.items()},

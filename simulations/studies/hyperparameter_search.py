@@ -23,12 +23,13 @@ from common.rundir import RunDirectory  # noqa: E402
 from simulations.inprocess import run_inprocess  # noqa: E402
 from simulations.ssa import random_search, sparrow_search  # noqa: E402
 from simulations.studies.harness import (QUICK, Scorer, StudyOutput, StudySize, best_checkpoint, fmt,  # noqa: E402
-                                         make_clinics, markdown_table, run_config, spread)
+                                         make_clinics, markdown_table, run_config, seeded, spread)
 from simulations.synthetic import SyntheticSpec  # noqa: E402
 
 NAME = "hyperparameter-search"
 DEFAULT = StudySize(rounds=4)
 BUDGET = {"default": 12, "quick": 4}
+STREAMS = {"ssa": 1, "random": 2}  # each search's own random stream within a seed
 # name: (low, high, scale); "log" is searched in log10, "int" is rounded.
 SPACE = {"lr": (1e-4, 3e-2, "log"), "gru-hidden": (8, 128, "log-int"), "dropout": (0.0, 0.5, "linear"),
          "local-epochs": (1, 4, "int"), "proximal-mu": (1e-4, 1.0, "log")}
@@ -66,6 +67,7 @@ def run(quick: bool = False, seeds: int | None = None, progress=print) -> tuple[
         spec = SyntheticSpec(sites=size.sites, studies_per_site=size.studies, image_size=size.image_size,
                              slices_per_study=size.slices, seed=300 + seed)
         clinics = make_clinics(out.data(f"seed{seed}"), spec)
+        seed_base = seeded(base, seed)
         for method, search in (("ssa", sparrow_search), ("random", random_search)):
             evaluations: list[dict[str, Any]] = []
 
@@ -73,16 +75,19 @@ def run(quick: bool = False, seeds: int | None = None, progress=print) -> tuple[
                 values = decode(point)
                 progress(f"{NAME}: seed {seed} {method} evaluation {len(evaluations) + 1}/{budget}: {values}")
                 run = RunDirectory(run_inprocess(clinics.root / "sites", out.runs, size.sites,
-                                                 {**base, **values, "server-val-path": str(clinics.server_val)}))
+                                                 {**seed_base, **values, "server-val-path": str(clinics.server_val)}))
                 records = run.read_metrics()
                 aucs = [((r.get("server_validation") or {}).get("auc") or {}).get("value") for r in records[1:]]
                 best = max((a for a in aucs if a is not None), default=float("nan"))
                 evaluations.append({"values": values, "val_auc": best, "run_dir": str(run.path)})
                 return -best if math.isfinite(best) else math.inf
 
-            trace = search(objective, lower, upper, budget, seed=seed)
+            # Independent streams: the same seed for both would draw SSA's first population and
+            # random search's first points alike.
+            trace = search(objective, lower, upper, budget, seed=[seed, STREAMS[method]])
             winner = max(evaluations, key=lambda e: e["val_auc"] if math.isfinite(e["val_auc"]) else -1)
-            scorer = Scorer(clinics, run_config({**base, **winner["values"], "server-val-path": str(clinics.server_val)}))
+            scorer = Scorer(clinics, run_config({**seed_base, **winner["values"],
+                                                 "server-val-path": str(clinics.server_val)}))
             holdout = scorer.holdout_auc(best_checkpoint(RunDirectory(Path(winner["run_dir"])))[1])
             searches[method].append({"seed": seed, "best_after": [-v for v in trace.best_after],
                                      "winner": winner["values"], "winner_val_auc": winner["val_auc"],

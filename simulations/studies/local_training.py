@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simulations.studies.harness import (QUICK, Scorer, StudyOutput, StudySize, federated, fmt,  # noqa: E402
-                                         make_clinics, markdown_table, run_config, spread)
+                                         make_clinics, markdown_table, run_config, seeded, spread)
 from simulations.synthetic import SyntheticSpec  # noqa: E402
 
 NAME = "local-training"
@@ -59,8 +59,9 @@ def run(quick: bool = False, seeds: int | None = None, progress=print) -> tuple[
         clinics = make_clinics(out.data(f"seed{seed}"), spec)
         for variant, settings in variants.items():
             progress(f"{NAME}: seed {seed}: {variant}")
-            scorer = Scorer(clinics, run_config({**base, **settings}))
-            result = federated(clinics, {**base, **settings}, scorer, out.runs, curve=True)
+            overrides = seeded({**base, **settings}, seed)
+            scorer = Scorer(clinics, run_config(overrides))
+            result = federated(clinics, overrides, scorer, out.runs, curve=True)
             curves[variant].append(result.curve)
             best[variant].append(result.best["auc"])
     rounds = size.rounds

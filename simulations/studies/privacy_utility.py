@@ -7,6 +7,7 @@ no DP.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 import matplotlib
@@ -16,7 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simulations.studies.harness import (QUICK, Scorer, StudyOutput, StudySize, federated, fmt,  # noqa: E402
-                                         make_clinics, markdown_table, run_config, spread)
+                                         make_clinics, markdown_table, paired_auc_difference, run_config, seeded,
+                                         spread)
+from server.privacy_plan import federation_snr, plan_site  # noqa: E402
 from simulations.synthetic import SyntheticSpec  # noqa: E402
 
 NAME = "privacy-utility"
@@ -45,25 +48,52 @@ def run(quick: bool = False, seeds: int | None = None, progress=print) -> tuple[
     final: dict[str, list[float]] = {_label(e): [] for e in epsilons}
     spent: dict[str, list[float]] = {_label(e): [] for e in epsilons}
     noise: dict[str, list[float]] = {_label(e): [] for e in epsilons}
+    planned: dict[str, list[float]] = {_label(e): [] for e in epsilons if e is not None}
+    scored: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {_label(e): [] for e in epsilons}  # (labels, probs)
     for seed in range(seeds):
         spec = SyntheticSpec(sites=size.sites, studies_per_site=size.studies, image_size=size.image_size,
                              slices_per_study=size.slices, seed=400 + seed)
         clinics = make_clinics(out.data(f"seed{seed}"), spec)
-        scorer = Scorer(clinics, config)
+        scorer = Scorer(clinics, run_config(seeded(base, seed)))
         for epsilon in epsilons:
             progress(f"{NAME}: seed {seed}: epsilon {_label(epsilon)}")
             settings = {} if epsilon is None else {"dp-enabled": True, "dp-target-epsilon": epsilon}
-            result = federated(clinics, {**base, **settings}, scorer, out.runs)
+            overrides = seeded({**base, **settings}, seed)
+            if epsilon is not None:  # the federation's signal-to-noise ratio, as the planner computes it
+                planned[_label(epsilon)].append(planned_snr(
+                    run_config({**overrides, "server-val-path": str(clinics.server_val)}), scorer))
+            result = federated(clinics, overrides, scorer, out.runs)
+            scored[_label(epsilon)].append((result.labels, result.best_probs))
             best[_label(epsilon)].append(result.best["auc"])
             final[_label(epsilon)].append(result.final["auc"])
             spent[_label(epsilon)].append(result.final.get("epsilon"))
             noise[_label(epsilon)].append(result.final.get("noise_multiplier"))
     results = summarise(best, final, spent, size, seeds, epsilons, config)
+    # What clinicfl-server plan-privacy looks up: each DP arm's planned ratio and its measured drop
+    # (no DP minus DP, paired by seed).
+    results["planned_snr"] = {k: statistics.fmean(v) for k, v in planned.items() if v}
+    # with a paired bootstrap interval over the test studies (the same studies score both arms).
+    results["drop"] = {k: paired_auc_difference([y for y, _ in scored["no DP"]], [p for _, p in scored["no DP"]],
+                                                [p for _, p in scored[k]]) for k in planned if "no DP" in scored}
+    for label, row in zip(results["epsilons"], results["headline"]):
+        drop = results["drop"].get(label)
+        row.append("-" if drop is None else f"{drop['mean']:+.3f} [{drop['ci95'][0]:+.3f}, {drop['ci95'][1]:+.3f}]")
+    results["headline_columns"].append("AUC drop vs no DP [95% CI]")
+    at8 = results["drop"].get("8")
+    if at8 is not None:  # a success counts only where the interval's upper bound meets the target
+        results["target_met"] = at8["ci95"][1] <= TARGET_DROP
     results["noise_multiplier"] = {k: spread([x for x in v if x is not None]) for k, v in noise.items() if k != "no DP"}
     results["trainable_params"] = sum(p.numel() for p in scorer.model.parameters() if p.requires_grad)
     out.write(results, report(results))
     plot(results, out.folder / "privacy-utility.png")
     return out, results
+
+
+def planned_snr(config, scorer: Scorer) -> float:
+    """The run's signal-to-noise ratio over the federation, from each site's training units."""
+    trainable = sum(p.numel() for p in scorer.model.parameters() if p.requires_grad)
+    units = [len(site.data.train_index) for site in scorer.sites]  # dp-unit = study
+    return federation_snr([plan_site(config, n, trainable) for n in units])
 
 
 def _label(epsilon: float | None) -> str:
@@ -104,8 +134,15 @@ def report(results: dict[str, Any]) -> str:
         lines.append("The epsilon-8 target was not measured at this size.")
     else:
         verdict = "met" if results["target_met"] else "missed"
-        lines.append(f"At epsilon 8 the best-round AUC is {drop:+.3f} below no DP (target: a drop of at most "
-                     f"{results['target_drop']}): **{verdict}**.")
+        paired = (results.get("drop") or {}).get("8")
+        if paired is not None:
+            low, high = paired["ci95"]
+            lines.append(f"At epsilon 8 the best-round AUC is {paired['mean']:+.3f} [{low:+.3f}, {high:+.3f}] below no "
+                         f"DP ({paired['method']}; target: the interval's upper bound at most "
+                         f"{results['target_drop']}): **{verdict}**.")
+        else:
+            lines.append(f"At epsilon 8 the best-round AUC is {drop:+.3f} below no DP (target: a drop of at most "
+                         f"{results['target_drop']}): **{verdict}**.")
         sigma = (results.get("noise_multiplier") or {}).get("8", {}).get("mean")
         params, batch = results.get("trainable_params"), dp["batch-size"]
         if sigma and params:
@@ -117,6 +154,13 @@ def report(results: dict[str, Any]) -> str:
                           "Only more studies per site (a larger B at the same sampling rate) or fewer trainable "
                           "parameters shrink that ratio; the settings above are the best of the probes "
                           "in docs/privacy.md."]
+    planned = results.get("planned_snr") or {}
+    if planned:
+        lines += ["", "Under DP every site standardises with the centre's public statistics (its validation clinic) "
+                      "and its own feature mean released under DP, charged to the same ledger (docs/privacy.md). "
+                      "Planned signal-to-noise ratio of the federation over the run (what `clinicfl-server "
+                      "plan-privacy` looks up here): " + ", ".join(f"epsilon {k}: {v:.2f}" for k, v in planned.items())
+                  + "."]
     lines += ["", "![AUC against epsilon](privacy-utility.png)"]
     return "\n".join(lines) + "\n"
 

@@ -73,6 +73,12 @@ def verdicts(name: str, results: dict) -> list[str]:
         drop = results.get("drop_at_8")
         if drop is None:
             return ["The epsilon-8 target was not measured."]
+        paired = (results.get("drop") or {}).get("8")
+        if paired is not None:
+            low, high = paired["ci95"]
+            return [f"At epsilon 8 the best-round AUC is {paired['mean']:+.3f} [{low:+.3f}, {high:+.3f}] below no DP "
+                    f"(target: the interval's upper bound at most {results['target_drop']}): "
+                    f"{'met' if results['target_met'] else 'MISSED'}."]
         return [f"At epsilon 8 the best-round AUC is {drop:+.3f} below no DP (target: at most "
                 f"{results['target_drop']}): {'met' if results['target_met'] else 'MISSED'}."]
     if name == "hyperparameter-search":
