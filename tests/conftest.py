@@ -26,8 +26,8 @@ TINY_SPEC = SyntheticSpec(sites=2, studies_per_site=16, image_size=32, slices_pe
 # The files that take longest, longest first (measured with --durations). make test runs the suite
 # on pytest-xdist workers, one file per worker at a time (--dist loadfile, no reordering): a long
 # file that started last would end last, so these start first.
-LONGEST_FIRST = ("test_deployment_resume.py", "test_deployment.py", "test_benchmarks.py", "test_approval.py", "test_studies.py",
-                 "test_privacy.py", "test_predict.py", "test_simulation.py", "test_phi.py",
+LONGEST_FIRST = ("test_deployment_resume.py", "test_deployment.py", "test_benchmarks.py", "test_predict.py",
+                 "test_studies.py", "test_approval.py", "test_privacy.py", "test_simulation.py", "test_phi.py",
                  "test_secure_aggregation.py")
 
 
