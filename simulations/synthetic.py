@@ -3,7 +3,7 @@
 Each study is a short MR slice series of a knee-like phantom: soft tissue, two bones, smooth
 texture, bright round "vessel" distractors in every class, and noise. An injured study carries
 an elongated, oriented bright lesion (a tear) in a contiguous block of slices. Sites differ in
-label prevalence (Dirichlet/Beta draw for non-IID), scanner gain/offset, noise and rescale tags.
+label prevalence (a Dirichlet label partition of one pool for non-IID), scanner gain/offset, noise and rescale tags.
 Patient names, IDs, birth dates and the institution are fake but recognisable (``ZZFAKE``...),
 so tests can prove they never leave a site. Generation is deterministic for a seed.
 """
@@ -62,13 +62,47 @@ SECOND_MAGNET_TESLA = 1.5
 DATASET_FILE = "dataset.json"  # written beside the site folders: what generated them
 
 
-def site_prevalences(spec: SyntheticSpec) -> np.ndarray:
-    """Per-site injured fraction: equal (IID) or a two-class Dirichlet (Beta) draw (non-IID)."""
+MIN_SITE_STUDIES = 12  # every site keeps a train, a validation and a test split
+
+
+def site_label_counts(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(studies, injured studies) per site.
+
+    The sites' sizes come from ``site_sizes`` (equal, or spread by ``size-spread``) whatever the
+    label skew, so size and skew are separate axes. IID (``dirichlet-alpha`` 0): each site has
+    ``prevalence`` of its studies injured (rounded). Non-IID: the same total of injured
+    studies are partitioned among the sites in proportions drawn from Dir(alpha, ..., alpha), a
+    site taking no more than its size (what it cannot take goes to the others in the same
+    proportions); the rest of each site is healthy. Small alpha gives sites that see one class."""
+    sizes = site_sizes(spec)
+    iid = np.round(spec.prevalence * sizes).astype(int)
     if spec.dirichlet_alpha <= 0:
-        return np.full(spec.sites, spec.prevalence)
-    rng = np.random.default_rng([spec.seed, 1])
-    a = spec.dirichlet_alpha
-    return np.clip(rng.beta(a * spec.prevalence, a * (1 - spec.prevalence), size=spec.sites), 0.05, 0.95)
+        return sizes, iid
+    total_injured = int(iid.sum())
+    # A stream of its own per alpha: the same seed at another alpha is another partition.
+    stream = int(round(spec.dirichlet_alpha * 1000))
+    shares = np.random.default_rng([spec.seed, 1, stream]).dirichlet(np.full(spec.sites, spec.dirichlet_alpha))
+    injured = np.zeros(spec.sites, dtype=int)
+    remaining = total_injured
+    while remaining > 0:  # largest remainders: the counts sum exactly, and no site exceeds its size
+        room = sizes - injured
+        weights = np.where(room > 0, shares, 0.0)
+        if weights.sum() <= 0:
+            weights = (room > 0).astype(float)
+        target = remaining * weights / weights.sum()
+        step = np.minimum(np.floor(target).astype(int), room)
+        if step.sum() == 0:  # the last few: one each to the sites with the largest remainders
+            order = np.argsort(-np.where(room > 0, target, -1.0), kind="stable")[:remaining]
+            step[order] = 1
+        injured += step
+        remaining -= int(step.sum())
+    return sizes, injured
+
+
+def site_prevalences(spec: SyntheticSpec) -> np.ndarray:
+    """Per-site injured fraction (``site_label_counts``)."""
+    sizes, injured = site_label_counts(spec)
+    return injured / sizes
 
 
 def site_sizes(spec: SyntheticSpec) -> np.ndarray:
@@ -78,7 +112,7 @@ def site_sizes(spec: SyntheticSpec) -> np.ndarray:
         return np.full(spec.sites, spec.studies_per_site)
     rng = np.random.default_rng([spec.seed, 3])
     factors = np.exp(spec.size_spread * rng.standard_normal(spec.sites))
-    return np.maximum(12, np.round(spec.studies_per_site * factors / factors.mean())).astype(int)
+    return np.maximum(MIN_SITE_STUDIES, np.round(spec.studies_per_site * factors / factors.mean())).astype(int)
 
 
 def generate_clinics(out_dir: Path, spec: SyntheticSpec, progress: bool = True) -> list[Path]:
@@ -87,19 +121,18 @@ def generate_clinics(out_dir: Path, spec: SyntheticSpec, progress: bool = True) 
     # What made these folders, for the model card's "synthetic data" caveat and for reproducing them.
     (out_dir / DATASET_FILE).write_text(json.dumps({"generator": "clinicfl-sim generate", "synthetic": True,
                                                     "spec": asdict(spec)}, indent=2))
-    prevalences = site_prevalences(spec)
-    sizes = site_sizes(spec)
+    sizes, injured = site_label_counts(spec)
     sites = []
     for k in range(spec.sites):
         site_dir = out_dir / f"site-{k + 1:02d}"
         if site_dir.exists():
             shutil.rmtree(site_dir)
-        _write_site(site_dir, k, float(prevalences[k]), int(sizes[k]), spec, progress)
+        _write_site(site_dir, k, int(injured[k]), int(sizes[k]), spec, progress)
         sites.append(site_dir)
     return sites
 
 
-def _write_site(site_dir: Path, k: int, prevalence: float, n: int, spec: SyntheticSpec, progress: bool) -> None:
+def _write_site(site_dir: Path, k: int, n_injured: int, n: int, spec: SyntheticSpec, progress: bool) -> None:
     rng = np.random.default_rng([spec.seed, 2, k])
     scanner = {
         "gain": 1.0 + spec.scanner_shift * (rng.random() - 0.5),
@@ -109,7 +142,6 @@ def _write_site(site_dir: Path, k: int, prevalence: float, n: int, spec: Synthet
         "intercept": [0.0, -100.0, 50.0][k % 3],
         "vendor": VENDORS[k % len(VENDORS)],
     }
-    n_injured = int(round(prevalence * n))
     injured = np.zeros(n, dtype=bool)
     injured[rng.choice(n, size=n_injured, replace=False)] = True
     # About one patient in five has two studies (a follow-up), so splits must group by patient.

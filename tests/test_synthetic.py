@@ -12,7 +12,8 @@ from pydicom.pixels import apply_rescale
 from pydicom.uid import UID
 
 from common.data.dicom import load_dicom_study, read_header, select_series
-from simulations.synthetic import FAKE_PHI_MARKER, SyntheticSpec, generate_clinics, site_prevalences
+from simulations.synthetic import FAKE_PHI_MARKER, SyntheticSpec, generate_clinics, site_label_counts, \
+    site_prevalences
 from tests.conftest import TINY_SPEC
 
 
@@ -89,16 +90,24 @@ def test_long_series_are_sampled_and_short_ones_kept(tiny_clinics):
     assert load_dicom_study(study, 48, seq_len=2).images.shape == (2, 48, 48)
 
 
-def test_non_iid_prevalence_knob():
+def test_non_iid_is_a_dirichlet_partition_of_one_pool_of_injured_studies():
     iid = site_prevalences(SyntheticSpec(sites=4, dirichlet_alpha=0.0))
-    assert np.allclose(iid, 0.4)
+    assert np.allclose(iid, 0.4, atol=0.02)
+    _, iid_injured = site_label_counts(SyntheticSpec(sites=5, studies_per_site=32))
 
     def mean_spread(alpha: float) -> float:
-        draws = [site_prevalences(SyntheticSpec(sites=4, dirichlet_alpha=alpha, seed=s)) for s in range(20)]
-        assert all(np.all((d >= 0.05) & (d <= 0.95)) for d in draws)
-        return float(np.mean([np.ptp(d) for d in draws]))
+        spreads = []
+        for s in range(20):
+            sizes, injured = site_label_counts(SyntheticSpec(sites=5, studies_per_site=32, dirichlet_alpha=alpha, seed=s))
+            assert injured.sum() == iid_injured.sum(), "the pool's injured total is the same at every alpha"
+            assert np.all(sizes == 32) and np.all((injured >= 0) & (injured <= sizes)), "size is its own axis"
+            spreads.append(np.ptp(injured / sizes))
+        return float(np.mean(spreads))
 
-    assert mean_spread(0.5) > 0.3 > 0.15 > mean_spread(200.0)
+    assert mean_spread(0.1) > mean_spread(0.5) > 0.3 > 0.15 > mean_spread(200.0)
+    same_seed = [site_label_counts(SyntheticSpec(sites=5, studies_per_site=32, dirichlet_alpha=a, seed=0))[1]
+                 for a in (0.5, 0.1)]
+    assert not np.array_equal(*same_seed), "another alpha is another partition, not the same one sharpened"
 
 
 def test_injured_studies_are_labelled_with_severity(tiny_clinics):
