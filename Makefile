@@ -27,7 +27,7 @@ demo: $(STAMP)
 # the order tests/conftest.py gives: the longest files first. Most of the slow files wait on real
 # processes (a TLS deployment, Ray), so more workers than cores pay off (DEVELOPERS.md, Tests).
 XDIST := --dist loadfile --no-loadscope-reorder
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 
 # The fast lane: unit tests and in-process federations (every message serialised as protobuf).
 check: $(STAMP)
