@@ -48,8 +48,8 @@ RELEASE_GRID = [2.0 ** (k / 4) for k in range(0, 25)]  # automatic release noise
 
 
 def release_entry(sigma: float) -> list[float]:
-    """The ledger entry of the standardisation's DP release: two Gaussian mechanisms, no subsampling."""
-    return [sigma, 1.0, 2]
+    """The ledger entry of the standardisation's DP release: one Gaussian mechanism, no subsampling."""
+    return [sigma, 1.0, 1]
 
 
 def noise_for_budget(epsilon_of: Callable[[float], float], target_epsilon: float,
@@ -133,7 +133,7 @@ class PlannedRun:
             run = compute_rdp(q=self.sample_rate, noise_multiplier=sgd_noise, steps=self.steps, orders=RDP_ORDERS)
 
             def fits(sigma: float) -> bool:
-                rdp = run + 2 * np.asarray(RDP_ORDERS) / (2 * sigma ** 2)  # two Gaussian mechanisms, q = 1
+                rdp = run + np.asarray(RDP_ORDERS) / (2 * sigma ** 2)  # a Gaussian mechanism, q = 1
                 return get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=budget.target_delta)[0] \
                     <= budget.target_epsilon
         else:

@@ -9,11 +9,12 @@ the stated epsilon would not hold. So a DP run standardises with
   backbone's features on the centre's own clinic (``server-val-path``), sent with every message;
 - plus the site's mean **released under DP**: each privacy unit's mean feature, in the public
   statistics' units, is clipped to an L2 norm R and summed with Gaussian noise (sensitivity R
-  under adding or removing a unit). R is the 0.9 quantile of the units' norms, itself read from a
-  histogram released with Gaussian noise (sensitivity 1: a unit is in one bin). The two releases
-  are one ledger entry ``[sigma, 1.0, 2]`` (two Gaussian mechanisms, no subsampling), composed
-  with the DP-SGD steps by the same accountant. The noisy mean is shrunk towards the public mean
-  by the positive-part James-Stein factor computed from the release itself (post-processing).
+  under adding or removing a unit). R comes from the public clinic too: twice the 0.9 quantile of
+  its studies' norms in the same units, so choosing it costs the site nothing. The release is one
+  ledger entry ``[sigma, 1.0, 1]`` (a Gaussian mechanism, no subsampling), composed with the
+  DP-SGD steps by the same accountant. The noisy mean is shrunk towards the public mean by a
+  James-Stein factor computed from the release itself (post-processing), with a margin: a release
+  whose energy is within two standard deviations of what noise alone gives moves nothing.
 
 The number of privacy units is treated as public, as Opacus treats a dataset's size (its
 sampling rate is batch size / units).
@@ -23,16 +24,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-QUANTILE = 0.9  # the clip norm R: this quantile of the units' norms
-CLIP_GRID = 2.0 ** (np.arange(-8, 65) / 4)  # candidate R, 0.25 .. 65536 (public standard deviations)
+CLIP_QUANTILE, CLIP_FACTOR = 0.9, 2.0  # R: twice this quantile of the public clinic's norms
 PUBLIC_MEAN_KEY = "public-feature-mean"  # run-config-like keys of the message's config record
 PUBLIC_INV_STD_KEY = "public-feature-inv-std"
+PUBLIC_CLIP_KEY = "public-feature-clip"
 
 
 @dataclass(frozen=True)
@@ -41,27 +43,41 @@ class PublicNorm:
 
     mean: torch.Tensor
     inv_std: torch.Tensor
+    clip: float  # R for the site's release, in public standard deviations (``public_clip``)
 
     @classmethod
     def from_config(cls, config: Any, dim: int) -> "PublicNorm | None":
         """From a message's config record; None when the message carries none."""
-        mean, inv_std = config.get(PUBLIC_MEAN_KEY), config.get(PUBLIC_INV_STD_KEY)
-        if mean is None or inv_std is None:
+        mean, inv_std, clip = (config.get(key) for key in (PUBLIC_MEAN_KEY, PUBLIC_INV_STD_KEY, PUBLIC_CLIP_KEY))
+        if mean is None or inv_std is None or clip is None:
             return None
         mean_t = torch.tensor(list(mean), dtype=torch.float32)
         inv_t = torch.tensor(list(inv_std), dtype=torch.float32)
         if mean_t.shape != (dim,) or inv_t.shape != (dim,) or not (mean_t.isfinite().all() and inv_t.isfinite().all()) \
-                or (inv_t < 0).any():
-            raise ValueError(f"the public feature statistics must be {dim} finite values each (inverse std >= 0)")
-        return cls(mean_t, inv_t)
+                or (inv_t < 0).any() or isinstance(clip, bool) or not isinstance(clip, (int, float)) \
+                or not 0 < clip < 1e6:
+            raise ValueError(f"the public feature statistics must be {dim} finite values each (inverse std >= 0) "
+                             "and a clip norm in (0, 1e6)")
+        return cls(mean_t, inv_t, float(clip))
 
-    def to_config(self) -> dict[str, list[float]]:
-        return {PUBLIC_MEAN_KEY: self.mean.tolist(), PUBLIC_INV_STD_KEY: self.inv_std.tolist()}
+    def to_config(self) -> dict[str, Any]:
+        return {PUBLIC_MEAN_KEY: self.mean.tolist(), PUBLIC_INV_STD_KEY: self.inv_std.tolist(),
+                PUBLIC_CLIP_KEY: self.clip}
 
     def digest(self) -> str:
         h = hashlib.sha256(self.mean.numpy().astype(np.float32).tobytes())
         h.update(self.inv_std.numpy().astype(np.float32).tobytes())
+        h.update(np.float64(self.clip).tobytes())
         return h.hexdigest()[:24]
+
+
+def public_clip(features: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor) -> float:
+    """R from the public clinic's own studies: twice the 0.9 quantile of their mean features'
+    norms in the public units. A site's studies sit further out only by its shift; a unit beyond R
+    is clipped (pulled towards the public mean), never dropped."""
+    norms = [float(((features[i][mask[i]].float() - mean) * inv_std).mean(0).norm()) for i in range(len(mask))
+             if mask[i].any()]
+    return CLIP_FACTOR * float(np.quantile(norms, CLIP_QUANTILE)) if norms else 1.0
 
 
 @dataclass(frozen=True)
@@ -114,23 +130,20 @@ def unit_means(features: torch.Tensor, mask: torch.Tensor, units: list[np.ndarra
 
 def release(means: torch.Tensor, public: PublicNorm, noise_multiplier: float, key: str,
             generator: torch.Generator) -> ReleasedNorm:
-    """The two Gaussian releases (clip-norm histogram, clipped sum) and the standardisation they give."""
+    """The Gaussian release of the clipped sum, and the standardisation it gives."""
     n = len(means)
-    norms = means.norm(dim=1).numpy()
-    # 1. R from a noisy histogram of the norms: each unit adds 1 to one bin.
-    counts = np.bincount(np.searchsorted(CLIP_GRID, norms), minlength=len(CLIP_GRID) + 1)[: len(CLIP_GRID)]
-    noisy = counts + noise_multiplier * torch.randn(len(counts), generator=generator, dtype=torch.float64).numpy()
-    reached = np.flatnonzero(np.cumsum(noisy) >= QUANTILE * n)
-    clip = float(CLIP_GRID[reached[0]] if len(reached) else CLIP_GRID[-1])
-    # 2. The clipped sum with noise of std sigma * R on every coordinate, then the mean.
+    clip = public.clip
+    # The clipped sum with noise of std sigma * R on every coordinate, then the mean.
     scale = torch.clamp(clip / means.norm(dim=1).clamp_min(1e-12), max=1.0).unsqueeze(1)
     total = (means * scale).sum(0)
     noisy_mean = (total + noise_multiplier * clip * torch.randn(total.shape, generator=generator)) / max(n, 1)
     active = public.inv_std > 0  # the public statistics say these features carry nothing: left at 0
     noisy_mean = torch.where(active, noisy_mean, torch.zeros_like(noisy_mean))
-    # 3. Positive-part James-Stein towards the public mean: the noise's expected squared norm is
-    #    d (sigma R / n)^2; what the release shows beyond it is the site's own shift.
-    noise_energy = int(active.sum()) * (noise_multiplier * clip / max(n, 1)) ** 2
+    # James-Stein towards the public mean: the noise's squared norm is about d (sigma R / n)^2, give
+    # or take sqrt(2 d) of those units (chi-square); only energy beyond that margin is the site's
+    # shift, and a release within it (noise alone, as at small sites) moves nothing.
+    d = int(active.sum())
+    noise_energy = (d + 2 * math.sqrt(2 * d)) * (noise_multiplier * clip / max(n, 1)) ** 2
     energy = float(noisy_mean.square().sum())
     shrink = max(0.0, 1.0 - noise_energy / energy) if energy > 0 else 0.0
     shift = shrink * noisy_mean

@@ -15,11 +15,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from common.config import RunConfig
 from common.data.site import SiteData, load_site
 from common.exchange import load_array_record
-from common.inference import SiteInputs, evaluate_local, fit_feature_norm, pick_device, prepare_inputs
+from common.inference import SiteInputs, encode, evaluate_local, fit_feature_norm, pick_device, prepare_inputs
 from common.metrics.catalogue import MetricValue, compute_catalogue
 from common.metrics.features import FidFeatureExtractor
 from common.model import InjuryNet
-from common.private_norm import PublicNorm
+from common.private_norm import PublicNorm, public_clip
 
 
 def _device_name(device: torch.device) -> str:
@@ -62,10 +62,16 @@ def measure_efficiency(model: InjuryNet, config: RunConfig, repeats: int = 5) ->
     }
 
 
-def public_feature_norm(model: InjuryNet) -> PublicNorm:
-    """The standardisation statistics of the centre's own clinic (fitted on its images, no labels),
-    which DP sites standardise with: public to every site, so outside no site's privacy budget."""
-    return PublicNorm(model.feature_norm.mean.detach().cpu().clone(), model.feature_norm.inv_std.detach().cpu().clone())
+def public_feature_norm(central: "CentralValidation") -> PublicNorm:
+    """The standardisation statistics of the centre's own clinic (fitted on its images, no labels)
+    and the clip norm of a site's DP release from its studies: what DP sites standardise with,
+    public to every site, so outside every site's privacy budget."""
+    norm = central.model.feature_norm
+    mean, inv_std = norm.mean.detach().cpu().clone(), norm.inv_std.detach().cpu().clone()
+    inputs = central.inputs
+    features = inputs.inputs if inputs.is_features else encode(central.model, inputs.inputs, inputs.mask,
+                                                               central.device)
+    return PublicNorm(mean, inv_std, public_clip(features.cpu(), inputs.mask.cpu(), mean, inv_std))
 
 
 class CentralValidation:

@@ -61,7 +61,7 @@ class FederatedRun:
             # public statistics (the centre's own clinic), never with a fit on its training studies.
             self.evaluate_config["budget-id"] = budget_id
             if config.model.feature_norm == "site" and central is not None:
-                public = public_feature_norm(central.model).to_config()
+                public = public_feature_norm(central).to_config()
                 self.train_config.update(public)
                 self.evaluate_config.update(public)
         self.secure = (SecureAggregation(SecAggSettings.from_config(self.fed), strategy, grid, self.fed.round_timeout)

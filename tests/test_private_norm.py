@@ -17,7 +17,7 @@ from common.dp_plan import MAX_SGD_NOISE_INCREASE, RDP_ORDERS, RELEASE_GRID, Pla
 from client.session import open_session
 from common.config import ConfigError, RunConfig
 from common.model import FEATURE_DIM
-from common.private_norm import PublicNorm, ReleasedNorm, release, unit_means
+from common.private_norm import PublicNorm, ReleasedNorm, public_clip, release, unit_means
 from tests.conftest import site_message
 
 RUN = {"image-size": 32, "seq-len": 4, "proj-dim": 16, "gru-hidden": 8, "attn-dim": 8, "batch-size": 4,
@@ -33,28 +33,34 @@ def _units(n: int, images: int, dim: int, shift: float, seed: int) -> tuple[torc
     return features, torch.ones(n, images, dtype=torch.bool), [np.array([i]) for i in range(n)]
 
 
-def _identity(dim: int) -> PublicNorm:
-    return PublicNorm(torch.zeros(dim), torch.ones(dim))
+def _identity(dim: int, clip: float) -> PublicNorm:
+    return PublicNorm(torch.zeros(dim), torch.ones(dim), clip)
 
 
 def test_the_release_finds_the_sites_own_mean_and_shrinks_what_is_only_noise():
-    public = _identity(64)
+    # R from a public clinic like the site without its shift: twice its 0.9 quantile of norms.
+    public_features, public_mask, _ = _units(200, 3, 64, shift=0.0, seed=9)
+    public = _identity(64, public_clip(public_features, public_mask, torch.zeros(64), torch.ones(64)))
+    assert public.clip == pytest.approx(2 * 8 / 3 ** 0.5, rel=0.2), "a unit's mean of 3 images: norm about 8 / sqrt(3)"
     features, mask, units = _units(400, 3, 64, shift=1.5, seed=0)
     shifted = release(unit_means(features, mask, units, public), public, 2.0, "k", torch.Generator().manual_seed(1))
-    # noise per coordinate sigma * R / n, R about the norm of a unit's mean (sqrt(64 * (1.5^2 + 1/3)) = 12.9)
-    assert shifted.clip == pytest.approx(12.9, rel=0.3)
-    assert (shifted.mean - 1.5).abs().max() < 0.4 and shifted.shrink > 0.9
+    # every unit (norm about 12.6) is clipped to R (about 9.2): the release moves the mean most of the way
+    assert shifted.clip == public.clip
+    assert (shifted.mean - 1.5 * public.clip / 12.6).abs().max() < 0.4 and shifted.shrink > 0.9
     features, mask, units = _units(400, 3, 64, shift=0.0, seed=2)
     same = release(unit_means(features, mask, units, public), public, 2.0, "k", torch.Generator().manual_seed(3))
-    assert same.shrink < shifted.shrink, "a site like the public clinic is shrunk more towards the public mean"
-    assert same.mean.abs().max() < 0.3
+    # no shift: what the release shows is the sample mean's own scatter (0.03) under noise of 0.05
+    assert same.shrink < 0.1 and same.mean.abs().max() < 0.02, "a site like the public clinic stays at its mean"
+    few = release(unit_means(features[:20], mask[:20], units[:20], public), public, 2.0, "k",
+                  torch.Generator().manual_seed(4))
+    assert few.shrink == 0.0, "20 units: the release is within the noise's margin"
     assert torch.equal(same.inv_std, public.inv_std), "the spread is the public one"
 
 
 def test_one_unit_moves_the_released_sum_by_at_most_the_clip_norm():
     """The sensitivity the noise is scaled to: adding one unit, however extreme, changes the
     clipped sum by at most R (with the noise off, so the sums can be compared)."""
-    public = _identity(32)
+    public = _identity(32, 4.0)
     features, mask, units = _units(200, 2, 32, shift=0.5, seed=4)
     outlier = torch.full((1, 2, 32), 1e6)
     base = release(unit_means(features, mask, units, public), public, 0.0, "k", torch.Generator())
@@ -82,11 +88,11 @@ def test_the_sgd_noise_is_calibrated_with_the_release_charged():
     assert alone < with_release <= MAX_SGD_NOISE_INCREASE * alone * (1 + 1e-3)
     assert release_sigma in RELEASE_GRID[1:-1], "neither end of the grid at epsilon 8"
     smaller = RELEASE_GRID[RELEASE_GRID.index(release_sigma) - 1]
-    assert plan.noise_multiplier(budget, [[smaller, 1.0, 2]]) > MAX_SGD_NOISE_INCREASE * alone, "the smallest that fits"
+    assert plan.noise_multiplier(budget, [[smaller, 1.0, 1]]) > MAX_SGD_NOISE_INCREASE * alone, "the smallest that fits"
 
     def epsilon(sigma: float) -> float:
         accountant = RDPAccountant()
-        accountant.history = [(release_sigma, 1.0, 2), (sigma, plan.sample_rate, plan.steps)]
+        accountant.history = [(release_sigma, 1.0, 1), (sigma, plan.sample_rate, plan.steps)]
         return accountant.get_epsilon(1e-5, alphas=RDP_ORDERS)
 
     assert epsilon(with_release) <= 8.0 + 1e-6 < epsilon(0.99 * with_release)
@@ -97,7 +103,7 @@ def _public_for(site, run: dict) -> PublicNorm:
     config = RunConfig.from_mapping(run)
     session = open_session(config, _site_config(site, config))
     private_mean = session.model.feature_norm.mean.clone()
-    return PublicNorm(private_mean * 0.9, session.model.feature_norm.inv_std.clone())
+    return PublicNorm(private_mean * 0.9, session.model.feature_norm.inv_std.clone(), 60.0)
 
 
 def _site_config(site, config):
@@ -133,7 +139,7 @@ def test_a_dp_site_trains_on_public_statistics_and_its_released_mean_charged_onc
         out = client_app.train(site_message(RUN, "train", rnd, extra_config=public.to_config()), context)
         assert out.content["site"]["status"] == "ok", dict(out.content["site"])
     ledger = json.loads(ledger_path.read_text())
-    assert ledger["history"][0] == [2.0, 1.0, 2], "the release is charged first, once"
+    assert ledger["history"][0] == [2.0, 1.0, 1], "the release is charged first, once"
     assert [entry[1] for entry in ledger["history"]].count(1.0) == 1
     released = ledger["feature_norm"]
     assert released["units"] == len(session.data.train_index) and released["clip"] > 0
@@ -142,7 +148,7 @@ def test_a_dp_site_trains_on_public_statistics_and_its_released_mean_charged_onc
     # keeps the public mean (the synthetic test above shows a release that moves it).
     mean = session.model.feature_norm.mean
     assert torch.equal(mean, ReleasedNorm.from_json(released).mean) and not torch.allclose(mean, private_mean)
-    assert released["shrink"] < 0.5
+    assert released["shrink"] == 0.0 and torch.equal(mean, public.mean)
     assert torch.equal(session.model.feature_norm.inv_std, public.inv_std)
     # The epsilon the site reports composes the release and every DP-SGD step.
     accountant = RDPAccountant()
@@ -162,4 +168,8 @@ def test_a_dp_site_without_public_statistics_refuses_with_a_reason_code(site):
 
 def test_public_statistics_of_the_wrong_shape_are_refused():
     with pytest.raises(ValueError, match="finite"):
-        PublicNorm.from_config({"public-feature-mean": [0.0] * 3, "public-feature-inv-std": [1.0] * 3}, FEATURE_DIM)
+        PublicNorm.from_config({"public-feature-mean": [0.0] * 3, "public-feature-inv-std": [1.0] * 3,
+                                "public-feature-clip": 10.0}, FEATURE_DIM)
+    with pytest.raises(ValueError, match="clip norm"):
+        PublicNorm.from_config({"public-feature-mean": [0.0] * FEATURE_DIM, "public-feature-inv-std": [1.0] * FEATURE_DIM,
+                                "public-feature-clip": -1.0}, FEATURE_DIM)
