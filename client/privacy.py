@@ -392,8 +392,7 @@ def standardise_privately(ledger: PrivacyLedger, config: RunConfig, budget: Site
     released = release(means, public, sigma, key, secure_generator("cpu"))
     ledger.history.append(released_entry)
     ledger.feature_norm = released.to_json()
-    if config.privacy.dp_noise_multiplier == 0:
-        ledger.noise_multiplier = None  # calibrated again, with the release charged
+    ledger.noise_multiplier = sgd_sigma  # calibrated above with the release charged: reserve_round keeps it
     released.apply(model)
     return released
 

@@ -111,14 +111,16 @@ def plans_from_replies(privacy: dict[str, dict[str, float]], train: dict[str, di
                        trainable: int) -> dict[str, SitePlan]:
     """Each site's plan as its first DP round's reply shows it: its units, sampling rate, noise
     multiplier and steps so far (one round's), over ``num_rounds`` rounds."""
+    from common.dp_plan import PlannedRun  # Opacus: only once a DP round is in
+
     plans = {}
     for site, p in privacy.items():
         if site not in train or p.get("steps", 0) <= 0:
             continue
         units, rate, sigma = int(train[site]["num-examples"]), p["sample-rate"], p["noise-multiplier"]
-        steps = int(p["steps"]) * num_rounds
-        step = rate * units / (sigma * math.sqrt(trainable))
-        plans[site] = SitePlan(units, p["delta"], rate, steps, None, sigma, step, step * math.sqrt(steps))
+        plan = PlannedRun(units, rate, int(p["steps"]), int(p["steps"]) * num_rounds)
+        step, run = plan.signal_to_noise(sigma, trainable)
+        plans[site] = SitePlan(units, p["delta"], rate, plan.steps, None, sigma, step, run)
     return plans
 
 
