@@ -42,7 +42,7 @@ from client.budget import check_budget_id
 from common.config import PrivacyConfig, RunConfig, SiteConfig, TrainConfig
 from common.files import atomic_write_bytes
 from common.dp_plan import PlannedRun, composed_epsilon, release_entry
-from common.opacus_import import PrivacyEngine
+from common.opacus_import import PrivacyEngine, wrap_data_loader
 from common.private_norm import PublicNorm, ReleasedNorm, apply_public, release, release_key, unit_means
 from common.inference import SiteInputs, StudyBatches
 from common.model import InjuryNet
@@ -205,6 +205,7 @@ class RoundCharge:
     steps: int
     epsilon: float  # cumulative, this round included
     total_steps: int  # cumulative, this round included
+    batch_size: int  # the Poisson loader's batch (PlannedRun.batch_size): its sampling rate is sample_rate
 
 
 def release_charge(ledger: PrivacyLedger) -> list[list[float]]:
@@ -228,7 +229,7 @@ def reserve_round(ledger: PrivacyLedger, config: RunConfig, budget: SitePrivacy,
     if would_reach > budget.target_epsilon + 1e-9:
         raise BudgetExhausted(spent, would_reach, budget.target_epsilon)
     ledger.history.append([sigma, q, round_steps])
-    return RoundCharge(sigma, q, round_steps, would_reach, ledger.steps)
+    return RoundCharge(sigma, q, round_steps, would_reach, ledger.steps, plan.batch_size)
 
 
 def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], config: RunConfig,
@@ -242,7 +243,9 @@ def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], c
         raise ValueError("DP training runs on cached backbone features (freeze = frozen)")
     start = time.perf_counter()
     model.feature_norm.to(device)
-    private = PrivateHead.of(model, len(units), train, budget, charge, device, server_round)
+    lr = (config.privacy.dp_lr or train.lr) * train.lr_decay ** max(server_round - 1, 0)
+    private = PrivateHead.of(model, len(units), train, budget, charge, device, lr,
+                             config.privacy.dp_max_physical_batch)
     total, seen = _train_steps(model, private, data, units, train, device, proximal_mu)
     private.copy_to(model)
     private.module._close()
@@ -263,12 +266,12 @@ class PrivateHead:
 
     @classmethod
     def of(cls, model: InjuryNet, n_units: int, train: TrainConfig, budget: SitePrivacy, charge: RoundCharge,
-           device: torch.device, server_round: int) -> "PrivateHead":
+           device: torch.device, lr: float, max_physical_batch: int) -> "PrivateHead":
         head = copy.deepcopy(model.head).to(device).train()
-        optimizer = torch.optim.Adam(head.parameters(), lr=train.lr_at(server_round), weight_decay=train.weight_decay)
+        optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=train.weight_decay)
         # Poisson sampling draws from the loader's generator (CPU), the noise from one on the
         # parameters' device; both are seeded from OS entropy, never from the run config.
-        loader = DataLoader(TensorDataset(torch.arange(n_units)), batch_size=train.batch_size,
+        loader = DataLoader(TensorDataset(torch.arange(n_units)), batch_size=charge.batch_size,
                             generator=secure_generator("cpu"))
         with warnings.catch_warnings():
             # Opacus warns whenever secure_mode is off; our generators are seeded from OS entropy
@@ -278,6 +281,10 @@ class PrivateHead:
         module, optimizer, loader = engine.make_private(
             module=head, optimizer=optimizer, data_loader=loader, noise_multiplier=charge.noise_multiplier,
             max_grad_norm=budget.max_grad_norm, poisson_sampling=True, noise_generator=secure_generator(device))
+        # A sampled batch (about half the site's units by default) is computed in chunks: each chunk's
+        # per-study gradients are clipped and summed, and only the batch's last chunk adds the noise,
+        # steps and is accounted (Opacus' BatchMemoryManager sampler).
+        loader = wrap_data_loader(data_loader=loader, max_batch_size=max_physical_batch, optimizer=optimizer)
         return cls(module, optimizer, loader, engine)
 
     def step(self, loss: torch.Tensor, proximal: "ProximalTerm | None") -> None:

@@ -38,6 +38,12 @@ class Aggregation(StrEnum):
     TRIMMED_MEAN = "trimmed-mean"
 
 
+class ServerOptimizerKind(StrEnum):
+    NONE = "none"
+    MOMENTUM = "momentum"
+    ADAM = "adam"
+
+
 class SiteLayout(StrEnum):
     AUTO = "auto"
     DICOM = "dicom"
@@ -303,6 +309,12 @@ class TrainConfig(ReadsShared):
     recon_weight: float = setting(1.0, "Weight of the reconstruction loss.")
     lr_decay: float = setting(1.0, "Round r trains with lr * lr-decay^(r-1), a per-round schedule every site "
                                    "follows (1.0 = constant); in (0, 1].")
+    # Under label skew a site's local optimum leans to its own prevalence; adding tau x its prior
+    # log-odds to the logits while training (Menon et al. 2021, logit adjustment) leaves the model's
+    # own logits free of that prior, so the sites' updates agree more.
+    logit_adjust: float = setting(0.0, "Train on logit + tau x log(p / (1 - p)), p the site's training prevalence of "
+                                       "each label (logit adjustment against label skew); predictions use the logit "
+                                       "itself; 0 = off. Not with DP (the prevalence is not privatised).")
 
     def lr_at(self, server_round: int) -> float:
         return self.lr * self.lr_decay ** max(server_round - 1, 0)
@@ -314,6 +326,8 @@ class TrainConfig(ReadsShared):
             raise ConfigError("local-epochs and batch-size must be >= 1 and lr > 0")
         if self.severity_weight < 0 or self.recon_weight < 0:
             raise ConfigError("severity-weight and recon-weight must be >= 0")
+        if self.logit_adjust < 0:
+            raise ConfigError("logit-adjust must be >= 0 (0: off)")
 
 
 @dataclass(frozen=True)
@@ -368,6 +382,9 @@ class EvalConfig(Section):
             raise ConfigError("fid-image-size must be 0 or >= 32 (ResNet50 downsamples by 32)")
 
 
+DP_LR_DEFAULT = 0.01
+
+
 @dataclass(frozen=True)
 class PrivacyConfig(Section):
     """Sample-level differential privacy at each site (Opacus DP-SGD), with a budget for the whole run; a site's
@@ -383,6 +400,17 @@ class PrivacyConfig(Section):
     dp_accountant: DpAccountant = setting(DpAccountant.RDP, "Opacus' privacy accountant.")
     dp_unit: DpUnit = setting(DpUnit.STUDY, "What DP protects: each study, or each patient (one study per patient "
                                             "per sampled unit).")
+    # DP-SGD's noise on the mean gradient shrinks as 1/batch at the same noise multiplier, so under DP
+    # a site samples a large share of its units per step (docs/privacy.md, planning).
+    dp_batch_fraction: float = setting(0.5, "Each DP-SGD step samples this fraction of the site's training units "
+                                            "(Poisson; an expected batch of fraction x units); 0 = batch-size.")
+    # A DP round is a few large-batch steps (two an epoch at the default fraction), where training
+    # without DP takes dozens of small ones: Adam needs a larger step to cover the same ground.
+    dp_lr: float = setting(DP_LR_DEFAULT, "Adam's learning rate in round 1 under DP (lr-decay applies); 0 = lr. "
+                                          "Chosen on public data only (docs/privacy.md).")
+    dp_max_physical_batch: int = setting(256, "DP-SGD computes a sampled batch in chunks of at most this many "
+                                              "studies (per-study gradients are held per chunk); the step and the "
+                                              "accounting are the whole batch's.")
     dp_feature_norm_noise: float = setting(0.0, "feature-norm = site under DP: the noise multiplier of the DP "
                                                 "release of the site's feature mean (charged to the same ledger); 0 = "
                                                 "the smallest that raises DP-SGD's noise by at most 5%. See "
@@ -395,6 +423,12 @@ class PrivacyConfig(Section):
             raise ConfigError("dp-target-delta must be in [0, 1)")
         if self.dp_feature_norm_noise < 0:
             raise ConfigError("dp-feature-norm-noise must be >= 0 (0: chosen automatically)")
+        if not 0.0 <= self.dp_batch_fraction <= 1.0:
+            raise ConfigError("dp-batch-fraction must be in [0, 1] (0: batch-size)")
+        if self.dp_lr < 0:
+            raise ConfigError("dp-lr must be >= 0 (0: lr)")
+        if self.dp_max_physical_batch < 1:
+            raise ConfigError("dp-max-physical-batch must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -420,6 +454,14 @@ class FederationConfig(Section):
                                                            "each end.")
     trim_fraction: float = setting(0.2, "trimmed-mean: the fraction cut at each end, per coordinate, in [0, 0.5).")
     proximal_mu: float = setting(0.01, "fedprox: the weight mu of the proximal term.")
+    # Under label skew the sites' updates pull apart and their mean moves little per round; a
+    # server optimiser steps on global - mean as on a gradient (server/server_optimizer.py).
+    server_optimizer: ServerOptimizerKind = setting(ServerOptimizerKind.NONE, "The centre's step on the aggregate "
+                                                    "(global - aggregate as a pseudo-gradient): none (the aggregate "
+                                                    "is the new model), momentum (FedAvgM) or adam (FedAdam).")
+    server_lr: float = setting(1.0, "The server optimiser's learning rate (momentum: 1 with server-momentum 0 is "
+                                    "FedAvg; adam: about 0.01-0.1).")
+    server_momentum: float = setting(0.9, "momentum: the heavy-ball factor; adam: beta_1; in [0, 1).")
     max_update_norm: float = setting(0.0, "Reject a site's update farther (L2) than this from the global model it "
                                           "started from (0 = no bound).")
     resume_from: str = setting("", "A run directory to continue from its last finished round (clinicfl-server "
@@ -497,6 +539,8 @@ class FederationConfig(Section):
             raise ConfigError("patience must be >= 0 (0: no early stopping)")
         if self.pause_after_round < 0:
             raise ConfigError("pause-after-round must be >= 0 (0: never)")
+        if self.server_lr <= 0 or not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError("server-lr must be > 0 and server-momentum in [0, 1)")
         if self.secure_aggregation:
             self._check_secure_aggregation()
 
@@ -558,6 +602,9 @@ class RunConfig:
         if self.privacy.dp_enabled and self.model.freeze != FreezePolicy.FROZEN:
             raise ConfigError("dp-enabled needs freeze = frozen: the backbone's BatchNorm layers cannot be trained "
                               "with per-sample gradients")
+        if self.privacy.dp_enabled and self.train.logit_adjust > 0:
+            raise ConfigError("logit-adjust cannot be used with dp-enabled: the site's training prevalence it adds to "
+                              "the logits is a statistic of its private studies that DP-SGD does not cover")
         if self.privacy.dp_enabled and self.model.feature_norm == FeatureNorm.SITE and not self.eval.server_val_path:
             raise ConfigError("dp-enabled with feature-norm = site needs public feature statistics: set server-val-path "
                               "(the centre's own clinic), or feature-norm = none. Statistics fitted on a site's "

@@ -71,6 +71,13 @@ def noise_for_budget(epsilon_of: Callable[[float], float], target_epsilon: float
 
 
 
+def dp_batch_size(config: RunConfig, n_units: int) -> int:
+    """The batch a DP site asks Opacus for: ``dp-batch-fraction`` of its units (at least one), or
+    ``batch-size`` where the fraction is 0."""
+    fraction = config.privacy.dp_batch_fraction
+    return max(1, round(fraction * n_units)) if fraction > 0 else config.train.batch_size
+
+
 def sampling(n_units: int, batch_size: int) -> tuple[float, int]:
     """(sample rate, steps per epoch) exactly as Opacus' Poisson DPDataLoader sets them."""
     batches = math.ceil(n_units / batch_size)
@@ -91,12 +98,14 @@ class PlannedRun:
     sample_rate: float
     round_steps: int
     steps: int
+    batch_size: int  # what the site's Poisson loader is built with; the expected batch is sample_rate x units
 
     @classmethod
     def of(cls, config: RunConfig, n_units: int) -> "PlannedRun":
-        q, steps_per_epoch = sampling(n_units, config.train.batch_size)
+        batch = dp_batch_size(config, n_units)
+        q, steps_per_epoch = sampling(n_units, batch)
         round_steps = config.train.local_epochs * steps_per_epoch
-        return cls(n_units, q, round_steps, config.federation.num_rounds * round_steps)
+        return cls(n_units, q, round_steps, config.federation.num_rounds * round_steps, batch)
 
     def noise_multiplier(self, budget: Budget, fixed: list[list[float]],
                          bracket: tuple[float, float] = (0.0, 1.0)) -> float:

@@ -21,6 +21,7 @@ from opacus import PrivacyEngine  # noqa: E402
 from opacus.accountants import create_accountant  # noqa: E402
 from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 from opacus.grad_sample import register_grad_sampler  # noqa: E402
+from opacus.utils.batch_memory_manager import wrap_data_loader  # noqa: E402
 
 for _handler in [h for h in _root.handlers if h not in _before]:
     _root.removeHandler(_handler)
@@ -40,4 +41,4 @@ def _register_linear_gru() -> None:
 
 _register_linear_gru()
 
-__all__ = ["PrivacyEngine", "create_accountant", "get_noise_multiplier", "register_grad_sampler"]
+__all__ = ["PrivacyEngine", "create_accountant", "get_noise_multiplier", "register_grad_sampler", "wrap_data_loader"]

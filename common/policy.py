@@ -143,6 +143,9 @@ class SitePolicy:
                 raise PolicyRefused("dp-target-delta", f"above the site's max-delta {self.max_delta:g}")
             if DP_UNITS.index(privacy.dp_unit) < DP_UNITS.index(self.dp_unit):
                 raise PolicyRefused("dp-unit", f"the site protects each {self.dp_unit} as a unit")
+            # A DP step samples a share of the site's units; what memory holds at once is one chunk.
+            if privacy.dp_max_physical_batch > self.max_batch_size:
+                raise PolicyRefused("dp-max-physical-batch", f"above the site's max-batch-size {self.max_batch_size}")
         if self.require_secure_aggregation and not config.federation.secure_aggregation:
             raise PolicyRefused("secure-aggregation", "this site sends updates through secure aggregation only")
         if evaluation.eval_bins > self.max_eval_bins:

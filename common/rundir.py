@@ -117,11 +117,13 @@ class RunDirectory:
 
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord,
                         histograms: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
-                        validation_histograms: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+                        validation_histograms: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                        server_optimizer: dict[str, Any] | None = None) -> Path:
         """Trainable parameters, config and backbone hash; the round's pooled score histograms
         (resolution -> positives, negatives per label) of the sites' test splits (``histograms``,
         whose figures the export reports) and of their validation splits (which the export's
-        calibration and operating threshold are fitted on)."""
+        calibration and operating threshold are fitted on); the server optimiser's state, which a
+        resumed run continues from (server/server_optimizer.py)."""
         path = self.checkpoint_path(server_round)
         payload = {
             "round": server_round,
@@ -130,6 +132,7 @@ class RunDirectory:
             "backbone-hash": self.meta().get("backbone-hash"),
             "pooled-histograms": _histogram_tensors(histograms),
             "pooled-validation-histograms": _histogram_tensors(validation_histograms),
+            "server-optimizer": server_optimizer or {},
         }
         atomic_torch_save(payload, path)
         return path

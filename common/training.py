@@ -43,6 +43,7 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
     seed = config.seed * 100_003 + server_round
     generator = torch.Generator().manual_seed(seed)
     batches = batches_type.for_training(model, data, device)
+    prior = prior_log_odds(data.labels[torch.as_tensor(train_index)], config.logit_adjust, device)
     total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     # Dropout draws from the global generator: seeded, a site's round trains alike whatever the
     # process ran before (a simulation's worker serves several sites, in no fixed order).
@@ -54,7 +55,7 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
                 optimizer.zero_grad(set_to_none=True)
                 with autocast(device):
                     out = forward(model, batch)
-                    data_loss = per_study_loss(out, batch, config).mean()
+                    data_loss = per_study_loss(out, batch, config, prior).mean()
                     loss = (data_loss + proximal_penalty(params, anchor, proximal_mu) if anchor is not None
                             else data_loss)
                 scaler.scale(loss).backward()
@@ -71,13 +72,25 @@ def proximal_penalty(params: list[Tensor], anchor: list[Tensor], mu: float) -> T
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
 
 
-def per_study_loss(out: InjuryOutput, batch: StudyBatch, config: TrainConfig) -> Tensor:
+def prior_log_odds(labels: Tensor, tau: float, device: torch.device) -> Tensor | None:
+    """(L,) tau x the log-odds of each label's prevalence in ``labels`` (logit adjustment), None for
+    tau = 0. A label the split has in one class only counts as (0.5 or n + 0.5) / (n + 1)."""
+    if tau <= 0:
+        return None
+    n = labels.shape[0]
+    prevalence = (labels.float().sum(0) + 0.5) / (n + 1)
+    return (tau * torch.log(prevalence / (1 - prevalence))).to(device)
+
+
+def per_study_loss(out: InjuryOutput, batch: StudyBatch, config: TrainConfig, prior: Tensor | None = None) -> Tensor:
     """(B,) loss of each study on its own: BCE over its labels + weighted squared severity error
-    (when it has a target) + weighted MSE of its own real images' reconstructions.
+    (when it has a target) + weighted MSE of its own real images' reconstructions. ``prior``
+    (``prior_log_odds``) is added to the logits in the BCE only.
 
     Every term depends on one study only, so with DP-SGD a study's gradient is its own and the
     clipping bound holds per study."""
-    losses = F.binary_cross_entropy_with_logits(out.logits.float(), batch.labels, reduction="none").mean(1)
+    logits = out.logits.float() if prior is None else out.logits.float() + prior
+    losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(1)
     # Every head present gets a term, even at weight 0 or without targets: DP-SGD needs a
     # (possibly zero) per-sample gradient for every trainable parameter.
     if out.severity is not None:

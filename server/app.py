@@ -44,10 +44,10 @@ def main(grid: Grid, context: Context) -> None:
     backbone_hash = frozen_backbone_hash(model)
     arrays = to_array_record(model)
     records: list[dict] = []
-    first_round, budget_id, previous = 1, str(context.run_id), None
+    first_round, budget_id, previous, optimizer_state = 1, str(context.run_id), None, None
     if fed.resume_from:
         previous = Path(fed.resume_from).expanduser()
-        last, arrays, budget_id = _resume_point(previous, backbone_hash)
+        last, arrays, budget_id, optimizer_state = _resume_point(previous, backbone_hash)
         first_round = last + 1
     run = RunDirectory.create_under(Path(fed.run_dir), context.run_id, config.to_mapping(), backbone_hash, budget_id,
                                     str(previous) if previous else None, app_hash=grid.run.fab_hash)
@@ -65,6 +65,7 @@ def main(grid: Grid, context: Context) -> None:
     grid = PromptGrid(grid) if fed.reply_polling == "prompt" else grid
     federation = FederatedRun(config, grid, run, strategy, measure_efficiency(model, config), central, tracker,
                               backbone_hash, budget_id, records)
+    federation.server_optimizer.restore(optimizer_state)
     state = "failed"
     try:
         # One thread for numpy's BLAS while the rounds run. OpenBLAS keeps its idle threads spinning
@@ -92,8 +93,9 @@ def _report_pngs(run_dir: Path) -> list[Path]:
     return written
 
 
-def _resume_point(previous: Path, backbone_hash: str) -> tuple[int, ArrayRecord, str]:
-    """The last finished round of ``previous``, its global model and the budget id to keep."""
+def _resume_point(previous: Path, backbone_hash: str) -> tuple[int, ArrayRecord, str, dict | None]:
+    """The last finished round of ``previous``, its global model, the budget id to keep and the
+    server optimiser's state."""
     try:
         run = RunDirectory.open(previous)
     except ValueError as error:
@@ -103,6 +105,6 @@ def _resume_point(previous: Path, backbone_hash: str) -> tuple[int, ArrayRecord,
     last = run.last_finished_round()
     if last is None:
         raise RuntimeError(f"resume-from {previous}: no finished round to continue from")
-    arrays, _ = run.load_checkpoint_arrays(last)
+    arrays, payload = run.load_checkpoint_arrays(last)
     # A chain of resumes keeps the first run's budget id: the sites' privacy ledgers continue.
-    return last, arrays, run.budget_id()
+    return last, arrays, run.budget_id(), payload.get("server-optimizer")

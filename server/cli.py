@@ -282,7 +282,8 @@ def cmd_plan_privacy(args: argparse.Namespace) -> int:
 
     values: dict[str, object] = {"dp-enabled": True, "feature-norm": "site", "server-val-path": "(the centre's clinic)"}
     for flag, key in (("epsilon", "dp-target-epsilon"), ("delta", "dp-target-delta"), ("rounds", "num-rounds"),
-                      ("local_epochs", "local-epochs"), ("batch", "batch-size")):
+                      ("local_epochs", "local-epochs"), ("batch", "batch-size"),
+                      ("batch_fraction", "dp-batch-fraction")):
         if getattr(args, flag) is not None:
             values[key] = getattr(args, flag)
     values.update(parse_assignments(args.set))
@@ -292,14 +293,17 @@ def cmd_plan_privacy(args: argparse.Namespace) -> int:
         raise CentreError("--units takes the sites' training units, e.g. --units 100,500,2000")
     trainable = trainable_parameter_count(config.model)
     plans = [plan_site(config, n, trainable) for n in units]
+    fraction = config.privacy.dp_batch_fraction
+    batching = (f"each step samples {fraction:g} of a site's units" if fraction > 0
+                else f"batch {config.train.batch_size}")
     table = Table(title=f"DP plan: epsilon {config.privacy.dp_target_epsilon:g} per site for the whole run, "
-                        f"{config.federation.num_rounds} rounds x {config.train.local_epochs} local epochs, batch "
-                        f"{config.train.batch_size}, {trainable:,} trainable parameters")
-    for column in ("site", "units", "delta", "sample rate", "steps", "release sigma", "DP-SGD sigma",
-                   "signal/noise per step", "signal/noise over the run"):
+                        f"{config.federation.num_rounds} rounds x {config.train.local_epochs} local epochs, "
+                        f"{batching}, {trainable:,} trainable parameters")
+    for column in ("site", "units", "delta", "sample rate", "expected batch", "steps", "release sigma",
+                   "DP-SGD sigma", "signal/noise per step", "signal/noise over the run"):
         table.add_column(column, justify="right")
     for i, p in enumerate(plans, 1):
-        table.add_row(str(i), str(p.units), f"{p.delta:.1e}", f"{p.sample_rate:.3f}", str(p.steps),
+        table.add_row(str(i), str(p.units), f"{p.delta:.1e}", f"{p.sample_rate:.3f}", f"{p.batch:.0f}", str(p.steps),
                       "-" if p.release_noise is None else f"{p.release_noise:.2f}", f"{p.noise_multiplier:.2f}",
                       f"{p.snr_step:.3f}", f"{p.snr_run:.2f}")
     console = wide_console()
@@ -395,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delta", type=float, help="dp-target-delta (default: 1 / (10 x units), at most 1e-5)")
     p.add_argument("--rounds", type=int, help="num-rounds")
     p.add_argument("--local-epochs", type=int)
-    p.add_argument("--batch", type=int, help="batch-size")
+    p.add_argument("--batch", type=int, help="batch-size (used under DP only with --batch-fraction 0)")
+    p.add_argument("--batch-fraction", type=float, help="dp-batch-fraction: the share of a site's units each DP-SGD "
+                                                        "step samples")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run-config key")
     p.set_defaults(func=cmd_plan_privacy)
     args = parser.parse_args(argv)

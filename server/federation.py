@@ -32,6 +32,7 @@ from server.evaluation import CentralValidation, public_feature_norm
 from server.privacy_plan import log_planned_ratio, plans_from_replies
 from server.runs import round_record
 from server.secure_aggregation import SecAggSettings, SecureAggregation
+from server.server_optimizer import ServerOptimizer
 from server.strategy import ClinicFedAvg
 from server.tracking import Tracker
 from server.transport import PromptGrid
@@ -66,6 +67,7 @@ class FederatedRun:
                 self.evaluate_config.update(public)
         self.secure = (SecureAggregation(SecAggSettings.from_config(self.fed), strategy, grid, self.fed.round_timeout)
                        if self.fed.secure_aggregation else None)
+        self.server_optimizer = ServerOptimizer.of(self.fed)  # resume: restored by the ServerApp
         self.started = time.perf_counter()
         self.phases: dict[str, float] = {}
         self.first_round = 1
@@ -142,7 +144,7 @@ class FederatedRun:
         started = time.perf_counter()
         if self.secure is not None:  # SecAgg+: only the sum of the updates is ever seen
             new_arrays = self.secure.train(server_round, arrays, ConfigRecord(dict(self.train_config)))
-            arrays = new_arrays if new_arrays is not None else arrays
+            arrays = self.server_optimizer.step(arrays, new_arrays) if new_arrays is not None else arrays
         else:
             arrays = self.aggregate_train(server_round, arrays, self.send_train(server_round, arrays))
         self.phases["train"] = time.perf_counter() - started
@@ -151,7 +153,7 @@ class FederatedRun:
     def aggregate_train(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
         """The new global model from the replies; ``arrays`` when no aggregate could be formed."""
         new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
-        return new_arrays if new_arrays is not None else arrays
+        return self.server_optimizer.step(arrays, new_arrays) if new_arrays is not None else arrays
 
     def send_train(self, server_round: int, arrays: ArrayRecord, evaluate_first: bool = False) -> list[Message]:
         """The sites' replies to this round's train messages (``evaluate_first``: each message
@@ -217,7 +219,8 @@ class FederatedRun:
         validation = self.strategy.pooled_validation.get(server_round)
         checkpoint = self.run.save_checkpoint(server_round, arrays,
                                               pooled.classification.histograms if pooled is not None else None,
-                                              validation.histograms if validation is not None else None)
+                                              validation.histograms if validation is not None else None,
+                                              self.server_optimizer.state())
         report = self.strategy.report(server_round)
         central = self.central.evaluate(arrays, self.fid_round(server_round)) if self.central else None
         # The round ends here. Its bookkeeping below (metrics files, state, tracker, console) is

@@ -31,6 +31,7 @@ class SitePlan:
     delta: float
     sample_rate: float
     steps: int
+    batch: float  # expected units a step: sample_rate x units
     release_noise: float | None  # the standardisation's DP release (None: feature-norm = none)
     noise_multiplier: float
     snr_step: float
@@ -55,7 +56,7 @@ def plan_site(config: RunConfig, units: int, trainable: int) -> SitePlan:
     release, sigma = plan.calibrate(budget, config.model.feature_norm == "site", privacy.dp_feature_norm_noise,
                                     privacy.dp_noise_multiplier)
     step, run = plan.signal_to_noise(sigma, trainable)
-    return SitePlan(units, delta, plan.sample_rate, plan.steps, release, sigma, step, run)
+    return SitePlan(units, delta, plan.sample_rate, plan.steps, plan.sample_rate * units, release, sigma, step, run)
 
 
 def federation_snr(plans: list[SitePlan]) -> float:
@@ -118,9 +119,9 @@ def plans_from_replies(privacy: dict[str, dict[str, float]], train: dict[str, di
         if site not in train or p.get("steps", 0) <= 0:
             continue
         units, rate, sigma = int(train[site]["num-examples"]), p["sample-rate"], p["noise-multiplier"]
-        plan = PlannedRun(units, rate, int(p["steps"]), int(p["steps"]) * num_rounds)
+        plan = PlannedRun(units, rate, int(p["steps"]), int(p["steps"]) * num_rounds, max(1, round(rate * units)))
         step, run = plan.signal_to_noise(sigma, trainable)
-        plans[site] = SitePlan(units, p["delta"], rate, plan.steps, None, sigma, step, run)
+        plans[site] = SitePlan(units, p["delta"], rate, plan.steps, rate * units, None, sigma, step, run)
     return plans
 
 

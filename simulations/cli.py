@@ -5,6 +5,7 @@
     clinicfl-sim demo            generate 3 clinics and run a federated simulation
     clinicfl-sim study NAME [--quick]   a study: federation-vs-local, privacy-utility, heterogeneity,
                                         hyperparameter-search, local-training
+    clinicfl-sim tune-dp PUBLIC_CLINIC --score-on CLINIC   dp-lr chosen on public data only
 """
 
 from __future__ import annotations
@@ -208,6 +209,46 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune_dp(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from simulations.dp_tuning import chosen, tune_dp_lr, write
+
+    public, score_on = Path(args.public_clinic), Path(args.score_on)
+    for folder in (public, score_on):
+        if not (folder / "labels.csv").is_file():
+            console.print(f"[red]error:[/] {folder} is not a site folder (no labels.csv)")
+            return 2
+    try:
+        lrs = [float(x) for x in args.lr.split(",") if x.strip()]
+    except ValueError:
+        console.print(f"[red]error:[/] --lr takes comma-separated numbers, got {args.lr!r}")
+        return 2
+    overrides = _overrides(args.set)
+    trials = []
+    for lr in tqdm(lrs, desc="DP runs on the public clinic", unit="rate"):
+        trials += tune_dp_lr(public, score_on, [lr], overrides, Path(args.run_root))
+    table = Table(title=f"dp-lr on public data: {public.parent.name}/{public.name} trains under DP, "
+                        f"{score_on.parent.name}/{score_on.name} scores")
+    for column in ("dp-lr", "best AUC", "at round", "final AUC", "epsilon spent", "seconds"):
+        table.add_column(column, justify="right")
+    best = chosen(trials)
+
+    def shown(value: float | None, digits: int) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    for t in trials:
+        mark = " (chosen)" if best is not None and t is best else ""
+        table.add_row(f"{t.lr:g}{mark}", shown(t.best_auc, 3), str(t.best_round), shown(t.final_auc, 3),
+                      shown(t.epsilon, 2), f"{t.seconds:.0f}")
+    console.print(table)
+    out = Path(args.out)
+    write(trials, out, {"public_clinic": str(public.resolve()), "score_on": str(score_on.resolve()),
+                        "overrides": overrides, "command": " ".join(["clinicfl-sim", *sys.argv[1:]])})
+    console.print(f"wrote {out}" + (f"; run with dp-lr={best.lr:g}" if best else "; no trial could be scored"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     console_logging()
     parser = argparse.ArgumentParser(prog="clinicfl-sim", description=__doc__,
@@ -245,6 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--publish", action="store_true",
                        help="copy the results into docs/results/NAME and regenerate the README's Results section")
     study.set_defaults(func=cmd_study)
+
+    tune = sub.add_parser("tune-dp", help="choose dp-lr on public data: the centre's clinic trains alone under DP "
+                                          "at each rate, a second public clinic scores it")
+    tune.add_argument("public_clinic", help="a site folder of public data that trains (e.g. the centre's clinic)")
+    tune.add_argument("--score-on", required=True, help="another public site folder that chooses and scores")
+    tune.add_argument("--lr", default="0.001,0.003,0.01,0.03,0.1", help="the rates to try, comma-separated")
+    tune.add_argument("--run-root", default="runs/tune-dp", help="where the trials' run directories go")
+    tune.add_argument("--out", default="runs/tune-dp/results.json", help="the trials as JSON")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
+    tune.set_defaults(func=cmd_tune_dp)
 
     args = parser.parse_args(argv)
     return args.func(args)

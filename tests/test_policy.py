@@ -78,6 +78,7 @@ MEETS_STRICT = {"dp-enabled": True, "dp-target-epsilon": 4.0, "dp-target-delta":
     ({"image-size": 128}, "image-size"),
     ({"seq-len": 64}, "seq-len"),
     ({"proj-dim": 512}, "max-trainable-parameters"),
+    ({"dp-max-physical-batch": 512}, "dp-max-physical-batch"),  # DP's studies held at once: max-batch-size
 ])
 def test_a_run_config_below_the_policy_is_refused_before_any_data_is_read(override, key, tmp_path):
     """The data folder does not even exist: a refusal that came after reading it would be a

@@ -13,11 +13,12 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
+from opacus.utils.batch_memory_manager import wrap_data_loader
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import app as client_app
-from client.privacy import PrivacyLedger, SitePrivacy, privacy_units
-from common.dp_plan import sampling
+from client.privacy import PrivacyLedger, PrivateHead, SitePrivacy, privacy_units
+from common.dp_plan import PlannedRun, sampling
 from client.session import open_session
 from common.config import ConfigError, ModelConfig, RunConfig, SharedConfig
 from common.exchange import numpy_of
@@ -121,10 +122,11 @@ def test_server_survives_exhausted_sites_and_sees_who_is_exhausted():
     assert strategy.epsilon == {"a": 7.9}
 
 
-@pytest.mark.parametrize("biomech_features", [0, 2])
-def test_dp_step_equals_manual_per_study_clipping_without_noise(biomech_features):
+@pytest.mark.parametrize("biomech_features,physical", [(0, None), (2, None), (0, 3)])
+def test_dp_step_equals_manual_per_study_clipping_without_noise(biomech_features, physical):
     """Opacus' step (noise 0) equals: per-study gradient, clip to C, sum, divide by the batch
-    (also with biomechanical series beside the image features)."""
+    (also with biomechanical series beside the image features, and with the batch computed in
+    chunks of ``physical`` studies, as dp-max-physical-batch splits a large sampled batch)."""
     torch.manual_seed(0)
     config = ModelConfig(SharedConfig(biomech_features=biomech_features), proj_dim=8, gru_hidden=4, attn_dim=4,
                          dropout=0.0, severity_head=False, recon_head=False)
@@ -159,9 +161,18 @@ def test_dp_step_equals_manual_per_study_clipping_without_noise(biomech_features
         module=private, optimizer=torch.optim.SGD(private.parameters(), lr=lr),
         data_loader=DataLoader(TensorDataset(torch.arange(4)), batch_size=4), noise_multiplier=0.0,
         max_grad_norm=clip, poisson_sampling=False)
-    optimizer.zero_grad()
-    loss_of(private, [0, 1, 2, 3]).mean().backward()
-    optimizer.step()
+    if physical is None:
+        optimizer.zero_grad()
+        loss_of(private, [0, 1, 2, 3]).mean().backward()
+        optimizer.step()
+    else:
+        loader = wrap_data_loader(data_loader=DataLoader(TensorDataset(torch.arange(4)), batch_size=4),
+                                  max_batch_size=physical, optimizer=optimizer)
+        head_steps = PrivateHead(private, optimizer, loader, engine)
+        chunks = [rows.tolist() for (rows,) in loader]
+        assert [len(c) for c in chunks] == [2, 2], "one batch of 4, computed in two chunks"
+        for rows in chunks:
+            head_steps.step(loss_of(private, rows).mean(), None)
     for name, p in private._module.named_parameters():
         assert torch.allclose(p, expected[name], atol=1e-6), name
     assert any(not torch.allclose(expected[n], q) for n, q in head.named_parameters()), "the step moved something"
@@ -207,8 +218,9 @@ def dp_run(tmp_path_factory):
     (public,) = generate_clinics(root / "public", replace(spec, sites=1, studies_per_site=40, seed=9), progress=False)
     # A small head: DP-SGD's noise grows with the number of trainable parameters, and at 70 training
     # studies per site the default head (about 300k parameters) learns little at epsilon 8.
+    # The DP defaults (dp-batch-fraction 0.5, dp-lr) set the batch and the learning rate.
     overrides = {"num-rounds": 3, "min-sites": 2, "image-size": 48, "seq-len": 6, "local-epochs": 3,
-                 "batch-size": 32, "test-fraction": 0.3, "lr": 0.003, "dp-enabled": True,
+                 "test-fraction": 0.3, "dp-enabled": True,
                  "dp-target-epsilon": 8.0, "recon-head": False, "proj-dim": 16, "gru-hidden": 16, "attn-dim": 16,
                  "eval-bins": 256,  # the centre owns every site here: fine score histograms measure learning
                  "server-val-path": str(public)}
@@ -228,6 +240,8 @@ def test_dp_federation_learns_within_the_budget(dp_run):
     for rnd in (1, 2, 3):
         assert set(records[rnd]["privacy"]) == {"site-01", "site-02"}
         assert all(p["steps"] > 0 and p["noise-multiplier"] > 0 for p in records[rnd]["privacy"].values())
+        # dp-batch-fraction 0.5: each step samples half the site's studies, two steps an epoch
+        assert all(p["sample-rate"] == 0.5 and p["steps"] == rnd * 3 * 2 for p in records[rnd]["privacy"].values())
     # DP noise is drawn from OS entropy, so every run differs: the assertions are statistical. The
     # pooled test loss falls from the initial model's, and the AUC is above chance by two standard
     # errors (Hanley & McNeil, from the pooled counts); the initial model's own AUC is not a bar,
@@ -333,7 +347,8 @@ def test_two_processes_charging_one_ledger_lose_no_update(tmp_path):
 
     site = SiteConfig(tmp_path, tmp_path, "site-a", dp_budget_scope="site")
     ledger = PrivacyLedger.load(site, "run-x", "rdp", None)
-    q, steps = sampling(40, RUN["batch-size"])
+    plan = PlannedRun.of(RunConfig.from_mapping(RUN), 40)
+    q, steps = plan.sample_rate, plan.round_steps
     assert len(ledger.history) == 30 and ledger.steps == 30 * steps
     delta = 1e-5
     assert ledger.epsilon(delta) == pytest.approx(_fresh_accountant_epsilon([(1.5, q, steps)] * 30, delta), rel=1e-9)

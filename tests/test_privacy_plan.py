@@ -19,7 +19,7 @@ RUN = {"dp-enabled": True, "server-val-path": "/centre/clinic", "num-rounds": 2,
 
 
 def test_a_larger_site_gets_less_noise_per_step_and_a_higher_ratio():
-    config = RunConfig.from_mapping(RUN)
+    config = RunConfig.from_mapping({**RUN, "dp-batch-fraction": 0})  # a fixed batch-size
     small, large = plan_site(config, 100, 20_000), plan_site(config, 1000, 20_000)
     assert large.noise_multiplier < small.noise_multiplier and large.snr_run > small.snr_run
     # the site's own calibration gives the same noise (client/privacy.py calls the same code)
@@ -31,10 +31,24 @@ def test_a_larger_site_gets_less_noise_per_step_and_a_higher_ratio():
     assert run == pytest.approx(step * math.sqrt(plan.steps))
 
 
+def test_a_batch_fraction_gives_every_site_the_same_noise_and_a_ratio_that_grows_with_its_units():
+    """dp-batch-fraction (the default under DP): every site samples the same share of its units, so
+    the sampling rate, the steps and the noise multiplier are the same at every size, and the
+    expected batch (the ratio per step) grows with the units."""
+    config = RunConfig.from_mapping({**RUN, "dp-batch-fraction": 0.5})
+    small, large = plan_site(config, 100, 20_000), plan_site(config, 1000, 20_000)
+    assert small.sample_rate == large.sample_rate == 0.5 and small.steps == large.steps == 4
+    assert small.noise_multiplier == pytest.approx(large.noise_multiplier)
+    assert (small.batch, large.batch) == (50, 500)
+    assert large.snr_run == pytest.approx(10 * small.snr_run)
+    fixed = plan_site(RunConfig.from_mapping({**RUN, "dp-batch-fraction": 0}), 1000, 20_000)
+    assert large.snr_run > 2 * fixed.snr_run, "the large batch is what lifts the ratio at the same epsilon"
+
+
 def test_the_federation_ratio_combines_equal_sites_as_the_square_root_of_their_number():
-    site = SitePlan(500, 1e-5, 0.1, 100, 2.0, 1.0, 0.1, 3.0)
+    site = SitePlan(500, 1e-5, 0.1, 100, 50.0, 2.0, 1.0, 0.1, 3.0)
     assert federation_snr([site] * 4) == pytest.approx(2 * 3.0)
-    weak = SitePlan(100, 1e-5, 0.1, 100, 2.0, 1.0, 0.1, 0.5)
+    weak = SitePlan(100, 1e-5, 0.1, 100, 10.0, 2.0, 1.0, 0.1, 0.5)
     assert federation_snr([site, weak]) < federation_snr([site, site])
 
 

@@ -145,10 +145,10 @@ def test_a_dp_site_trains_on_public_statistics_and_its_released_mean_charged_onc
     assert released["units"] == len(session.data.train_index) and released["clip"] > 0
     # The standardisation in force is the release, not the private fit. At about 10 training units
     # the noise (sigma R / n on each of 2048 features) dwarfs any shift, and the James-Stein factor
-    # keeps the public mean (the synthetic test above shows a release that moves it).
+    # keeps (nearly) the public mean (the synthetic test above shows a release that moves it).
     mean = session.model.feature_norm.mean
     assert torch.equal(mean, ReleasedNorm.from_json(released).mean) and not torch.allclose(mean, private_mean)
-    assert released["shrink"] == 0.0 and torch.equal(mean, public.mean)
+    assert 0.0 <= released["shrink"] < 0.05, released["shrink"]
     assert torch.equal(session.model.feature_norm.inv_std, public.inv_std)
     # The epsilon the site reports composes the release and every DP-SGD step.
     accountant = RDPAccountant()
