@@ -252,6 +252,7 @@ class ArmResult:
     run_dir: str | None = None
     best_probs: np.ndarray | None = None  # the selected round's pooled test probabilities (for paired intervals)
     labels: np.ndarray | None = None
+    best_state: dict[str, torch.Tensor] | None = None  # the selected round's trainable parameters
 
 
 def federated(clinics: Clinics, overrides: dict[str, Any], scorer: Scorer, run_root: Path,
@@ -271,7 +272,7 @@ def federated(clinics: Clinics, overrides: dict[str, Any], scorer: Scorer, run_r
             score = scorer.score(run.load_checkpoint(record["round"])["trainable"])
             points.append({"round": record["round"], "test_auc": score["auc"], "test_loss": score["loss"],
                            "val_loss": (record.get("server_validation") or {}).get("loss", {}).get("value")})
-    result = ArmResult(best, final, int(best_round), points, str(run.path), best_probs, labels)
+    result = ArmResult(best, final, int(best_round), points, str(run.path), best_probs, labels, best_state)
     result.final["epsilon"] = (records[-1]["catalogue"].get("epsilon") or {}).get("value")
     multipliers = [p.get("noise-multiplier") for r in records for p in (r.get("privacy") or {}).values()]
     result.final["noise_multiplier"] = max((m for m in multipliers if m is not None), default=None)
@@ -326,6 +327,24 @@ def trained_blocks(scorer: Scorer, sites: list[PreparedSite], config: RunConfig,
             points.append({"round": block, "test_auc": score["auc"], "test_loss": score["loss"], "val_loss": val_loss})
         final_state = state
     return ArmResult(scorer.score(best_state), scorer.score(final_state), best_block, points)
+
+
+def fine_tuned(scorer: Scorer, site: PreparedSite, state: dict[str, torch.Tensor], config: RunConfig,
+               blocks: int = 1) -> dict[str, torch.Tensor]:
+    """The global model ``state`` trained on; at ``site`` alone for ``blocks`` blocks of
+    ``local-epochs`` epochs (its training studies only): what a site gets if it adapts the
+    federation's model to its own patients."""
+    model = build_model(config.model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    model.feature_norm.mean.zero_()  # the pooled features below are standardised already
+    model.feature_norm.inv_std.fill_(1.0)
+    inputs, index = _pooled([site])
+    for block in range(1, blocks + 1):
+        train_local(model, inputs, index, config.train, scorer.device, server_round=block)
+    return {k: v.detach().clone() for k, v in trainable_state(model).items()}
 
 
 def _pooled(sites: list[PreparedSite]) -> tuple[SiteInputs, np.ndarray]:

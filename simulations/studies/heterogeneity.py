@@ -18,14 +18,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from simulations.studies.harness import (QUICK, Scorer, StudyOutput, StudySize, federated, fmt,  # noqa: E402
-                                         make_clinics, markdown_table, run_config, seeded, spread)
+from simulations.studies.harness import (QUICK, STUDY_LESION_CONTRAST, ArmResult, Scorer,  # noqa: E402
+                                         StudyOutput, StudySize, cohort_folder, federated, fine_tuned,
+                                         fixed_backbone, fmt, make_clinics, markdown_table, run_config, seeded,
+                                         spread, trained_blocks)
 from simulations.synthetic import SyntheticSpec  # noqa: E402
 
 NAME = "heterogeneity"
-DEFAULT = StudySize(sites=5, studies=32, rounds=6)
+# Sites of 200 studies (about 100 training and 80 test studies each), 20 rounds of one local
+# epoch; one cohort per alpha, generated and encoded once, the seeds drawing other splits,
+# initialisations and shuffles from it.
+DEFAULT = StudySize(sites=5, studies=200, rounds=20, local_epochs=1, seeds=3)
+SPLIT = {"test-fraction": 0.4, "val-fraction": 0.1}
+PUBLIC_STUDIES = 200  # the centre's validation clinic and the held-out clinic
 QUICK_SIZE = QUICK  # 3 sites: the quick size checks the study end to end, the default measures
-ALPHAS = [100.0, 1.0, 0.5, 0.1]
+ALPHAS = [100.0, 0.5, 0.1]
 QUICK_ALPHAS = [100.0, 0.1]
 METHODS = {"fedavg": {"aggregation": "fedavg"}, "fedprox": {"aggregation": "fedprox", "proximal-mu": 0.01},
            "fedmedian": {"aggregation": "fedmedian"},
@@ -42,28 +49,61 @@ def run(quick: bool = False, seeds: int | None = None, progress=print) -> tuple[
     methods = {m: METHODS[m] for m in (QUICK_METHODS if quick else METHODS)}
     seeds = seeds or size.seeds
     out = StudyOutput(NAME)
-    base = size.run_overrides()
     raw: dict[str, dict[float, list[float]]] = {m: {a: [] for a in alphas} for m in methods}
     prevalence: dict[float, list[list[float]]] = {a: [] for a in alphas}
+    n_test: dict[float, list[int]] = {a: [] for a in alphas}
+    per_site: dict[float, list[dict[str, dict[str, float]]]] = {a: [] for a in alphas}
+    public = None if quick else PUBLIC_STUDIES
     for alpha in alphas:
+        spec = SyntheticSpec(sites=size.sites, studies_per_site=size.studies, image_size=size.image_size,
+                             slices_per_study=size.slices, dirichlet_alpha=alpha,
+                             lesion_contrast=STUDY_LESION_CONTRAST, seed=200)
+        cohort = cohort_folder(spec, public, out.folder.parents[1])
+        clinics = make_clinics(cohort, spec, public)
+        base = {**size.run_overrides(), **SPLIT, **fixed_backbone(cohort)}
         for seed in range(seeds):
-            spec = SyntheticSpec(sites=size.sites, studies_per_site=size.studies, image_size=size.image_size,
-                                 slices_per_study=size.slices, dirichlet_alpha=alpha, seed=200 + seed)
-            clinics = make_clinics(out.data(f"alpha{alpha:g}-seed{seed}"), spec)
             scorer = Scorer(clinics, run_config(seeded(base, seed)))
             prevalence[alpha].append([float(s.data.labels.mean()) for s in scorer.sites])
+            n_test[alpha].append(int(sum(len(s.data.test_index) for s in scorer.sites)))
             for method, settings in methods.items():
                 progress(f"{NAME}: alpha {alpha:g} seed {seed}: {method}")
                 overrides = seeded({**base, **settings}, seed)
-                raw[method][alpha].append(federated(clinics, overrides, scorer, out.runs).best["auc"])
+                result = federated(clinics, overrides, scorer, out.runs)
+                raw[method][alpha].append(result.best["auc"])
+                if method == "fedavg":
+                    per_site[alpha].append(site_models(scorer, result, run_config(overrides)))
     results = {"size": size.__dict__, "seeds": seeds, "alphas": alphas, "methods": methods,
                "pooled_auc": {m: {f"{a:g}": spread(v) for a, v in by_alpha.items()} for m, by_alpha in raw.items()},
                "site_prevalence": {f"{a:g}": v for a, v in prevalence.items()},
+               "pooled_test_studies": {f"{a:g}": v for a, v in n_test.items()},
+               "per_site": {f"{a:g}": summarise_sites(v) for a, v in per_site.items()},
                "headline_columns": ["aggregation", *[f"alpha {a:g}" for a in alphas]]}
     results["headline"] = [[m, *[fmt(results["pooled_auc"][m][f"{a:g}"]) for a in alphas]] for m in methods]
     out.write(results, report(results))
     plot(results, out.folder / "heterogeneity.png")
     return out, results
+
+
+def site_models(scorer: Scorer, federated_result: ArmResult, config) -> dict[str, dict[str, float]]:
+    """Each site's test AUC of the federation's model, of its local-only model (trained on its own
+    studies alone for as many epochs, the block chosen on the centre's validation clinic) and of the
+    federation's model fine-tuned at the site for one block of local epochs."""
+    global_auc = federated_result.best["per_site_auc"]
+    out = {}
+    for site in scorer.sites:
+        local = trained_blocks(scorer, [site], config).best["per_site_auc"][site.name]
+        tuned = scorer.score(fine_tuned(scorer, site, federated_result.best_state, config))["per_site_auc"][site.name]
+        out[site.name] = {"global": global_auc[site.name], "local": local, "fine_tuned": tuned}
+    return out
+
+
+def summarise_sites(seeds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Per site and model: the mean and spread over seeds (an AUC is undefined, and left out, where a
+    site's test split has one class)."""
+    if not seeds:
+        return {}
+    return {site: {model: spread([s[site][model] for s in seeds]) for model in ("global", "local", "fine_tuned")}
+            for site in seeds[0]}
 
 
 def report(results: dict[str, Any]) -> str:
@@ -82,9 +122,16 @@ def report(results: dict[str, Any]) -> str:
              "added to the logits in its local loss.", "",
              markdown_table(results["headline_columns"], results["headline"]), "",
              "Best aggregation per alpha: " + ", ".join(f"alpha {a:g}: {m}" for a, m in best_at.items()) + ".", "",
-             "Injured fraction per clinic (first seed): " + "; ".join(
-                 f"alpha {a}: " + "/".join(f"{p:.2f}" for p in v[0]) for a, v in results["site_prevalence"].items()),
-             "", "![aggregation vs label skew](heterogeneity.png)"]
+             "Injured fraction per clinic (one cohort per alpha): " + "; ".join(
+                 f"alpha {a}: " + "/".join(f"{p:.2f}" for p in v[0]) for a, v in results["site_prevalence"].items())
+             + ". Pooled test studies per seed: " + "; ".join(
+                 f"alpha {a}: " + "/".join(str(n) for n in v) for a, v in results["pooled_test_studies"].items()) + ".",
+             "", "Per site, FedAvg's best round against the site's local-only model and FedAvg fine-tuned at the "
+             "site for one block (test AUC, mean ± std over seeds; n/a where a site's test split has one class):", ""]
+    for a, sites in results["per_site"].items():
+        rows = [[f"alpha {a}", site, fmt(v["global"]), fmt(v["local"]), fmt(v["fine_tuned"])] for site, v in sites.items()]
+        lines += [markdown_table(["alpha", "site", "FedAvg", "local only", "FedAvg fine-tuned"], rows), ""]
+    lines += ["![aggregation vs label skew](heterogeneity.png)"]
     return "\n".join(lines) + "\n"
 
 

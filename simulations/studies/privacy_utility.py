@@ -113,6 +113,7 @@ def summarise(best, final, spent, size: StudySize, seeds: int, epsilons, config)
     dp = config.privacy
     return {"size": size.__dict__, "seeds": seeds, "epsilons": labels,
             "dp_settings": {"dp-max-grad-norm": dp.dp_max_grad_norm, "dp-batch-fraction": dp.dp_batch_fraction,
+                            "dp-lr": dp.dp_lr,
                             "batch-size (no DP)": config.train.batch_size,
                             "local-epochs": config.train.local_epochs, "lr": config.train.lr,
                             "proj-dim": config.model.proj_dim, "gru-hidden": config.model.gru_hidden,
