@@ -72,10 +72,12 @@ def noise_for_budget(epsilon_of: Callable[[float], float], target_epsilon: float
 
 
 def dp_batch_size(config: RunConfig, n_units: int) -> int:
-    """The batch a DP site asks Opacus for: ``dp-batch-fraction`` of its units (at least one), or
-    ``batch-size`` where the fraction is 0."""
+    """The batch a DP site asks Opacus for: ``dp-batch-fraction`` of its units, rounded up (at least
+    one), or ``batch-size`` where the fraction is 0. Opacus samples at 1 / (batches an epoch), so
+    rounding up keeps that rate at the fraction for 1/2, 1/3, ... (69 units at 0.5: batch 35, two
+    batches, rate 0.5; rounded to 34 it would be three batches, rate 1/3)."""
     fraction = config.privacy.dp_batch_fraction
-    return max(1, round(fraction * n_units)) if fraction > 0 else config.train.batch_size
+    return max(1, math.ceil(fraction * n_units)) if fraction > 0 else config.train.batch_size
 
 
 def sampling(n_units: int, batch_size: int) -> tuple[float, int]:

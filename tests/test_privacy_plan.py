@@ -43,6 +43,8 @@ def test_a_batch_fraction_gives_every_site_the_same_noise_and_a_ratio_that_grows
     assert large.snr_run == pytest.approx(10 * small.snr_run)
     fixed = plan_site(RunConfig.from_mapping({**RUN, "dp-batch-fraction": 0}), 1000, 20_000)
     assert large.snr_run > 2 * fixed.snr_run, "the large batch is what lifts the ratio at the same epsilon"
+    for units in (69, 71, 2, 1001):  # rounded up, an odd count still samples at exactly one half
+        assert PlannedRun.of(config, units).sample_rate == 0.5
 
 
 def test_the_federation_ratio_combines_equal_sites_as_the_square_root_of_their_number():

@@ -40,6 +40,15 @@ def test_quick_study_writes_a_report_that_agrees_with_its_json(name, tmp_path):
     assert f"({png.name})" in report, "the report shows its plot"
     assert str(folder) in result.stdout.replace("\n", ""), "the command says where the report is"
     assert not (folder / "runs").exists() and not (folder / "data").exists(), "runs and data are cleaned up"
+    if name == "heterogeneity":  # per site: the federation's model, local only, and fine-tuned at the site
+        for sites in results["per_site"].values():
+            for models in sites.values():
+                assert set(models) == {"global", "local", "fine_tuned"}
+                assert all(len(m["values"]) == results["seeds"] for m in models.values())
+    if name == "privacy-utility":  # what plan-privacy looks up: a planned ratio and a paired drop per DP arm
+        assert set(results["planned_snr"]) == set(results["drop"]) == {"8"}
+        low, high = results["drop"]["8"]["ci95"]
+        assert low <= results["drop"]["8"]["mean"] <= high
 
 
 def _env() -> dict[str, str]:

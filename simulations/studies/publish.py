@@ -87,9 +87,12 @@ def verdicts(name: str, results: dict) -> list[str]:
         return [f"Best validation AUC after {results['budget']} runs: SSA {ssa:.3f}, random {rnd:.3f} "
                 f"({'SSA ahead' if ssa > rnd else 'SSA NOT ahead'})."]
     if name == "local-training":
-        from simulations.studies.local_training import DEFAULT_CHOICE
+        from simulations.studies.local_training import default_choice
 
-        return [f"Lowest final test loss: {results['lowest_final_loss']}.", DEFAULT_CHOICE]
+        if "lowest_final_val_loss" not in results:  # a run from before the ranking moved to validation
+            return [f"Lowest final test loss: {results['lowest_final_loss']} (ranked on test; to rerun)."]
+        return [f"Lowest final loss on the centre's validation clinic: {results['lowest_final_val_loss']}.",
+                default_choice(results)]
     return []
 
 
