@@ -243,8 +243,8 @@ def train_private(model: InjuryNet, data: SiteInputs, units: list[np.ndarray], c
         raise ValueError("DP training runs on cached backbone features (freeze = frozen)")
     start = time.perf_counter()
     model.feature_norm.to(device)
-    lr = (config.privacy.dp_lr or train.lr) * train.lr_decay ** max(server_round - 1, 0)
-    private = PrivateHead.of(model, len(units), train, budget, charge, device, lr,
+    private = PrivateHead.of(model, len(units), train, budget, charge, device,
+                             train.lr_at(server_round, config.privacy.dp_lr),
                              config.privacy.dp_max_physical_batch)
     total, seen = _train_steps(model, private, data, units, train, device, proximal_mu)
     private.copy_to(model)

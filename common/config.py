@@ -317,8 +317,9 @@ class TrainConfig(ReadsShared):
                                        "each label (logit adjustment against label skew); predictions use the logit "
                                        "itself; 0 = off. Not with DP (the prevalence is not privatised).")
 
-    def lr_at(self, server_round: int) -> float:
-        return self.lr * self.lr_decay ** max(server_round - 1, 0)
+    def lr_at(self, server_round: int, lr: float | None = None) -> float:
+        """Round ``server_round``'s rate: ``lr`` (default: the lr setting) x lr-decay^(r-1)."""
+        return (lr or self.lr) * self.lr_decay ** max(server_round - 1, 0)
 
     def check(self) -> None:
         if not 0.0 < self.lr_decay <= 1.0:

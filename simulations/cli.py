@@ -225,9 +225,7 @@ def cmd_tune_dp(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] --lr takes comma-separated numbers, got {args.lr!r}")
         return 2
     overrides = _overrides(args.set)
-    trials = []
-    for lr in tqdm(lrs, desc="DP runs on the public clinic", unit="rate"):
-        trials += tune_dp_lr(public, score_on, [lr], overrides, Path(args.run_root))
+    trials = tune_dp_lr(public, score_on, lrs, overrides, Path(args.run_root), progress=True)
     table = Table(title=f"dp-lr on public data: {public.parent.name}/{public.name} trains under DP, "
                         f"{score_on.parent.name}/{score_on.name} scores")
     for column in ("dp-lr", "best AUC", "at round", "final AUC", "epsilon spent", "seconds"):

@@ -11,12 +11,14 @@ site. The rate with the highest score is the one to run with (``dp-lr``); the de
 
 from __future__ import annotations
 
+import hashlib
 import json
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from common.rundir import RunDirectory
 from simulations.inprocess import run_inprocess
@@ -33,29 +35,33 @@ class LrTrial:
 
 
 def tune_dp_lr(public_clinic: Path, score_on: Path, lrs: list[float], overrides: dict[str, Any],
-               run_root: Path) -> list[LrTrial]:
+               run_root: Path, progress: bool = False) -> list[LrTrial]:
     """One DP run of the public clinic per learning rate; each scored on ``score_on`` every round."""
     settings = {**overrides, "dp-enabled": True, "min-sites": 1, "server-val-path": str(score_on.resolve()),
                 "best-metric": "server-val-auc"}
+    # The in-process federation's sites are the sub-folders of one folder: the public clinic alone,
+    # linked from a folder beside run_root that stays, so its caches (next to the link) serve every
+    # trial and every later tuning of the same clinic.
+    key = hashlib.sha256(str(public_clinic.resolve()).encode()).hexdigest()[:12]
+    data_root = run_root.parent / f".{run_root.name}-public" / key
+    link = data_root / public_clinic.name
+    if not link.exists():
+        data_root.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(public_clinic.resolve(), target_is_directory=True)
     trials = []
-    with tempfile.TemporaryDirectory(prefix="clinicfl-tune-dp-") as folder:
-        # The in-process federation's sites are the sub-folders of one folder: the public clinic alone.
-        data_root = Path(folder) / "public"
-        data_root.mkdir()
-        (data_root / public_clinic.name).symlink_to(public_clinic.resolve(), target_is_directory=True)
-        for lr in lrs:
-            started = time.perf_counter()
-            run = RunDirectory(run_inprocess(data_root, run_root, 1, {**settings, "dp-lr": lr}))
-            trials.append(_trial(run, lr, time.perf_counter() - started))
+    for lr in tqdm(lrs, desc="DP runs on the public clinic", unit="rate", disable=None if progress else True):
+        started = time.perf_counter()
+        run = RunDirectory(run_inprocess(data_root, run_root, 1, {**settings, "dp-lr": lr}))
+        trials.append(_trial(run, lr, time.perf_counter() - started))
     return trials
 
 
 def _trial(run: RunDirectory, lr: float, seconds: float) -> LrTrial:
-    scores = [((r.get("server_validation") or {}).get("auc") or {}).get("value") for r in run.read_metrics()]
-    rounds = [r["round"] for r in run.read_metrics()]
-    scored = [(s, r) for s, r in zip(scores, rounds) if s is not None]
+    records = run.read_metrics()
+    scored = [(auc, r["round"]) for r in records
+              if (auc := ((r.get("server_validation") or {}).get("auc") or {}).get("value")) is not None]
     best_auc, best_round = max(scored) if scored else (None, None)
-    epsilon = (run.read_metrics()[-1].get("catalogue", {}).get("epsilon") or {}).get("value")
+    epsilon = (records[-1].get("catalogue", {}).get("epsilon") or {}).get("value")
     return LrTrial(lr, best_auc, best_round, scored[-1][0] if scored else None, epsilon, round(seconds, 1))
 
 

@@ -197,10 +197,7 @@ class Scorer:
         self.norms = dict(norms)
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        load_trainable(self.model, state)
 
     def probabilities(self, site: PreparedSite, index: np.ndarray) -> np.ndarray:
         self._use(site)
@@ -236,6 +233,14 @@ class Scorer:
         self.load(state)
         index = np.arange(len(self.holdout.data.studies))
         return _auc(self.holdout.data.labels[:, 0], self.probabilities(self.holdout, index))
+
+
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a trainable state (a checkpoint's ``trainable``) into ``model``'s parameters."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
 
 
 def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -335,10 +340,7 @@ def fine_tuned(scorer: Scorer, site: PreparedSite, state: dict[str, torch.Tensor
     ``local-epochs`` epochs (its training studies only): what a site gets if it adapts the
     federation's model to its own patients."""
     model = build_model(config.model)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+    load_trainable(model, state)
     model.feature_norm.mean.zero_()  # the pooled features below are standardised already
     model.feature_norm.inv_std.fill_(1.0)
     inputs, index = _pooled([site])
