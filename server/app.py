@@ -18,7 +18,7 @@ from common.config import RunConfig
 from common.exchange import to_array_record, trainable_spec
 from common.model import build_model, frozen_backbone_hash
 from common.rundir import RunDirectory
-from server.evaluation import CentralValidation, measure_efficiency
+from server.evaluation import CentralValidation, central_cache_dir, measure_efficiency
 from server.federation import FederatedRun
 from server.identities import SiteIdentities
 from server.strategy import make_strategy
@@ -57,7 +57,8 @@ def main(grid: Grid, context: Context) -> None:
         print(f"clinicfl: resuming {previous.name} after round {first_round - 1} (budget id {budget_id})", flush=True)
 
     strategy = make_strategy(StrategyConfig.from_run_config(config, trainable_spec(model), backbone_hash), identities)
-    central = (CentralValidation(config, Path(config.eval.server_val_path).expanduser(), build_model(config.model))
+    central = (CentralValidation(config, Path(config.eval.server_val_path).expanduser(), build_model(config.model),
+                                 central_cache_dir(Path(fed.run_dir)))
                if config.eval.server_val_path else None)
     tracker = GuardedTracker(open_tracker(fed.tracking, run.path, config.to_mapping(), fed.tracking_uri,
                                           fed.tracking_experiment))

@@ -62,6 +62,11 @@ def measure_efficiency(model: InjuryNet, config: RunConfig, repeats: int = 5) ->
     }
 
 
+def central_cache_dir(run_root: Path) -> Path:
+    """Where the centre keeps its validation clinic's caches: beside its run directories."""
+    return run_root.expanduser() / ".cache" / "server-validation"
+
+
 def public_feature_norm(central: "CentralValidation") -> PublicNorm:
     """The standardisation statistics of the centre's own clinic (fitted on its images, no labels)
     and the clip norm of a site's DP release from its studies: what DP sites standardise with,
@@ -75,18 +80,23 @@ def public_feature_norm(central: "CentralValidation") -> PublicNorm:
 
 
 class CentralValidation:
-    """The server's own labelled studies (a site-layout folder), all used as a test set."""
+    """The server's own labelled studies (a site-layout folder), all used as a test set.
+
+    ``cache_dir`` keeps the decoded studies and their backbone features between runs, as a site's
+    state folder does: the clinic does not change between the centre's runs, and reading and
+    encoding it again cost more than the rounds of a short run."""
 
     label = "server-validation"
 
-    def __init__(self, config: RunConfig, path: Path, model: InjuryNet) -> None:
+    def __init__(self, config: RunConfig, path: Path, model: InjuryNet, cache_dir: Path | None = None) -> None:
         self.config = config
         self.model = model
         self.device = pick_device()
-        site: SiteData = load_site(path, config.data, config.model.num_labels)
+        site: SiteData = load_site(path, config.data, config.model.num_labels,
+                                   cache_dir=cache_dir / "preprocessed" if cache_dir else None)
         self.site = site
         self.index = np.arange(len(site.studies))
-        self.inputs: SiteInputs = prepare_inputs(model, site, None, self.device)
+        self.inputs: SiteInputs = prepare_inputs(model, site, cache_dir, self.device)
         # Standardisation statistics from the validation images themselves (no labels used).
         fit_feature_norm(model, self.inputs, self.index, self.device)
         self.fid = FidFeatureExtractor(model, config.eval.fid_dim, config.eval.fid_inception_weights,

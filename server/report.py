@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.model import build_model, upsample_reconstruction  # noqa: E402
 from common.inference import predict  # noqa: E402
-from server.evaluation import CentralValidation  # noqa: E402
+from server.evaluation import CentralValidation, central_cache_dir  # noqa: E402
 from common.rundir import RunDirectory  # noqa: E402
 from rich.console import Console  # noqa: E402
 from common.metrics.catalogue import interval_of  # noqa: E402
@@ -43,7 +43,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None, studies: int = 4) -
     # data only.
     last = chosen_round(run)
     arrays, _ = run.load_checkpoint_arrays(last)
-    central = CentralValidation(config, Path(config.eval.server_val_path), build_model(config.model))
+    central = CentralValidation(config, Path(config.eval.server_val_path), build_model(config.model),
+                                central_cache_dir(run_dir.parent))
     central.evaluate(arrays)
     pred = predict(central.model, central.inputs, central.index, central.device)
     chosen = _pick_studies(central.site.labels[:, 0], studies)

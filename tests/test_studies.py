@@ -45,6 +45,13 @@ def test_quick_study_writes_a_report_that_agrees_with_its_json(name, tmp_path):
             for models in sites.values():
                 assert set(models) == {"global", "local", "fine_tuned"}
                 assert all(len(m["values"]) == results["seeds"] for m in models.values())
+        # every method against the centralised arm, on the same test studies, with a paired interval
+        assert set(results["gap_to_centralised"]) == set(results["methods"])
+        for by_alpha in results["gap_to_centralised"].values():
+            assert set(by_alpha) == {f"{a:g}" for a in results["alphas"]}
+            for gap in by_alpha.values():
+                low, high = gap["ci95"]
+                assert low <= gap["mean"] <= high and gap["met"] == (high <= gap["target"])
     if name == "privacy-utility":  # what plan-privacy looks up: a planned ratio and a paired drop per DP arm
         assert set(results["planned_snr"]) == set(results["drop"]) == {"8"}
         low, high = results["drop"]["8"]["ci95"]

@@ -331,7 +331,9 @@ def trained_blocks(scorer: Scorer, sites: list[PreparedSite], config: RunConfig,
             score = scorer.score(state)
             points.append({"round": block, "test_auc": score["auc"], "test_loss": score["loss"], "val_loss": val_loss})
         final_state = state
-    return ArmResult(scorer.score(best_state), scorer.score(final_state), best_block, points)
+    best_probs, labels, _ = scorer.pooled(best_state)
+    return ArmResult(scorer.score(best_state), scorer.score(final_state), best_block, points,
+                     best_probs=best_probs, labels=labels, best_state=best_state)
 
 
 def fine_tuned(scorer: Scorer, site: PreparedSite, state: dict[str, torch.Tensor], config: RunConfig,
