@@ -11,7 +11,9 @@ writes its JSON in OUT, then ``suite.json`` with the headline figures and their 
 - site_message: what one message costs a deployed site before any work (imports, model, caches);
 - scaling: 5, 10 and 20 sites, peak PSS of the whole process tree and time per round;
 - backbone: the encode step against the pure backbone forward; bf16 autocast against fp32 on CPU;
-- dp_step: a DP-SGD step against a plain step on the same batch.
+- dp_step: a DP-SGD step against a plain step on the same batch;
+- site_ready: a site's first start from DICOM to cached features (decode overlapped with the
+  backbone) against decode-then-encode and the pure backbone forward.
 
 ``--tiny`` runs every part at a size that only checks it works (the smoke test). ``--publish``
 copies ``suite.json`` to ``docs/benchmarks/`` and renders the README's performance table from it.
@@ -63,9 +65,11 @@ PARTS: dict[str, tuple[str, list[str], list[str]]] = {
     "device_path": ("device_path", ["--studies", "128", "--image-studies", "8", "--epochs", "2"],
                     ["--studies", "16", "--image-studies", "2", "--epochs", "1", "--image-size", "32", "--slices", "4"]),
     "dp_step": ("dp_step", ["--steps", "40"], ["--steps", "4", "--batch", "8"]),
+    "site_ready": ("site_ready", ["--studies", "200"],
+                   ["--studies", "8", "--source-size", "64", "--image-size", "32", "--slices", "4", "--seconds", "0.3"]),
 }
 CUDA_ONLY = {"backbone_224"}
-DEVICE_PARTS = {"backbone", "backbone_224", "device_path"}  # the parts that take --device
+DEVICE_PARTS = {"backbone", "backbone_224", "device_path", "site_ready"}  # the parts that take --device
 
 
 def run_part(name: str, arguments: list[str], out: Path, device: str) -> dict[str, Any]:
@@ -107,6 +111,8 @@ def headline(parts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             rows += backbone_rows(parts[name])
     if "device_path" in parts:
         rows += device_path_rows(parts["device_path"])
+    if "site_ready" in parts:
+        rows += site_ready_rows(parts["site_ready"])
     return rows
 
 
@@ -191,6 +197,15 @@ def backbone_rows(backbone: dict[str, Any]) -> list[dict[str, Any]]:
                      f"{backbone['images']})", backbone["encode_vs_pure_forward"], "x", ">= 0.7 on CUDA",
                      backbone.get("goal_encode_at_least_70_percent")))
     return rows
+
+
+def site_ready_rows(site: dict[str, Any]) -> list[dict[str, Any]]:
+    return [_row(f"site ready: DICOM to cached features {site['overlapped_studies_per_s']} studies/s / pure backbone "
+                 f"forward {site['pure_forward_studies_per_s']} studies/s ({site['site']}; {site['device']})",
+                 site["overlapped_vs_pure_forward"], "x", ">= 0.8", site["goal_overlapped_at_least_80_percent"]),
+            _row(f"the same, decode overlapped with the backbone / decode then encode "
+                 f"({site['decode_then_encode_studies_per_s']} studies/s)", site["overlapped_vs_decode_then_encode"],
+                 "x", "report", None)]
 
 
 def device_path_rows(device_path: dict[str, Any]) -> list[dict[str, Any]]:

@@ -12,12 +12,13 @@ from functools import lru_cache
 
 import torch
 
-from common.inference import SiteInputs, fit_feature_norm, pick_device, prepare_inputs
+from common.inference import SiteInputs, fit_feature_norm, pick_device
 from common.config import RunConfig, SiteConfig
-from common.data.site import SiteData, load_site
+from common.data.site import SiteData
 from common.metrics.features import FidFeatureExtractor
 from client.site_stats import save_stats
 from common.model import InjuryNet, build_model, frozen_backbone_hash
+from common.site_encoding import load_encoded_site
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,12 @@ class SiteSession:
 # One session per site this process serves: a simulation worker or a study serves many sites in turn.
 @lru_cache(maxsize=64)
 def open_session(config: RunConfig, site: SiteConfig) -> SiteSession:
-    data = load_site(site.data_path, config.data, config.model.num_labels, layout=site.layout,
-                     cache_dir=site.state_dir / "cache" / "preprocessed")
-    if data.skipped:
-        log.warning("site %s: %d stud(ies) skipped", site.site_name, len(data.skipped))
     model = build_model(config.model)
     device = pick_device()
-    inputs = prepare_inputs(model, data, site.state_dir / "cache", device)
+    data, inputs = load_encoded_site(model, site.data_path, config.data, config.model.num_labels, device,
+                                     site.state_dir / "cache", layout=site.layout)
+    if data.skipped:
+        log.warning("site %s: %d stud(ies) skipped", site.site_name, len(data.skipped))
     fit_feature_norm(model, inputs, data.train_index, device)
     fid = FidFeatureExtractor(model, config.eval.fid_dim, config.eval.fid_inception_weights,
                               config.eval.fid_image_size, site.state_dir / "cache")

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from common.config import EvalConfig
 from common.files import load_or_compute
@@ -31,6 +30,7 @@ from common.metrics.subgroup_stats import site_subgroup_stats
 from common.metrics.features import FidFeatureExtractor
 from common.metrics.images import GaussianMoments, ImageStats, InceptionStats, psnr, ssim
 from common.model import InjuryNet, InjuryOutput, check_mask, frozen_backbone_hash, upsample_reconstruction
+from common.progress import progress_bar
 
 
 def pick_device() -> torch.device:
@@ -156,7 +156,10 @@ class StudyBatches:
 
 
 def prepare_inputs(model: InjuryNet, site: SiteData, cache_dir: Path | None, device: torch.device,
-                   batch_size: int = 32) -> SiteInputs:
+                   batch_size: int = 32, ready: dict[str, Tensor] | None = None) -> SiteInputs:
+    """The site's arrays as the model consumes them: with a frozen backbone, its features (from
+    the feature cache in ``cache_dir``, else encoded; ``ready`` holds studies' features encoded
+    already, see common/site_encoding.py)."""
     images = torch.from_numpy(site.images).unsqueeze(2)
     mask = torch.from_numpy(site.mask)
     labels = torch.from_numpy(site.labels)
@@ -164,25 +167,44 @@ def prepare_inputs(model: InjuryNet, site: SiteData, cache_dir: Path | None, dev
     biomech = torch.from_numpy(site.biomech) if site.biomech is not None else None
     if model.config.freeze != "frozen":
         return SiteInputs(images, mask, labels, False, images, targets, biomech)
-    features = encode_cached(model, site, cache_dir, device, batch_size)
+    features = encode_cached(model, site, cache_dir, device, batch_size, ready)
     return SiteInputs(features, mask, labels, True, images, targets, biomech)
 
 
 def encode_cached(model: InjuryNet, site: SiteData, cache_dir: Path | None, device: torch.device,
-                  batch_size: int = 32) -> Tensor:
-    """Raw backbone features (N, T, 2048) of a site, from the disk cache when present."""
+                  batch_size: int = 32, ready: dict[str, Tensor] | None = None) -> Tensor:
+    """Raw backbone features (N, T, 2048) of a site, from the disk cache when present; else the
+    studies in ``ready`` (by study id) are taken from it and the others encoded."""
     key = hashlib.sha256()
     key.update(frozen_backbone_hash(model).encode())
-    key.update(site.images.tobytes())
+    key.update(memoryview(np.ascontiguousarray(site.images)).cast("B"))  # no copy of the site's images
     key.update(site.mask.tobytes())
 
     def compute() -> Tensor:
-        return encode(model, torch.from_numpy(site.images).unsqueeze(2), torch.from_numpy(site.mask), device,
-                      batch_size)
+        return _encode_missing(model, site, device, batch_size, ready or {})
 
     if cache_dir is None:
         return compute()
     return load_or_compute(cache_dir / f"features-{key.hexdigest()[:24]}.pt", compute, "feature cache")
+
+
+def _encode_missing(model: InjuryNet, site: SiteData, device: torch.device, batch_size: int,
+                    ready: dict[str, Tensor]) -> Tensor:
+    if len(set(site.studies)) != len(site.studies):
+        ready = {}  # ids that repeat cannot say which row is which
+    todo = [row for row, study in enumerate(site.studies) if study not in ready]
+    if not ready:
+        return encode(model, torch.from_numpy(site.images).unsqueeze(2), torch.from_numpy(site.mask), device,
+                      batch_size)
+    features = torch.zeros((len(site.studies), site.mask.shape[1], 2048))
+    for row, study in enumerate(site.studies):
+        if study in ready:
+            features[row] = ready[study]
+    if todo:
+        rows = np.array(todo)
+        features[rows] = encode(model, torch.from_numpy(site.images[rows]).unsqueeze(2),
+                                torch.from_numpy(site.mask[rows]), device, batch_size)
+    return features
 
 
 # A frozen trunk's copy for each device it encodes on (see encoder_trunk), dropped with the trunk.
@@ -210,7 +232,8 @@ def encoder_trunk(model: InjuryNet, device: torch.device) -> tuple[torch.nn.Modu
 
 
 @torch.no_grad()
-def encode(model: InjuryNet, images: Tensor, mask: Tensor, device: torch.device, batch_size: int = 32) -> Tensor:
+def encode(model: InjuryNet, images: Tensor, mask: Tensor, device: torch.device, batch_size: int = 32,
+           progress: bool = True) -> Tensor:
     """Raw backbone features (N, T, 2048) of the real images (the mask's), batch by batch.
 
     On CUDA: the trunk's mixed-precision copy (``encoder_trunk``); each batch copied whole from
@@ -221,8 +244,8 @@ def encode(model: InjuryNet, images: Tensor, mask: Tensor, device: torch.device,
     cuda = device.type == "cuda"
     trunk, dtype = encoder_trunk(model, device)
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="encoding images", unit="batch", leave=False,
-                      disable=None):
+    for start in progress_bar(range(0, len(images), batch_size), "encoding images", "batch",
+                              enabled=progress):
         m = mask[start:start + batch_size]
         real = m.flatten().nonzero().squeeze(1)
         x = images[start:start + batch_size].flatten(0, 1)

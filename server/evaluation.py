@@ -13,13 +13,13 @@ from flwr.app import ArrayRecord
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.config import RunConfig
-from common.data.site import SiteData, load_site
 from common.exchange import load_array_record
-from common.inference import SiteInputs, encode, evaluate_local, fit_feature_norm, pick_device, prepare_inputs
+from common.inference import encode, evaluate_local, fit_feature_norm, pick_device
 from common.metrics.catalogue import MetricValue, compute_catalogue
 from common.metrics.features import FidFeatureExtractor
 from common.model import InjuryNet
 from common.private_norm import PublicNorm, public_clip
+from common.site_encoding import load_encoded_site
 
 
 def _device_name(device: torch.device) -> str:
@@ -92,11 +92,9 @@ class CentralValidation:
         self.config = config
         self.model = model
         self.device = pick_device()
-        site: SiteData = load_site(path, config.data, config.model.num_labels,
-                                   cache_dir=cache_dir / "preprocessed" if cache_dir else None)
-        self.site = site
-        self.index = np.arange(len(site.studies))
-        self.inputs: SiteInputs = prepare_inputs(model, site, cache_dir, self.device)
+        self.site, self.inputs = load_encoded_site(model, path, config.data, config.model.num_labels, self.device,
+                                                   cache_dir)
+        self.index = np.arange(len(self.site.studies))
         # Standardisation statistics from the validation images themselves (no labels used).
         fit_feature_norm(model, self.inputs, self.index, self.device)
         self.fid = FidFeatureExtractor(model, config.eval.fid_dim, config.eval.fid_inception_weights,

@@ -30,7 +30,7 @@ def test_the_suite_runs_at_a_tiny_size_and_writes_its_json(tmp_path):
     assert rows[0]["figure"].startswith("later round") and "/ lean recipe" in rows[0]["figure"]
     ratios = [rows[0]]  # the later round against the lean recipe's, then the other side-by-side figures
     for expected in ("later round: plain recipe", "bytes per site per round", "DP step", "per message at a site",
-                     "train_local cached features"):
+                     "train_local cached features", "site ready", "the same, decode overlapped"):
         (row,) = [r for r in rows if r["figure"].startswith(expected)]
         ratios.append(row)
     for row in ratios:

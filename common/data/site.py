@@ -14,9 +14,9 @@ from contextlib import nullcontext
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from common.config import DataConfig
 from common.data.biomech import biomech_path, read_biomech, resample, standardise
@@ -25,8 +25,14 @@ from common.data.errors import DataError, StudyError
 from common.data.layouts import discover, discover_unlabelled
 from common.data.study import Discovery, Quarantine, StudyLabel, StudySource
 from common.data.subgroups import study_subgroups
+from common.progress import progress_bar
 
 log = logging.getLogger(__name__)
+
+# Called with each study as soon as it is read, in reading order: (its source, its result, whether
+# it was decoded now rather than taken from the preprocess cache). The first encode uses it to run
+# the backbone on decoded studies while the next ones are decoded (common/site_encoding.py).
+StudyReadHook = Callable[[StudySource, StudyResult, bool], None]
 
 
 @dataclass
@@ -119,7 +125,7 @@ def _validation_groups(fraction: float, groups: int, available: int) -> int:
 
 
 def load_site(site_dir: Path, config: DataConfig, num_labels: int | None, progress: bool = True, layout: str = "auto",
-              cache_dir: Path | None = None) -> SiteData:
+              cache_dir: Path | None = None, on_read: StudyReadHook | None = None) -> SiteData:
     """Read and preprocess every labelled study. A study or file that cannot be used is left out
     with its reason code (``quarantine``); a site with nothing usable is a DataError.
     ``num_labels`` None accepts the site's own label count (check-data without a run config)."""
@@ -127,7 +133,7 @@ def load_site(site_dir: Path, config: DataConfig, num_labels: int | None, progre
     if num_labels is not None and len(found.label_names) != num_labels:
         raise DataError("label-count", f"the site has {len(found.label_names)} label(s) ({', '.join(found.label_names)})"
                                        f" but the run config says num-labels = {num_labels}")
-    return assemble(found, site_dir, config, progress, cache_dir)
+    return assemble(found, site_dir, config, progress, cache_dir, on_read=on_read)
 
 
 def load_for_prediction(path: Path, config: DataConfig, label_names: list[str], layout: str = "auto",
@@ -140,11 +146,12 @@ def load_for_prediction(path: Path, config: DataConfig, label_names: list[str], 
 
 
 def assemble(found: Discovery, site_dir: Path, config: DataConfig, progress: bool = True,
-             cache_dir: Path | None = None, split: bool = True, require_usable: bool = True) -> SiteData:
+             cache_dir: Path | None = None, split: bool = True, require_usable: bool = True,
+             on_read: StudyReadHook | None = None) -> SiteData:
     """Read the discovered studies (through the preprocess cache) into aligned arrays. With
     ``require_usable`` False a site with no usable study gives empty arrays and its quarantine."""
     cache = _preprocess_cache(found, site_dir, config, cache_dir)
-    results = _read_studies(found.sources, site_dir, cache, progress)
+    results = _read_studies(found.sources, site_dir, cache, progress, on_read)
     profile = SiteProfile(found.layout)
     kept, skipped, quarantine = _usable_studies(found, results, site_dir, config, profile)
     if cache is not None:
@@ -175,11 +182,15 @@ def _preprocess_cache(found: Discovery, site_dir: Path, config: DataConfig,
 
 
 def _read_studies(sources: list[StudySource], site_dir: Path, cache: PreprocessCache | None,
-                  progress: bool) -> list[StudyResult]:
+                  progress: bool, on_read: StudyReadHook | None = None) -> list[StudyResult]:
+    results = []
     with cache.locked() if cache is not None else nullcontext():
-        return [_read_study(source, site_dir, cache)
-                for source in tqdm(sources, desc=f"reading {site_dir.name}", unit="study",
-                                   disable=None if progress else True, leave=False)]
+        for source in progress_bar(sources, f"reading {site_dir.name}", "study", enabled=progress):
+            result, decoded = _read_study(source, site_dir, cache)
+            if on_read is not None:
+                on_read(source, result, decoded)
+            results.append(result)
+    return results
 
 
 def _usable_studies(found: Discovery, results: list[StudyResult], site_dir: Path, config: DataConfig,
@@ -264,11 +275,12 @@ def _padded(kept: list[_UsableStudy], config: DataConfig) -> tuple[np.ndarray, n
     return images, mask, biomech
 
 
-def _read_study(source: StudySource, site_dir: Path, cache: PreprocessCache | None) -> StudyResult:
-    """A study from the cache, or read and then cached (failures too, with their reason)."""
+def _read_study(source: StudySource, site_dir: Path, cache: PreprocessCache | None) -> tuple[StudyResult, bool]:
+    """(a study from the cache, or read and then cached (failures too, with their reason); whether
+    it was read now)."""
     key = cache.key(source) if cache is not None else None
     if key is not None and (cached := cache.get(key)) is not None:
-        return cached
+        return cached, False
     files: list[tuple[Path, str]] = []
     try:
         result = StudyResult(source.read(files), None, [])
@@ -277,4 +289,4 @@ def _read_study(source: StudySource, site_dir: Path, cache: PreprocessCache | No
     result.quarantine = [(str(path.relative_to(site_dir)), code) for path, code in files]
     if key is not None:
         cache.put(key, result)
-    return result
+    return result, True

@@ -42,11 +42,12 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from client.site_stats import load_stats
 from common.config import RunConfig, SiteConfig
-from common.data.site import SiteData, load_site
+from common.data.site import SiteData
 from common.exchange import trainable_state
-from common.inference import SiteInputs, fit_feature_norm, pick_device, predict, prepare_inputs
+from common.inference import SiteInputs, fit_feature_norm, pick_device, predict
 from common.provenance import provenance
 from common.rundir import RunDirectory, json_safe
+from common.site_encoding import load_encoded_site
 from common.model import build_model, frozen_backbone_hash, load_backbone
 from common.training import train_local
 from simulations.inprocess import app_components, run_inprocess
@@ -178,9 +179,9 @@ class Scorer:
         self.holdout = self._prepare(clinics.holdout, None, fit_on="all")
 
     def _prepare(self, path: Path, partition: int | None, fit_on: str) -> PreparedSite:
-        data = load_site(path, self.config.data, self.config.model.num_labels, progress=False,
-                         cache_dir=path.parent / ".clinicfl-state" / path.name / "cache" / "preprocessed")
-        inputs = prepare_inputs(self.model, data, path.parent / ".clinicfl-state" / path.name / "cache", self.device)
+        data, inputs = load_encoded_site(self.model, path, self.config.data, self.config.model.num_labels,
+                                         self.device, path.parent / ".clinicfl-state" / path.name / "cache",
+                                         progress=False)
         index = data.train_index if fit_on == "train" else np.arange(len(data.studies))
         fit_feature_norm(self.model, inputs, index, self.device)
         norm = self.model.feature_norm
