@@ -52,6 +52,14 @@ def test_quick_study_writes_a_report_that_agrees_with_its_json(name, tmp_path):
             for gap in by_alpha.values():
                 low, high = gap["ci95"]
                 assert low <= gap["mean"] <= high and gap["met"] == (high <= gap["target"])
+    if name == "federation-vs-local":  # one axis at a time, each gap and margin with its paired interval
+        assert list(results["settings"]) == ["iid", "label-skew"]
+        for values in results["settings"].values():
+            for key in ("gap_to_centralised", "margin_over_local"):
+                low, high = values[key]["ci95"]
+                assert low <= values[key]["mean"] <= high
+            assert values["targets"]["within_centralised_met"] == (
+                values["gap_to_centralised"]["ci95"][1] <= values["targets"]["within_centralised"])
     if name == "privacy-utility":  # what plan-privacy looks up: a planned ratio and a paired drop per DP arm
         assert set(results["planned_snr"]) == set(results["drop"]) == {"8"}
         low, high = results["drop"]["8"]["ci95"]

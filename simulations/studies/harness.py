@@ -31,6 +31,7 @@ import shlex
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -372,17 +373,24 @@ def _pooled(sites: list[PreparedSite]) -> tuple[SiteInputs, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------ intervals
-def paired_auc_difference(labels: list[np.ndarray], reference: list[np.ndarray], other: list[np.ndarray],
-                          resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+def paired_auc_difference(labels: list[np.ndarray], reference: list[np.ndarray],
+                          other: list[np.ndarray] | list[list[np.ndarray]], resamples: int = 2000,
+                          seed: int = 0) -> dict[str, Any]:
     """AUC(reference) - AUC(other), the mean over seeds, with a 95% paired bootstrap interval: each
     resample draws every seed's test studies with replacement and scores both arms on the same
-    draw, so what the arms share (the studies) cancels in the difference."""
+    draw, so what the arms share (the studies) cancels in the difference. An ``other`` entry that
+    is a list of score arrays (several models, e.g. each site's local-only model) counts as the
+    mean of their AUCs."""
     rng = np.random.default_rng(seed)
-    point = float(np.mean([_auc(y, a) - _auc(y, b) for y, a, b in zip(labels, reference, other)]))
+    models = [o if isinstance(o, list) else [o] for o in other]
+    point = float(np.mean([_auc(y, a) - float(np.nanmean([_auc(y, m) for m in b]))
+                           for y, a, b in zip(labels, reference, models)]))
     draws = np.zeros(resamples)
-    for y, a, b in zip(labels, reference, other):
+    for y, a, b in zip(labels, reference, models):
         index = rng.integers(0, len(y), size=(resamples, len(y)))
-        draws += _auc_rows(y[index], a[index]) - _auc_rows(y[index], b[index])
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample where every model's AUC is NaN
+            draws += _auc_rows(y[index], a[index]) - np.nanmean([_auc_rows(y[index], m[index]) for m in b], axis=0)
     draws /= len(labels)
     finite = draws[np.isfinite(draws)]
     low, high = (np.percentile(finite, [2.5, 97.5]) if len(finite) else (math.nan, math.nan))
