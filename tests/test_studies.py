@@ -60,6 +60,17 @@ def test_quick_study_writes_a_report_that_agrees_with_its_json(name, tmp_path):
                 assert low <= values[key]["mean"] <= high
             assert values["targets"]["within_centralised_met"] == (
                 values["gap_to_centralised"]["ci95"][1] <= values["targets"]["within_centralised"])
+    if name == "hyperparameter-search":  # the verdict: the winners' paired held-out difference
+        verdict = results["ssa_minus_random_holdout_auc"]
+        assert verdict["ci95"][0] <= verdict["mean"] <= verdict["ci95"][1] and len(verdict["n_test"]) == 2
+        assert results["generations"] >= 1 and len(results["methods"]["ssa"]["runs"]) == 2
+    if name == "local-training":  # each setting's validation loss against the default's, paired
+        reference = results["reference_for_intervals"]
+        for variant, values in results["variants"].items():
+            entry = values["final_val_loss_minus_default"]
+            assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
+            if variant == reference:
+                assert entry["mean"] == 0 and entry["ci95"] == [0, 0]
     if name == "privacy-utility":  # what plan-privacy looks up: a planned ratio and a paired drop per DP arm
         assert set(results["planned_snr"]) == set(results["drop"]) == {"8"}
         low, high = results["drop"]["8"]["ci95"]

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simulations.studies.harness import (QUICK, STUDY_LESION_CONTRAST, Scorer, StudyOutput, StudySize,  # noqa: E402
-                                         cohort_folder, federated, fixed_backbone, fmt, make_clinics,
+                                         cohort_folder, federated, fixed_backbone, fmt, fmt_interval, make_clinics,
                                          markdown_table, paired_auc_difference, run_config, seeded, spread,
                                          trained_blocks)
 from simulations.synthetic import SyntheticSpec  # noqa: E402
@@ -112,19 +112,14 @@ def summarise(raw: dict[str, dict[str, list]], size: StudySize, seeds: int) -> d
         }
     return {"size": size.__dict__, "seeds": seeds, "settings": settings,
             "headline": [[s, fmt(v["pooled_auc"]["federated"]), fmt(v["pooled_auc"]["centralised"]),
-                          fmt(v["pooled_auc"]["local_mean"]), interval(v["gap_to_centralised"]),
+                          fmt(v["pooled_auc"]["local_mean"]), fmt_interval(v["gap_to_centralised"]),
                           f"<= {v['targets']['within_centralised']}: "
                           + ("met" if v["targets"]["within_centralised_met"] else "MISSED"),
-                          interval(v["margin_over_local"]) + (": met" if v["targets"]["above_local_met"]
+                          fmt_interval(v["margin_over_local"]) + (": met" if v["targets"]["above_local_met"]
                                                               else ": MISSED")]
                          for s, v in settings.items()],
             "headline_columns": ["setting", "federated AUC", "centralised AUC", "local-only AUC (mean)",
                                  "gap to centralised [95% CI]", "gap target", "above local [95% CI]"]}
-
-
-def interval(entry: dict[str, Any]) -> str:
-    low, high = entry["ci95"]
-    return f"{entry['mean']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def report(results: dict[str, Any]) -> str:
@@ -142,10 +137,10 @@ def report(results: dict[str, Any]) -> str:
         t = values["targets"]
         lines.append(f"## {setting}")
         lines.append("")
-        lines.append(f"- Federated vs centralised: gap {interval(values['gap_to_centralised'])} AUC "
+        lines.append(f"- Federated vs centralised: gap {fmt_interval(values['gap_to_centralised'])} AUC "
                      f"(target: upper bound <= {t['within_centralised']}): "
                      f"**{'met' if t['within_centralised_met'] else 'missed'}**.")
-        lines.append(f"- Federated vs the mean local-only model: margin {interval(values['margin_over_local'])} "
+        lines.append(f"- Federated vs the mean local-only model: margin {fmt_interval(values['margin_over_local'])} "
                      f"(target: lower bound > 0): **{'met' if t['above_local_met'] else 'missed'}**.")
         prevalences = ", ".join("/".join(f"{p:.2f}" for p in seed) for seed in values["site_prevalence"])
         lines.append(f"- Injured fraction per clinic, per seed: {prevalences}.")

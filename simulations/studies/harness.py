@@ -208,7 +208,7 @@ class Scorer:
     def score(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Pooled test AUC and loss over every site's test split, and AUC per site."""
         p, y, per_site = self.pooled(state)
-        return {"auc": _auc(y, p), "loss": float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        return {"auc": auc_or_nan(y, p), "loss": float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])),
                 "per_site_auc": per_site, "n_test": int(len(y))}
 
     def pooled(self, state: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
@@ -220,21 +220,28 @@ class Scorer:
             y = site.data.labels[site.data.test_index, 0]
             probs.append(p)
             labels.append(y)
-            per_site[site.name] = _auc(y, p)
+            per_site[site.name] = auc_or_nan(y, p)
         return np.concatenate(probs), np.concatenate(labels), per_site
+
+    def validation_scores(self, state: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, probabilities) of every study of the centre's validation clinic."""
+        self.load(state)
+        site = self.server_val
+        return site.data.labels[:, 0], self.probabilities(site, np.arange(len(site.data.studies)))
 
     def validation(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
         """(AUC, loss) on the centre's validation clinic."""
-        self.load(state)
-        site = self.server_val
-        index = np.arange(len(site.data.studies))
-        p, y = self.probabilities(site, index), site.data.labels[:, 0]
-        return _auc(y, p), float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
+        y, p = self.validation_scores(state)
+        return auc_or_nan(y, p), float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
 
-    def holdout_auc(self, state: dict[str, torch.Tensor]) -> float:
+    def holdout_scores(self, state: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, probabilities) of every study of the held-out clinic."""
         self.load(state)
         index = np.arange(len(self.holdout.data.studies))
-        return _auc(self.holdout.data.labels[:, 0], self.probabilities(self.holdout, index))
+        return self.holdout.data.labels[:, 0], self.probabilities(self.holdout, index)
+
+    def holdout_auc(self, state: dict[str, torch.Tensor]) -> float:
+        return auc_or_nan(*self.holdout_scores(state))
 
 
 def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -245,7 +252,7 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value)
 
 
-def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
+def auc_or_nan(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(roc_auc_score(labels, probs)) if 0 < labels.sum() < len(labels) else float("nan")
 
 
@@ -260,6 +267,7 @@ class ArmResult:
     best_probs: np.ndarray | None = None  # the selected round's pooled test probabilities (for paired intervals)
     labels: np.ndarray | None = None
     best_state: dict[str, torch.Tensor] | None = None  # the selected round's trainable parameters
+    final_val: tuple[np.ndarray, np.ndarray] | None = None  # the last round's (labels, probs) on the validation clinic
 
 
 def federated(clinics: Clinics, overrides: dict[str, Any], scorer: Scorer, run_root: Path,
@@ -272,14 +280,16 @@ def federated(clinics: Clinics, overrides: dict[str, Any], scorer: Scorer, run_r
     scorer.standardised_as_run(_site_norms(clinics, overrides, scorer))
     best = scorer.score(best_state)
     best_probs, labels, _ = scorer.pooled(best_state)
-    final = scorer.score(run.load_checkpoint(records[-1]["round"])["trainable"])
+    final_state = run.load_checkpoint(records[-1]["round"])["trainable"]
+    final = scorer.score(final_state)
+    final_val = scorer.validation_scores(final_state)
     points = []
     if curve:
         for record in records:
             score = scorer.score(run.load_checkpoint(record["round"])["trainable"])
             points.append({"round": record["round"], "test_auc": score["auc"], "test_loss": score["loss"],
                            "val_loss": (record.get("server_validation") or {}).get("loss", {}).get("value")})
-    result = ArmResult(best, final, int(best_round), points, str(run.path), best_probs, labels, best_state)
+    result = ArmResult(best, final, int(best_round), points, str(run.path), best_probs, labels, best_state, final_val)
     result.final["epsilon"] = (records[-1]["catalogue"].get("epsilon") or {}).get("value")
     multipliers = [p.get("noise-multiplier") for r in records for p in (r.get("privacy") or {}).values()]
     result.final["noise_multiplier"] = max((m for m in multipliers if m is not None), default=None)
@@ -383,7 +393,7 @@ def paired_auc_difference(labels: list[np.ndarray], reference: list[np.ndarray],
     mean of their AUCs."""
     rng = np.random.default_rng(seed)
     models = [o if isinstance(o, list) else [o] for o in other]
-    point = float(np.mean([_auc(y, a) - float(np.nanmean([_auc(y, m) for m in b]))
+    point = float(np.mean([auc_or_nan(y, a) - float(np.nanmean([auc_or_nan(y, m) for m in b]))
                            for y, a, b in zip(labels, reference, models)]))
     draws = np.zeros(resamples)
     for y, a, b in zip(labels, reference, models):
@@ -396,6 +406,28 @@ def paired_auc_difference(labels: list[np.ndarray], reference: list[np.ndarray],
     low, high = (np.percentile(finite, [2.5, 97.5]) if len(finite) else (math.nan, math.nan))
     return {"mean": point, "ci95": [float(low), float(high)], "method": f"paired bootstrap over test studies, "
             f"{resamples} resamples, {len(labels)} seed(s)", "n_test": [int(len(y)) for y in labels]}
+
+
+def paired_loss_difference(labels: list[np.ndarray], reference: list[np.ndarray], other: list[np.ndarray],
+                           resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Mean log loss (BCE) of ``reference`` minus that of ``other`` on the same studies, the mean
+    over seeds, with a 95% paired bootstrap interval (each resample draws every seed's studies
+    with replacement and takes both arms' losses on the same draw)."""
+    rng = np.random.default_rng(seed)
+
+    def losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+        p = np.clip(p, 1e-7, 1 - 1e-7)
+        return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+    per_study = [losses(y, a) - losses(y, b) for y, a, b in zip(labels, reference, other)]
+    draws = np.zeros(resamples)
+    for diff in per_study:
+        draws += diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(1)
+    draws /= len(per_study)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"mean": float(np.mean([d.mean() for d in per_study])), "ci95": [float(low), float(high)],
+            "method": f"paired bootstrap over validation studies, {resamples} resamples, {len(labels)} seed(s)",
+            "n": [int(len(y)) for y in labels]}
 
 
 def _auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -422,6 +454,12 @@ def fmt(entry: dict[str, Any] | None, digits: int = 3) -> str:
     if not entry or entry.get("mean") is None:
         return "n/a"
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+
+
+def fmt_interval(entry: dict[str, Any]) -> str:
+    """A difference with its interval: '+0.012 [-0.004, +0.027]'."""
+    low, high = entry["ci95"]
+    return f"{entry['mean']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 class StudyOutput:

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from simulations.studies.harness import (QUICK, STUDY_LESION_CONTRAST, ArmResult, Scorer,  # noqa: E402
                                          StudyOutput, StudySize, cohort_folder, federated, fine_tuned,
-                                         fixed_backbone, fmt, make_clinics, markdown_table,
+                                         fixed_backbone, fmt, fmt_interval, make_clinics, markdown_table,
                                          paired_auc_difference, run_config, seeded, spread, trained_blocks)
 from simulations.synthetic import SyntheticSpec  # noqa: E402
 
@@ -128,7 +128,7 @@ def summarise(raw, scored, best_rounds, alphas: list[float], methods: dict[str, 
 
 def _gap_cell(gap: dict[str, Any]) -> str:
     verdict = "" if gap["target"] is None else (" met" if gap["met"] else " MISSED")
-    return f"{gap['mean']:+.3f} [{gap['ci95'][0]:+.3f}, {gap['ci95'][1]:+.3f}]{verdict}"
+    return fmt_interval(gap) + verdict
 
 
 def site_models(scorer: Scorer, federated_result: ArmResult, config) -> dict[str, dict[str, float]]:
@@ -184,10 +184,11 @@ def report(results: dict[str, Any]) -> str:
     for a, sites in results["per_site"].items():
         rows = [[f"alpha {a}", site, fmt(v["global"]), fmt(v["local"]), fmt(v["fine_tuned"])] for site, v in sites.items()]
         lines += [markdown_table(["alpha", "site", "FedAvg", "local only", "FedAvg fine-tuned"], rows), ""]
-        below = [site for site, v in sites.items() if v["global"]["mean"] is not None and v["local"]["mean"] is not None
-                 and v["global"]["mean"] < v["local"]["mean"]]
+        defined = [site for site, v in sites.items() if v["global"]["mean"] is not None
+                   and v["local"]["mean"] is not None]
+        below = [site for site in defined if sites[site]["global"]["mean"] < sites[site]["local"]["mean"]]
         lines += [f"alpha {a}: FedAvg is at or above the site's local-only model at "
-                  f"{len(sites) - len(below)} of {len(sites)} sites"
+                  f"{len(defined) - len(below)} of the {len(defined)} sites whose test split has both classes"
                   + (f" (below at {', '.join(below)})." if below else "."), ""]
     lines += ["![aggregation vs label skew](heterogeneity.png)"]
     return "\n".join(lines) + "\n"
