@@ -32,6 +32,7 @@ from common.exchange import ARRAYS_KEY, EVALUATE_FIRST_KEY, EVALUATION_KEY, FID_
     GATE_APPROVED_KEY, SUBGROUPS_KEY, VALIDATION_KEY, UpdateError, arrays_digest, load_array_record, to_array_record, trainable_state
 from common.model import FEATURE_DIM, check_backbone_hash, trainable_parameter_count
 from common.private_norm import PublicNorm
+from common.scaffold import CONTROL_DELTA_KEY, site_correction, site_update
 from common.policy import PolicyRefused, SitePolicy
 from common.reason_codes import ReasonCodeError
 from sitegate.approvals import APPROVED_BUNDLE_ENV
@@ -70,11 +71,17 @@ def _train_from_global(session: SiteSession, msg: Message, context: Context, pol
     if session.config.privacy.dp_enabled:
         return _train_private(session, msg, context, server_round, policy)
     start = _trainable_numpy(session) if is_secure(msg) else None  # secure aggregation masks the update
+    names = list(trainable_state(session.model))
+    control = site_correction(msg.content, context.state, names, session.device)  # SCAFFOLD: (c - c_i, c_i)
     result = train_local(session.model, session.inputs, session.data.train_index, session.config.train,
-                         session.device, server_round, proximal_mu(msg))
+                         session.device, server_round, proximal_mu(msg),
+                         correction=control[0] if control is not None else None)
     session.refresh_feature_norm()
-    return _train_reply(session, msg, start, result.num_examples, MetricRecord({
+    content = _train_reply(session, msg, start, result.num_examples, MetricRecord({
         "num-examples": result.num_examples, "train-loss": result.loss, "train-seconds": result.seconds}))
+    if control is not None and result.mean_gradients is not None:
+        content[CONTROL_DELTA_KEY] = site_update(context.state, names, control[1], result.mean_gradients)
+    return content
 
 
 def _trainable_numpy(session: SiteSession) -> "OrderedDict[str, np.ndarray]":

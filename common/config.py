@@ -36,6 +36,7 @@ class Aggregation(StrEnum):
     FEDPROX = "fedprox"
     FEDMEDIAN = "fedmedian"
     TRIMMED_MEAN = "trimmed-mean"
+    SCAFFOLD = "scaffold"
 
 
 class ServerOptimizerKind(StrEnum):
@@ -453,7 +454,10 @@ class FederationConfig(Section):
                                                            "with proximal-mu/2 ||w - w_global||^2 in the sites' "
                                                            "local loss; fedmedian: the coordinate-wise median; "
                                                            "trimmed-mean: the mean after cutting trim-fraction at "
-                                                           "each end.")
+                                                           "each end; scaffold: FedAvg with SCAFFOLD's control "
+                                                           "variates correcting each site's gradients for client "
+                                                           "drift (server/scaffold.py; not with DP or "
+                                                           "secure-aggregation).")
     trim_fraction: float = setting(0.2, "trimmed-mean: the fraction cut at each end, per coordinate, in [0, 0.5).")
     proximal_mu: float = setting(0.01, "fedprox: the weight mu of the proximal term.")
     # Under label skew the sites' updates pull apart and their mean moves little per round; a
@@ -552,6 +556,9 @@ class FederationConfig(Section):
             raise ConfigError(f"secure-aggregation cannot be used with aggregation = {self.aggregation}: "
                               "the centre sees only the sum of the updates, and a median or a trimmed mean "
                               "needs each one")
+        if self.aggregation == Aggregation.SCAFFOLD:
+            raise ConfigError("secure-aggregation cannot be used with aggregation = scaffold: each site's control "
+                              "variate update would travel unmasked beside its masked model update")
         if self.max_update_norm > 0:
             raise ConfigError("secure-aggregation cannot be used with max-update-norm: the norm of a masked "
                               "update cannot be checked (set max-update-norm = 0)")
@@ -604,6 +611,9 @@ class RunConfig:
         if self.privacy.dp_enabled and self.model.freeze != FreezePolicy.FROZEN:
             raise ConfigError("dp-enabled needs freeze = frozen: the backbone's BatchNorm layers cannot be trained "
                               "with per-sample gradients")
+        if self.privacy.dp_enabled and self.federation.aggregation == Aggregation.SCAFFOLD:
+            raise ConfigError("aggregation = scaffold cannot be used with dp-enabled: a site's control variate is its "
+                              "mean gradient, which DP-SGD's noise does not cover")
         if self.privacy.dp_enabled and self.train.logit_adjust > 0:
             raise ConfigError("logit-adjust cannot be used with dp-enabled: the site's training prevalence it adds to "
                               "the logits is a statistic of its private studies that DP-SGD does not cover")

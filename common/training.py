@@ -22,14 +22,19 @@ class TrainResult:
     num_examples: int
     loss: float
     seconds: float
+    # With a SCAFFOLD correction: the mean raw gradient of each trainable parameter over the steps
+    mean_gradients: list[Tensor] | None = None
 
 
 def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, config: TrainConfig,
                 device: torch.device, server_round: int = 0, proximal_mu: float = 0.0,
-                batches_type: type[StudyBatches] = StudyBatches) -> TrainResult:
+                batches_type: type[StudyBatches] = StudyBatches,
+                correction: list[Tensor] | None = None) -> TrainResult:
     """Adam + BCE-with-logits for ``local-epochs`` over the site's training studies. With
     ``proximal_mu`` > 0 (FedProx), mu/2 ||w - w_global||^2 over the trainable parameters is added
-    to the loss, w_global being the parameters the round started from. ``batches_type`` gathers the
+    to the loss, w_global being the parameters the round started from. ``correction`` (SCAFFOLD's
+    c - c_i, one tensor per trainable parameter, common/scaffold.py) is added to every gradient
+    before the step, and the result then holds the mean raw gradients. ``batches_type`` gathers the
     batches (benchmarks/device_path.py measures a naive one against the site's)."""
     start = time.perf_counter()
     move_to(model, device).train()
@@ -45,6 +50,8 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
     batches = batches_type.for_training(model, data, device)
     prior = prior_log_odds(data.labels[torch.as_tensor(train_index)], config.logit_adjust, device)
     total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+    gradient_sum = [torch.zeros_like(p) for p in params] if correction is not None else None
+    steps = 0
     # Dropout draws from the global generator: seeded, a site's round trains alike whatever the
     # process ran before (a simulation's worker serves several sites, in no fixed order).
     with seeded(seed, device):
@@ -59,12 +66,28 @@ def train_local(model: InjuryNet, data: SiteInputs, train_index: np.ndarray, con
                     loss = (data_loss + proximal_penalty(params, anchor, proximal_mu) if anchor is not None
                             else data_loss)
                 scaler.scale(loss).backward()
+                if gradient_sum is not None:
+                    _correct(params, gradient_sum, correction, scaler, optimizer)
+                    steps += 1
                 scaler.step(optimizer)
                 scaler.update()
                 total += data_loss.detach().float() * len(batch)  # the reported loss is the data term only
                 seen += len(batch)
     return TrainResult(num_examples=len(train_index), loss=float(total) / max(seen, 1),
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start,
+                       mean_gradients=[g / max(steps, 1) for g in gradient_sum] if gradient_sum is not None else None)
+
+
+def _correct(params: list[Tensor], gradient_sum: list[Tensor], correction: list[Tensor],
+             scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """SCAFFOLD: add the step's raw gradients to the sum, then c - c_i to each gradient."""
+    scaler.unscale_(optimizer)  # the raw gradients (a no-op without float16 loss scaling)
+    for p in params:
+        if p.grad is None:  # a parameter this batch did not reach still gets its correction
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    torch._foreach_add_(gradient_sum, grads)
+    torch._foreach_add_(grads, correction)
 
 
 def proximal_penalty(params: list[Tensor], anchor: list[Tensor], mu: float) -> Tensor:

@@ -66,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
     grid = PromptGrid(grid) if fed.reply_polling == "prompt" else grid
     federation = FederatedRun(config, grid, run, strategy, measure_efficiency(model, config), central, tracker,
                               backbone_hash, budget_id, records)
-    federation.server_optimizer.restore(optimizer_state)
+    federation.restore_server_state(optimizer_state)
     state = "failed"
     try:
         # One thread for numpy's BLAS while the rounds run. OpenBLAS keeps its idle threads spinning

@@ -32,6 +32,7 @@ from server.evaluation import CentralValidation, public_feature_norm
 from server.privacy_plan import log_planned_ratio, plans_from_replies
 from server.runs import round_record
 from server.secure_aggregation import SecAggSettings, SecureAggregation
+from server.scaffold import ControlVariate
 from server.server_optimizer import ServerOptimizer
 from server.strategy import ClinicFedAvg
 from server.tracking import Tracker
@@ -68,6 +69,7 @@ class FederatedRun:
         self.secure = (SecureAggregation(SecAggSettings.from_config(self.fed), strategy, grid, self.fed.round_timeout)
                        if self.fed.secure_aggregation else None)
         self.server_optimizer = ServerOptimizer.of(self.fed)  # resume: restored by the ServerApp
+        self.control = ControlVariate(strategy.settings.spec) if self.fed.aggregation == "scaffold" else None
         self.started = time.perf_counter()
         self.phases: dict[str, float] = {}
         self.first_round = 1
@@ -153,7 +155,19 @@ class FederatedRun:
     def aggregate_train(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
         """The new global model from the replies; ``arrays`` when no aggregate could be formed."""
         new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
+        deltas = self.strategy.control_deltas.pop(server_round, {})
+        if self.control is not None and new_arrays is not None:
+            self.control.update([deltas[site] for site in sorted(deltas)], sampled=len(replies))
         return self.server_optimizer.step(arrays, new_arrays) if new_arrays is not None else arrays
+
+    def server_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the centre's own state: the server optimiser's, SCAFFOLD's c."""
+        return {**self.server_optimizer.state(), **(self.control.state() if self.control is not None else {})}
+
+    def restore_server_state(self, state: dict[str, Any] | None) -> None:
+        self.server_optimizer.restore(state)
+        if self.control is not None:
+            self.control.restore(state)
 
     def send_train(self, server_round: int, arrays: ArrayRecord, evaluate_first: bool = False) -> list[Message]:
         """The sites' replies to this round's train messages (``evaluate_first``: each message
@@ -163,8 +177,12 @@ class FederatedRun:
             values.update(self.evaluate_config)
             values.update({EVALUATE_FIRST_KEY: True, FID_KEY: self.fid_round(server_round - 1)})
         messages = self.strategy.configure_train(server_round, arrays, ConfigRecord(values), self.grid)
+        if self.control is not None:
+            messages = self.control.attach(list(messages))
         replies = self._send_and_receive(server_round, messages)
         resend = self.strategy.resend_in_full(server_round, arrays, replies)
+        if resend and self.control is not None:
+            resend = self.control.attach(resend)
         if resend:  # sites that did not hold the model the message named by digest
             again = {m.metadata.dst_node_id for m in resend}
             replies = [r for r in replies if r.has_error() or r.metadata.src_node_id not in again]
@@ -220,7 +238,7 @@ class FederatedRun:
         checkpoint = self.run.save_checkpoint(server_round, arrays,
                                               pooled.classification.histograms if pooled is not None else None,
                                               validation.histograms if validation is not None else None,
-                                              self.server_optimizer.state())
+                                              self.server_state())
         report = self.strategy.report(server_round)
         central = self.central.evaluate(arrays, self.fid_round(server_round)) if self.central else None
         # The round ends here. Its bookkeeping below (metrics files, state, tracker, console) is

@@ -20,6 +20,7 @@ from flwr.common.constant import ErrorCode
 from common.exchange import ARRAYS_KEY, METRICS_KEY, POLICY_KEY, STATUS_OK, SUBGROUPS_KEY, VALIDATION_KEY, ParamSpec, \
     UpdateError, check_arrays, site_record
 from common.metrics.catalogue import EvaluationStats
+from common.scaffold import CONTROL_DELTA_KEY
 from common.metrics import subgroup_stats
 from common.metrics.classification import ClassificationStats
 from server.identities import SiteIdentities
@@ -56,7 +57,7 @@ class ReplyValidator:
 
     def __init__(self, spec: dict[str, ParamSpec], backbone_hash: str, identities: SiteIdentities,
                  node_of: Callable[[Message], int], layout: EvaluationLayout, *, wire_dtype: str = "float32",
-                 max_update_norm: float = 0.0) -> None:
+                 max_update_norm: float = 0.0, control_variates: bool = False) -> None:
         self.spec = spec
         self.backbone_hash = backbone_hash
         self.identities = identities
@@ -64,6 +65,8 @@ class ReplyValidator:
         self.layout = layout
         self.wire_dtype = wire_dtype
         self.max_update_norm = max_update_norm  # 0: no bound
+        # SCAFFOLD: a train reply carries its control variate update beside the parameters
+        self.records = {ARRAYS_KEY, CONTROL_DELTA_KEY} if control_variates else {ARRAYS_KEY}
         self._round_start: tuple[int, dict[str, np.ndarray]] | None = None  # (round, model its updates start from)
         # Train replies checked as they came: id -> (reply, round, why not usable, update)
         self._early: dict[int, tuple[Message, int, str | None, dict[str, np.ndarray]]] = {}
@@ -121,8 +124,11 @@ class ReplyValidator:
         if problem:
             return problem, {}
         content = msg.content
-        if not masked and (ARRAYS_KEY not in content.array_records or len(content.array_records) != 1):
+        if not masked and ARRAYS_KEY not in content.array_records:
             return "reply has no parameter record", {}
+        if not masked and set(content.array_records) != self.records:
+            return (f"reply's array records are {sorted(content.array_records)}, the run expects "
+                    f"{sorted(self.records)}"), {}
         problem = _train_metrics_problem(content.metric_records.get(METRICS_KEY))
         if problem or masked:
             return problem, {}
@@ -136,6 +142,14 @@ class ReplyValidator:
             if norm > self.max_update_norm:
                 return f"update norm {norm:.3g} exceeds max-update-norm {self.max_update_norm:g}", {}
         return None, values
+
+    def control_delta(self, msg: Message) -> tuple[str | None, dict[str, np.ndarray]]:
+        """(why a SCAFFOLD reply's control variate update cannot be used, or None; the update),
+        checked like a model update: the trainable parameters' names and shapes, finite float32."""
+        try:
+            return None, check_arrays(msg.content[CONTROL_DELTA_KEY], self.spec)
+        except (UpdateError, KeyError) as exc:
+            return f"malformed control variate update: {exc}", {}
 
     # ------------------------------------------------------------------ evaluation replies
     def expect_fid(self, server_round: int, asked: bool) -> None:

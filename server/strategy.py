@@ -99,12 +99,15 @@ class ClinicFedAvg(FedAvg):
             settings.spec, settings.backbone_hash, self.identities, self.traffic.node_of,
             EvaluationLayout(len(settings.label_names), settings.fid_dim, settings.image_sample,
                              settings.images_per_study),
-            wire_dtype=settings.wire_dtype, max_update_norm=settings.max_update_norm)
+            wire_dtype=settings.wire_dtype, max_update_norm=settings.max_update_norm,
+            control_variates=settings.aggregation == "scaffold")
         self.reports: dict[int, RoundReport] = {}
         self.pooled: dict[int, EvaluationStats] = {}  # round -> summed test statistics (reported only)
         # round -> summed validation statistics (best round, early stopping, calibration, threshold)
         self.pooled_validation: dict[int, ClassificationStats] = {}
         self.epsilon: dict[str, float] = {}  # last cumulative epsilon reported by each site
+        # SCAFFOLD: round -> site -> its accepted control variate update (server/scaffold.py takes them)
+        self.control_deltas: dict[int, dict[str, dict[str, np.ndarray]]] = {}
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[override]
         """Train messages. With ``evaluate-first`` each carries the model, which the site scores
@@ -215,6 +218,10 @@ class ClinicFedAvg(FedAvg):
                         site, spent)
             return None
         problem, values = self.validator.train_update(msg, server_round, masked)
+        if not problem and self.settings.aggregation == "scaffold":
+            problem, delta = self.validator.control_delta(msg)
+            if not problem:
+                self.control_deltas.setdefault(server_round, {})[site] = delta
         if problem:
             report.reject(site, "train", problem)
             return None
@@ -328,7 +335,7 @@ def combine_updates(updates: list[dict[str, np.ndarray]], weights: list[int], ag
     w = np.asarray(weights, dtype=np.float64)
     for name in updates[0]:
         stacked = np.stack([u[name].astype(np.float64) for u in updates])
-        if aggregation in ("fedavg", "fedprox"):
+        if aggregation in ("fedavg", "fedprox", "scaffold"):
             value = np.tensordot(w / w.sum(), stacked, axes=1)
         elif aggregation == "fedmedian":
             value = np.median(stacked, axis=0)

@@ -1,5 +1,5 @@
 """heterogeneity: does a federation of unlike clinics reach pooled training? FedAvg, FedProx,
-server momentum (FedAvgM), FedAdam and a logit-adjusted local loss against centralised training on
+server momentum (FedAvgM), FedAdam, a logit-adjusted local loss and SCAFFOLD against centralised training on
 the same studies, as the clinics' label skew grows (Dirichlet alpha from 100, nearly IID, to 0.1,
 where most clinics see one class only).
 
@@ -42,7 +42,7 @@ QUICK_ALPHAS = [100.0, 0.1]
 METHODS = {"fedavg": {"aggregation": "fedavg"}, "fedprox": {"aggregation": "fedprox", "proximal-mu": 0.01},
            "fedavgm": {"server-optimizer": "momentum", "server-lr": 1.0, "server-momentum": 0.9},
            "fedadam": {"server-optimizer": "adam", "server-lr": 0.01, "server-momentum": 0.9},
-           "logit-adjusted": {"logit-adjust": 1.0}}
+           "logit-adjusted": {"logit-adjust": 1.0}, "scaffold": {"aggregation": "scaffold"}}
 QUICK_METHODS = ["fedavg", "fedavgm", "logit-adjusted"]  # the quick size checks the study, not every method
 CENTRALISED = "centralised"
 # Gap to centralised, by alpha: the upper bound of the paired 95% interval must be at most this.
@@ -169,7 +169,7 @@ def report(results: dict[str, Any]) -> str:
              "interval's upper bound is at most it (alpha 100: 0.01, 0.5: 0.02, 0.1: 0.05). FedProx mu 0.01; "
              "FedAvgM server rate 1, momentum 0.9; FedAdam server rate 0.01, beta_1 0.9, beta_2 0.99; "
              "logit-adjusted: FedAvg with tau = 1 x each site's prior log-odds added to the logits in its "
-             "local loss.", "",
+             "local loss; scaffold: FedAvg with SCAFFOLD's control variates (common/scaffold.py).", "",
              markdown_table(results["headline_columns"], results["headline"]), "",
              "Best federated method per alpha: " + ", ".join(f"alpha {a:g}: {m}" for a, m in best_at.items()) + ".",
              "", "Best round per seed (of " + str(size["rounds"]) + "): " + "; ".join(
