@@ -51,8 +51,15 @@ def default_choice(results: dict[str, Any]) -> str:
     with an lr decay cannot be defaults (LR_DECAY_NOTE), so the default is judged among the rest."""
     lowest = results["lowest_final_val_loss_without_lr_decay"]
     if lowest == DEFAULT_VARIANT:
+        # Settings whose paired interval against the default reaches 0: the validation clinic
+        # cannot rank them below the default.
+        close = [v for v, values in results["variants"].items() if v != DEFAULT_VARIANT
+                 and "lr-decay" not in CHANGES.get(v, {})
+                 and (values.get("final_val_loss_minus_default") or {}).get("ci95", [1, 1])[0] <= 0]
+        named = " and ".join([", ".join(close[:-1]), close[-1]] if len(close) > 1 else close)
+        tie = f" It is not distinguishable from {named}: their paired intervals against it reach 0." if close else ""
         return ("Among the settings without an lr decay the default (weight decay 1e-2) has the lowest final "
-                f"validation loss, so the ranking supports it. {LR_DECAY_NOTE}")
+                f"validation loss, so the ranking supports it.{tie} {LR_DECAY_NOTE}")
     return (f"Among the settings without an lr decay the lowest final validation loss is **{lowest}**, not the "
             f"default (weight decay 1e-2): this run does not support the default. {LR_DECAY_NOTE}")
 QUICK_VARIANTS = dict(list(VARIANTS.items())[:2])
