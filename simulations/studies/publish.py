@@ -61,10 +61,11 @@ def render_section(results_dir: Path = RESULTS_DIR) -> str:
 
 
 def spread_note(results: dict) -> str:
-    if any(key in results for key in ("drop", "gap_to_centralised", "ssa_minus_random_holdout_auc")) or any(
+    interval_keys = ("drop", "gap_to_centralised", "ssa_minus_random_holdout_auc", "reference_for_intervals")
+    if any(key in results for key in interval_keys) or any(
             "ci95" in (v.get("gap_to_centralised") or {}) for v in (results.get("settings") or {}).values()):
-        return ("AUCs: mean ± std over seeds; each drop, gap or difference: its mean over seeds with a paired "
-                "bootstrap 95% interval over the test studies [in brackets].")
+        return ("AUCs and losses: mean ± std over seeds; each drop, gap or difference: its mean over seeds with a "
+                "paired bootstrap 95% interval over the studies it is scored on [in brackets].")
     return "Mean ± std over seeds."
 
 
