@@ -28,8 +28,8 @@ def test_tune_dp_runs_the_public_clinic_under_dp_at_each_rate_and_chooses_on_the
     assert result["chosen_dp_lr"] == max(trials, key=lambda t: t["best_auc"])["lr"]
     printed = capsys.readouterr().out
     assert "(chosen)" in printed and f"dp-lr={result['chosen_dp_lr']:g}" in printed
-    # two run directories, one per rate, each of two rounds
-    runs = sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    # two run directories, one per rate, each of two rounds (beside the centre's hidden validation cache)
+    runs = sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(runs) == 2
 
 
