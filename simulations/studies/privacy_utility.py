@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simulations.studies.harness import (QUICK, STUDY_LESION_CONTRAST, Scorer, StudyOutput,  # noqa: E402
-                                         StudySize, cohort_folder, federated, fixed_backbone, fmt, make_clinics, markdown_table, paired_auc_difference,
+                                         StudySize, cohort_folder, federated, fixed_backbone, fmt, fmt_interval, make_clinics, markdown_table, paired_auc_difference,
                                          run_config, seeded, spread)
 from server.privacy_plan import federation_snr, plan_site  # noqa: E402
 from simulations.synthetic import SyntheticSpec  # noqa: E402
@@ -81,7 +81,7 @@ def run(quick: bool = False, seeds: int | None = None, progress=print) -> tuple[
                                                 [p for _, p in scored[k]]) for k in planned if "no DP" in scored}
     for label, row in zip(results["epsilons"], results["headline"]):
         drop = results["drop"].get(label)
-        row.append("-" if drop is None else f"{drop['mean']:+.3f} [{drop['ci95'][0]:+.3f}, {drop['ci95'][1]:+.3f}]")
+        row.append("-" if drop is None else fmt_interval(drop))
     results["headline_columns"].append("AUC drop vs no DP [95% CI]")
     at8 = results["drop"].get("8")
     if at8 is not None:  # a success counts only where the interval's upper bound meets the target
